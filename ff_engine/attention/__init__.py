@@ -1,0 +1,43 @@
+"""``attend()``: the one attention entry point; backends are chosen by device and overridable by name."""
+
+from __future__ import annotations
+
+import torch
+
+from ff_engine.attention.cuda_backends import FlashAttnBackend, VllmFlashAttnBackend, XformersBackend
+from ff_engine.attention.interface import AttentionBackend, AttentionBatch
+from ff_engine.attention.torch_ref import TorchReferenceBackend
+from ff_engine.attention.vllm_cpu import VllmCpuBackend
+from ff_engine.errors import ConfigError
+
+BACKENDS: dict[str, type[AttentionBackend]] = {
+    "torch": TorchReferenceBackend,
+    "vllm-cpu": VllmCpuBackend,
+    "vllm-flash-attn": VllmFlashAttnBackend,
+    "flash-attn": FlashAttnBackend,
+    "xformers": XformersBackend,
+}
+
+
+def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> AttentionBackend:
+    """``auto``: vLLM's flash-attn on CUDA, vLLM's CPU op on CPU, falling back to the torch reference."""
+    if name == "auto":
+        order = ["vllm-flash-attn", "flash-attn", "xformers"] if torch.device(device).type == "cuda" else ["vllm-cpu"]
+        for n in order:
+            if BACKENDS[n].available():
+                return BACKENDS[n]()
+        return TorchReferenceBackend()
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}")
+    cls = BACKENDS[name]
+    if not cls.available():
+        raise ConfigError(f"attention backend {name!r} is not available on this machine")
+    return cls()
+
+
+def attend(batch: AttentionBatch, backend: AttentionBackend | None = None) -> torch.Tensor:
+    """Queries of each sequence attend to its cache pages and its own block K/V (no mask)."""
+    return (backend or TorchReferenceBackend()).forward(batch)
+
+
+__all__ = ["AttentionBatch", "AttentionBackend", "attend", "get_backend", "BACKENDS"]

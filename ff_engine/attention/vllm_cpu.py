@@ -1,0 +1,164 @@
+"""vLLM's CPU paged attention op as an ff-engine backend.
+
+vLLM's CPU kernel keeps K in a packed, ISA-specific layout that only ``cpu_attn_reshape_and_cache`` writes,
+so policies cannot read or rewrite keys there.  How the two coexist:
+
+* The canonical plain-layout cache (``PagedKVCache``) stays the single source of truth.
+* ``PackedKVMirror`` holds vLLM's packed layout for the *same page ids* and is a ``StorageListener`` of the
+  cache: every append, merge and compaction re-packs exactly the slots it wrote, so the mirror never goes
+  stale and block tables are shared unchanged.  Cost: a second copy of the KV bytes, plus one
+  ``reshape_and_cache`` of every written slot (measured in ``benchmarks/attention.py``).
+* The block's own K/V (which must not enter the cache during denoising) are packed into a private scratch
+  region of the mirror, after the sequence's cached tokens: the op then sees [cache ; block] as one paged
+  sequence with ``causal=False``, which is exactly the video attention.  The op returns no LSE, so this is
+  the only exact way to include the block.
+* The op has no per-key bias: a batch whose cache holds merged tokens (log-mass != 0) is served by the torch
+  reference instead, and ``fallbacks`` counts it.  Merges that need no bias (the affine-hyperplane merge)
+  keep this fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ff_engine.attention.interface import AttentionBackend, AttentionBatch
+from ff_engine.attention.torch_ref import TorchReferenceBackend
+from ff_engine.errors import ConfigError
+
+_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _ops():
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return ops, _get_attn_isa
+
+
+class PackedKVMirror:
+    """vLLM's packed CPU layout ``[rows, kv_heads, 2 * page_size, head_dim]`` of one ``PagedKVCache``.
+
+    Rows 0..num_pages are the cache's pages (same ids); rows after that are scratch pages for block K/V.
+    """
+
+    def __init__(self, cache, isa: str):
+        self.cache, self.isa = cache, isa
+        self.scratch_start = cache.num_pages + 1
+        self.storage = torch.zeros(0)
+        self._alloc(self.scratch_start + 1)
+        self.packed_tokens = 0  # tokens re-packed through on_write (cost accounting)
+        ops, _ = _ops()
+        self._ops = ops
+        # Pack what the cache already holds (all slots of all held pages).
+        held = [p for sid in list(cache._tables) for t in cache._tables[sid] for p in t.pages]
+        if held:
+            ps = cache.page_size
+            slots = (torch.tensor(held)[:, None] * ps + torch.arange(ps)[None]).reshape(-1)
+            self.on_write(cache, slots)
+        cache.listeners.append(self)
+
+    def _alloc(self, rows: int) -> None:
+        c = self.cache
+        new = torch.zeros((rows, c.num_kv_heads, 2 * c.page_size, c.head_dim), dtype=c.dtype)
+        if self.storage.numel():
+            new[: self.storage.shape[0]] = self.storage
+        self.storage = new
+
+    @property
+    def key_cache(self):
+        return self.storage.chunk(2, dim=2)[0]
+
+    @property
+    def value_cache(self):
+        return self.storage.chunk(2, dim=2)[1]
+
+    def ensure_scratch(self, pages: int) -> None:
+        if self.storage.shape[0] < self.scratch_start + pages:
+            self._alloc(self.scratch_start + pages)
+
+    def pack(self, k, v, slots) -> None:
+        self._ops.cpu_attn_reshape_and_cache(k, v, self.key_cache, self.value_cache, slots, self.isa)
+
+    def on_write(self, cache, slots: torch.Tensor) -> None:
+        h, d = cache.num_kv_heads, cache.head_dim
+        k = cache.key_cache.view(-1, h, d)[slots]
+        v = cache.value_cache.view(-1, h, d)[slots]
+        self.pack(k, v, slots)
+        self.packed_tokens += int(slots.numel())
+
+
+class VllmCpuBackend(AttentionBackend):
+    name = "vllm-cpu"
+    page_multiple = 16
+    supports_bias = False
+
+    def __init__(self):
+        self._mirrors: dict[int, PackedKVMirror] = {}
+        self._ref = TorchReferenceBackend()
+        self.fallbacks = 0
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            _ops()
+            return hasattr(torch.ops._C, "cpu_attention_with_kv_cache")
+        except Exception:
+            return False
+
+    def validate(self, page_size: int, dtype: torch.dtype, head_dim: int) -> None:
+        super().validate(page_size, dtype, head_dim)
+        if head_dim not in _HEAD_SIZES:
+            raise ConfigError(f"head_dim {head_dim} is not supported by vLLM's CPU attention; allowed {_HEAD_SIZES}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"dtype {dtype} is not supported by vLLM's CPU attention")
+
+    def isa(self, dtype, page_size, head_dim) -> str:
+        return _ops()[1](dtype, page_size, head_dim)
+
+    def mirror(self, cache) -> PackedKVMirror:
+        m = self._mirrors.get(id(cache))
+        if m is None or m.cache is not cache:
+            self.validate(cache.page_size, cache.dtype, cache.head_dim)
+            m = PackedKVMirror(cache, self.isa(cache.dtype, cache.page_size, cache.head_dim))
+            self._mirrors[id(cache)] = m
+        return m
+
+    def forward(self, batch: AttentionBatch) -> torch.Tensor:
+        view = batch.cache
+        if view is not None and view.has_bias():
+            self.fallbacks += 1
+            return self._ref.forward(batch)
+        q, k, v = batch.q, batch.k, batch.v
+        n_seq, (_, h, d), hkv = batch.num_seqs, q.shape, k.shape[1]
+        if view is None:
+            raise ConfigError("the vllm-cpu backend needs a paged cache view (cache=None given)")
+        cache, ps = view.cache, view.page_size
+        m = self.mirror(cache)
+        # Lay each sequence's block tokens after its cached tokens: fill the tail of its last page (mirror
+        # only, canonical storage is untouched) and continue in scratch pages.
+        tables, slot_chunks, seq_lens, scratch_next = [], [], [], m.scratch_start
+        for i in range(n_seq):
+            n_cache, n_new = int(view.seq_lens[i]), batch.seq(i).stop - batch.seq(i).start
+            pages = view.block_table[i, : cache.pages_for(n_cache)].tolist()
+            n_scratch = cache.pages_for(n_cache + n_new) - len(pages)
+            pages += list(range(scratch_next, scratch_next + n_scratch))
+            scratch_next += n_scratch
+            pos = torch.arange(n_cache, n_cache + n_new)
+            slot_chunks.append(torch.tensor(pages, dtype=torch.int64)[pos // ps] * ps + pos % ps)
+            tables.append(pages)
+            seq_lens.append(n_cache + n_new)
+        m.ensure_scratch(scratch_next - m.scratch_start)
+        m.pack(k.contiguous(), v.contiguous(), torch.cat(slot_chunks))
+        bt = torch.zeros((n_seq, max(len(t) for t in tables)), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+        qsl = batch.cu_seqlens.to(torch.int32)
+        ops = m._ops
+        md = ops.cpu_attn_get_scheduler_metadata(n_seq, h, hkv, d, seq_lens_t, q.dtype, qsl, False, -1, m.isa, False)
+        out = torch.empty_like(q)
+        ops.cpu_attention_with_kv_cache(
+            q.contiguous(), m.key_cache, m.value_cache, out, qsl, seq_lens_t, batch.scale, False, None, -1,
+            bt, 0.0, md, None,
+        )
+        return out

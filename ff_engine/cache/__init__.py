@@ -1,0 +1,6 @@
+"""Paged KV cache: vLLM's block pool for pages, our canonical storage, page tables and token metadata."""
+
+from ff_engine.cache.page_pool import PagePool
+from ff_engine.cache.paged_kv_cache import CacheView, LayerPageTable, PagedKVCache, StorageListener
+
+__all__ = ["PagePool", "PagedKVCache", "CacheView", "LayerPageTable", "StorageListener"]

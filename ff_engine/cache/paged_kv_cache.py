@@ -1,0 +1,295 @@
+"""The paged video KV cache: canonical physical storage, per-(session, layer) page tables, token metadata.
+
+Physical storage (one tensor each, shared by every layer and session, indexed by page id):
+  * ``key_cache``, ``value_cache``: ``[num_pages + 1, page_size, kv_heads, head_dim]``, the plain layout that
+    flash-attn's paged path reads directly and that policies read and rewrite in place.  Keys are stored
+    post-RoPE, as the model attends to them.
+  * ``positions``: ``[num_pages + 1, page_size, 3]`` int32 (latent frame, h, w) of every token, so policies
+    can protect sink frames or the newest block and re-derive RoPE phases.
+  * ``log_mass``: ``[num_pages + 1, page_size]`` float32; 0 for an original token, ``log m`` for a token
+    that stands for ``m`` merged originals (attention adds it as a per-key bias).
+
+A page belongs to one (session, layer) at a time, so layers of one session may keep different tokens and
+trade pages between them while the session's total stays under its reservation.
+
+Invariants of every ``LayerPageTable`` (checked by ``check_invariants``):
+  * tokens are dense: token ``i`` of a layer lives in slot ``i % page_size`` of page ``pages[i // page_size]``;
+    every page is full except possibly the last, and ``len(pages) == ceil(num_tokens / page_size)``.
+  * token order is generation order (compaction preserves the relative order of survivors), which is what
+    vLLM's ``block_table`` / ``seq_lens`` format expects.
+Every write into physical storage is reported to registered ``StorageListener``s (e.g. the packed mirror of
+vLLM's CPU attention op), so derived layouts never go stale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ff_engine.cache.page_pool import PagePool
+from ff_engine.errors import BudgetError, ConfigError
+
+
+class StorageListener(Protocol):
+    def on_write(self, cache: "PagedKVCache", slots: torch.Tensor) -> None:
+        """``slots`` (int64, flat ``page * page_size + offset``) were (re)written in the canonical storage."""
+
+
+@dataclass
+class LayerPageTable:
+    """Pages of one layer of one session, in token order."""
+
+    pages: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+@dataclass
+class CacheView:
+    """What an attention backend needs to read the cache of a batch of sessions for one layer.
+
+    Everything is in vLLM's format: int32 ``block_table`` ``[num_seqs, max_pages]`` padded with the null page 0,
+    int32 ``seq_lens``; storage tensors are the shared physical ones.
+    """
+
+    cache: "PagedKVCache"
+    session_ids: list[str]
+    layer: int
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+
+    @property
+    def key_cache(self) -> torch.Tensor:
+        return self.cache.key_cache
+
+    @property
+    def value_cache(self) -> torch.Tensor:
+        return self.cache.value_cache
+
+    @property
+    def page_size(self) -> int:
+        return self.cache.page_size
+
+    def slots(self, i: int) -> torch.Tensor:
+        """Flat slot ids of sequence ``i``'s tokens, in order."""
+        return self.cache.slots(self.session_ids[i], self.layer)
+
+    def log_mass(self, i: int) -> torch.Tensor:
+        return self.cache.log_mass.view(-1)[self.slots(i)]
+
+    def has_bias(self) -> bool:
+        return any(bool((self.log_mass(i) != 0).any()) for i in range(len(self.session_ids)))
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        num_pages: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
+        for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(val, int) or val < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {val!r}")
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ConfigError(f"page_size must be an integer >= 1, got {page_size!r}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.page_size, self.dtype, self.device = page_size, dtype, torch.device(device)
+        self.pool = PagePool(num_pages)
+        shape = (num_pages + 1, page_size, num_kv_heads, head_dim)
+        self.key_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.value_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.positions = torch.zeros((num_pages + 1, page_size, 3), dtype=torch.int32, device=self.device)
+        self.log_mass = torch.zeros((num_pages + 1, page_size), dtype=torch.float32, device=self.device)
+        self._tables: dict[str, list[LayerPageTable]] = {}
+        self.listeners: list[StorageListener] = []
+
+    # ---- sizes ----------------------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return self.pool.capacity
+
+    def pages_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.page_size)
+
+    def bytes_per_page(self) -> int:
+        return 2 * self.page_size * self.num_kv_heads * self.head_dim * self.key_cache.element_size()
+
+    # ---- sessions -------------------------------------------------------------------------------
+    def add_session(self, session_id: str, reserve_pages: int) -> None:
+        self.pool.reserve(session_id, reserve_pages)
+        self._tables[session_id] = [LayerPageTable() for _ in range(self.num_layers)]
+
+    def release_session(self, session_id: str) -> None:
+        """Return every page of the session to vLLM's pool (finish or cancel). Idempotent."""
+        self.pool.release(session_id)
+        self._tables.pop(session_id, None)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._tables
+
+    def table(self, session_id: str, layer: int) -> LayerPageTable:
+        try:
+            tables = self._tables[session_id]
+        except KeyError:
+            raise BudgetError(f"unknown session {session_id!r}") from None
+        if not 0 <= layer < self.num_layers:
+            raise ConfigError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        return tables[layer]
+
+    def num_tokens(self, session_id: str, layer: int) -> int:
+        return self.table(session_id, layer).num_tokens
+
+    def pages_held(self, session_id: str) -> int:
+        return self.pool.held(session_id)
+
+    # ---- addressing -----------------------------------------------------------------------------
+    def slots(self, session_id: str, layer: int) -> torch.Tensor:
+        t = self.table(session_id, layer)
+        pages = torch.tensor(t.pages, dtype=torch.int64, device=self.device)
+        offs = torch.arange(self.page_size, device=self.device)
+        return (pages[:, None] * self.page_size + offs[None, :]).reshape(-1)[: t.num_tokens]
+
+    def view(self, session_ids: list[str], layer: int) -> CacheView:
+        tables = [self.table(s, layer) for s in session_ids]
+        max_pages = max([len(t.pages) for t in tables] + [1])
+        bt = torch.zeros((len(tables), max_pages), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            if t.pages:
+                bt[i, : len(t.pages)] = torch.tensor(t.pages, dtype=torch.int32)
+        seq = torch.tensor([t.num_tokens for t in tables], dtype=torch.int32)
+        return CacheView(self, list(session_ids), layer, bt.to(self.device), seq.to(self.device))
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor, name: str = "k/v") -> None:
+        want = (self.num_kv_heads, self.head_dim)
+        if k.dim() != 3 or tuple(k.shape[1:]) != want or k.shape != v.shape:
+            raise ConfigError(
+                f"{name} must both have shape [tokens, {want[0]}, {want[1]}] (kv_heads, head_dim), "
+                f"got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if k.dtype != self.dtype or v.dtype != self.dtype:
+            raise ConfigError(f"{name} dtype must be the cache dtype {self.dtype}, got {k.dtype}/{v.dtype}")
+
+    def append(
+        self,
+        session_id: str,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        log_mass: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append tokens (post-RoPE keys) to one layer; returns their slots. All-or-nothing."""
+        t = self.table(session_id, layer)
+        self._check_kv(k, v)
+        n = k.shape[0]
+        if positions.shape != (n, 3):
+            raise ConfigError(f"positions must have shape [{n}, 3] (frame, h, w), got {tuple(positions.shape)}")
+        need = self.pages_for(t.num_tokens + n) - len(t.pages)
+        if need > 0:
+            # Raises BudgetError before anything is written: no half-appended block.
+            t.pages.extend(self.pool.allocate(session_id, need))
+        start = t.num_tokens
+        t.num_tokens += n
+        slots = self.slots(session_id, layer)[start:]
+        self._write(slots, k, v, positions, log_mass)
+        return slots
+
+    def _write(self, slots, k, v, positions=None, log_mass=None) -> None:
+        kc = self.key_cache.view(-1, self.num_kv_heads, self.head_dim)
+        vc = self.value_cache.view(-1, self.num_kv_heads, self.head_dim)
+        kc[slots] = k.to(self.device)
+        vc[slots] = v.to(self.device)
+        if positions is not None:
+            self.positions.view(-1, 3)[slots] = positions.to(self.device, torch.int32)
+        lm = self.log_mass.view(-1)
+        lm[slots] = 0.0 if log_mass is None else log_mass.to(self.device, torch.float32)
+        for listener in self.listeners:
+            listener.on_write(self, slots)
+
+    def update(
+        self,
+        session_id: str,
+        layer: int,
+        token_idx: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        log_mass: torch.Tensor,
+    ) -> None:
+        """Rewrite tokens in place (the 'merge' half of merge-in-place); positions are kept."""
+        t = self.table(session_id, layer)
+        self._check_kv(k, v)
+        if token_idx.numel() and (int(token_idx.min()) < 0 or int(token_idx.max()) >= t.num_tokens):
+            raise ConfigError(f"token_idx must lie in [0, {t.num_tokens})")
+        self._write(self.slots(session_id, layer)[token_idx], k, v, None, log_mass)
+
+    def compact(self, session_id: str, layer: int, keep: torch.Tensor) -> int:
+        """Keep only tokens ``keep`` (indices into the layer's token order), move them to the front, free
+        emptied pages back to vLLM's pool.  Returns the number of pages freed.
+
+        Survivors keep their relative order.  Survivors that precede the first dropped token do not move,
+        so trimming the tail or evicting late tokens copies little; a rolling window copies the whole
+        window (one memcpy of the cache per block, small next to the attention that reads it).
+        """
+        t = self.table(session_id, layer)
+        keep = torch.as_tensor(keep, dtype=torch.int64, device=self.device).reshape(-1)
+        if keep.numel():
+            if int(keep.min()) < 0 or int(keep.max()) >= t.num_tokens:
+                raise ConfigError(f"keep indices must lie in [0, {t.num_tokens})")
+            if keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
+                raise ConfigError("keep indices must be strictly increasing")
+        n_keep = keep.numel()
+        slots = self.slots(session_id, layer)
+        moved = (keep != torch.arange(n_keep, device=self.device)).nonzero()
+        if moved.numel():
+            first = int(moved[0])
+            src, dst = slots[keep[first:]], slots[first:n_keep]
+            kc = self.key_cache.view(-1, self.num_kv_heads, self.head_dim)
+            vc = self.value_cache.view(-1, self.num_kv_heads, self.head_dim)
+            pos, lm = self.positions.view(-1, 3), self.log_mass.view(-1)
+            # Advanced indexing on the right-hand side copies first, so overlapping src/dst is safe.
+            kc[dst], vc[dst], pos[dst], lm[dst] = kc[src], vc[src], pos[src], lm[src]
+            for listener in self.listeners:
+                listener.on_write(self, dst)
+        n_pages = self.pages_for(n_keep)
+        freed = t.pages[n_pages:]
+        del t.pages[n_pages:]
+        t.num_tokens = n_keep
+        if freed:
+            self.pool.free(session_id, freed)
+        return len(freed)
+
+    # ---- reads ----------------------------------------------------------------------------------
+    def gather(self, session_id: str, layer: int) -> dict[str, torch.Tensor]:
+        """Contiguous copies of one layer's tokens (for references, policies and debugging)."""
+        s = self.slots(session_id, layer)
+        return {
+            "k": self.key_cache.view(-1, self.num_kv_heads, self.head_dim)[s],
+            "v": self.value_cache.view(-1, self.num_kv_heads, self.head_dim)[s],
+            "positions": self.positions.view(-1, 3)[s],
+            "log_mass": self.log_mass.view(-1)[s],
+        }
+
+    def utilisation(self) -> float:
+        """Valid token slots / slots in held pages, over all sessions and layers (1.0 when nothing held)."""
+        tokens = sum(t.num_tokens for ts in self._tables.values() for t in ts)
+        pages = sum(len(t.pages) for ts in self._tables.values() for t in ts)
+        return 1.0 if pages == 0 else tokens / (pages * self.page_size)
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+        for sid, tables in self._tables.items():
+            owned = [p for t in tables for p in t.pages]
+            assert len(owned) == len(set(owned)), f"{sid}: page in two layers"
+            assert len(owned) == self.pool.held(sid), f"{sid}: tables {len(owned)} != pool {self.pool.held(sid)}"
+            for t in tables:
+                assert len(t.pages) == self.pages_for(t.num_tokens), f"{sid}: {t}"
