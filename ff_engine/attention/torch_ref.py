@@ -18,6 +18,24 @@ def _sdpa(q, k, v, scale, bias):
     return out[0].transpose(0, 1)
 
 
+def _gather_with_block(view, i, k, v):
+    """[cache tokens of sequence i ; block tokens] as contiguous K, V and the log-mass bias (None if all 0).
+
+    Gathers whole pages (one memcpy per page rather than per token) straight into the output buffers.
+    """
+    n, nb = int(view.seq_lens[i]), k.shape[0]
+    pages = view.block_table[i, : view.cache.pages_for(n)].to(torch.int64)
+    hkv, d = k.shape[1], k.shape[2]
+    kk = k.new_empty((n + nb, hkv, d))
+    vv = v.new_empty((n + nb, hkv, d))
+    kk[:n] = view.key_cache.index_select(0, pages).view(-1, hkv, d)[:n]
+    vv[:n] = view.value_cache.index_select(0, pages).view(-1, hkv, d)[:n]
+    kk[n:], vv[n:] = k, v
+    lm = view.cache.log_mass.index_select(0, pages).view(-1)[:n]
+    bias = torch.cat([lm, lm.new_zeros(nb)]) if bool((lm != 0).any()) else None
+    return kk, vv, bias
+
+
 class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
@@ -29,13 +47,6 @@ class TorchReferenceBackend(AttentionBackend):
             k, v = batch.k[s], batch.v[s]
             bias = None
             if view is not None and int(view.seq_lens[i]) > 0:
-                slots = view.slots(i)
-                hkv, d = k.shape[1], k.shape[2]
-                ck = view.key_cache.view(-1, hkv, d)[slots]
-                cv = view.value_cache.view(-1, hkv, d)[slots]
-                lm = view.cache.log_mass.view(-1)[slots]
-                if bool((lm != 0).any()):
-                    bias = torch.cat([lm, lm.new_zeros(k.shape[0])])
-                k, v = torch.cat([ck, k]), torch.cat([cv, v])
+                k, v, bias = _gather_with_block(view, i, k, v)
             out[s] = _sdpa(batch.q[s], k, v, batch.scale, bias)
         return out

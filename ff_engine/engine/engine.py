@@ -1,0 +1,190 @@
+"""The engine: admits streams under a page budget and runs the Self-Forcing block loop for many at once.
+
+Per block, for the batch of active sessions (one transformer forward per denoising step for all of them):
+  1. for each timestep of the schedule: flow = model(x_t) attending to [cache ; block] (the block's K/V are
+     *not* kept), x0 = x_t - sigma(t) flow, re-noise x0 to the next timestep with fresh noise;
+  2. a clean pass on x0 at ``context_noise`` (0) writes the block's post-RoPE K/V into the session's pages and
+     shows the policy the pre-RoPE queries;
+  3. the policy brings every layer back under the session's budget (evict / merge + compaction).
+A session reserves ``layers * ceil((budget + block) / page_size)`` pages at admission (the peak between steps
+2 and 3), or enough for its whole length when unbounded, so it can never run out of pages mid-stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ff_engine.attention import AttentionBackend, AttentionBatch, get_backend
+from ff_engine.cache import PagedKVCache
+from ff_engine.engine.schedule import FlowMatchSchedule
+from ff_engine.engine.session import Session, SessionConfig
+from ff_engine.errors import BudgetError, ConfigError, FFEngineError
+
+
+@dataclass
+class BlockResult:
+    session_id: str
+    block: int
+    latents: torch.Tensor | None  # [F, C, H, W]; None when the session failed
+    done: bool
+    error: str | None = None
+
+
+class PagedSelfAttention:
+    """The ``SelfAttentionFn`` the engine hands to adapters: attend through the paged cache; on the cache-writing
+    pass also append the block's K/V and feed the policy the pre-RoPE queries."""
+
+    def __init__(self, engine: "Engine", sessions: list[Session], write: bool):
+        self.engine, self.sessions, self.write = engine, sessions, write
+
+    def __call__(self, layer, q, k, v, q_pre_rope, positions):
+        e, n_seq = self.engine, len(self.sessions)
+        n = q.shape[0] // n_seq
+        cu = torch.arange(n_seq + 1, dtype=torch.int32) * n
+        view = e.cache.view([s.id for s in self.sessions], layer)
+        out = e.backend.forward(AttentionBatch(q, k, v, cu, view, 1.0 / math.sqrt(q.shape[-1])))
+        if self.write:
+            for i, s in enumerate(self.sessions):
+                sl = slice(i * n, (i + 1) * n)
+                e.cache.append(s.id, layer, k[sl], v[sl], positions[sl])
+                s.policy.observe(layer, q_pre_rope[sl], positions[sl])
+        return out
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        *,
+        num_pages: int,
+        page_size: int = 32,
+        backend: str | AttentionBackend = "auto",
+        schedule: FlowMatchSchedule | None = None,
+        context_noise: float = 0.0,
+        device: str = "cpu",
+    ):
+        self.model = model
+        self.geometry = g = model.geometry
+        self.dtype = next(model.parameters()).dtype
+        self.backend = get_backend(backend, device) if isinstance(backend, str) else backend
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ConfigError(f"page_size must be an integer >= 1, got {page_size!r}")
+        self.backend.validate(page_size, self.dtype, g.head_dim)
+        self.cache = PagedKVCache(g.num_layers, g.num_kv_heads, g.head_dim, page_size, num_pages, self.dtype, device)
+        self.schedule = schedule or FlowMatchSchedule()
+        self.context_noise = float(context_noise)
+        self.sessions: dict[str, Session] = {}
+
+    # ---- admission ------------------------------------------------------------------------------
+    def pages_needed(self, cfg: SessionConfig) -> int:
+        """Pages a session reserves: its peak (budget + one block per layer), or its whole length unbounded."""
+        g, c = self.geometry, self.cache
+        frames = math.ceil(cfg.num_frames / g.frames_per_block) * g.frames_per_block
+        if cfg.policy.bounded:
+            per_layer = c.pages_for((cfg.budget_frames + g.frames_per_block) * g.tokens_per_frame)
+        else:
+            per_layer = c.pages_for(frames * g.tokens_per_frame)
+        return g.num_layers * per_layer
+
+    def add_session(self, cfg: SessionConfig) -> Session:
+        """Validate, encode the prompt, reserve pages. Raises a one-line ``FFEngineError`` on bad input."""
+        g = self.geometry
+        if not isinstance(cfg.num_frames, int) or cfg.num_frames <= 0:
+            raise ConfigError(f"num_frames must be a positive integer, got {cfg.num_frames!r}")
+        if cfg.budget_frames is not None and (not isinstance(cfg.budget_frames, int) or cfg.budget_frames < 0):
+            raise ConfigError(f"budget_frames must be a non-negative integer, got {cfg.budget_frames!r}")
+        cfg.policy.validate(cfg.budget_frames, g.frames_per_block)
+        frames = math.ceil(cfg.num_frames / g.frames_per_block) * g.frames_per_block
+        if frames > g.max_frames:
+            raise ConfigError(
+                f"{frames} latent frames exceed the RoPE table of {g.max_frames} frames (num_frames / seconds)"
+            )
+        if cfg.session_id is not None and cfg.session_id in self.sessions:
+            raise ConfigError(f"session_id {cfg.session_id!r} is already active")
+        prompt_state = self.model.encode_prompt(cfg.prompt)
+        session = Session(cfg, g, prompt_state, g.frames_per_block)
+        pages = self.pages_needed(cfg)
+        if pages > self.cache.num_pages:
+            raise BudgetError(
+                f"session needs {pages} pages but the engine has {self.cache.num_pages} (num_pages); "
+                f"lower budget_frames or raise num_pages"
+            )
+        self.cache.add_session(session.id, pages)
+        self.sessions[session.id] = session
+        return session
+
+    def cancel(self, session_id: str) -> None:
+        """Stop a stream and return all its pages. Idempotent."""
+        self.sessions.pop(session_id, None)
+        self.cache.release_session(session_id)
+
+    # ---- the block loop -------------------------------------------------------------------------
+    def forward_block(self, sessions: list[Session], x: torch.Tensor, t: torch.Tensor, write: bool) -> torch.Tensor:
+        """One model call for the current block of ``sessions``: x [S, F, C, H, W], t [S, F] -> flow."""
+        attn = PagedSelfAttention(self, sessions, write)
+        return self.model.forward(x.to(self.dtype), t, [s.prompt_state for s in sessions],
+                                  [s.start_frame for s in sessions], attn)
+
+    def compress(self, session: Session) -> None:
+        """Bring every layer of the session back under its budget (the policy decides what stays)."""
+        budget = session.budget_tokens
+        newest = session.start_frame + session.frames_per_block - 1
+        for layer in range(self.geometry.num_layers):
+            session.policy.compress(self.cache, session.id, layer, budget if budget is not None else 1 << 62,
+                                    newest, self.geometry.tokens_per_frame)
+
+    def step(self, session_ids: list[str] | None = None) -> list[BlockResult]:
+        """Generate the next block of every given (default: every active) session in one batched loop."""
+        ids = list(self.sessions) if session_ids is None else session_ids
+        sessions = [self.sessions[i] for i in ids if i in self.sessions and not self.sessions[i].done]
+        if not sessions:
+            return []
+        steps = self.schedule.denoising_timesteps
+        S, Fb = len(sessions), sessions[0].frames_per_block
+        x = torch.stack([s.block_noise() for s in sessions])
+        for i, t in enumerate(steps):
+            tt = torch.full((S, Fb), float(t))
+            flow = self.forward_block(sessions, x, tt, write=False)
+            x0 = self.schedule.to_x0(x.to(flow.dtype), flow, tt)
+            if i < len(steps) - 1:
+                noise = torch.stack([s.step_noise() for s in sessions]).to(x0.dtype)
+                x = self.schedule.add_noise(x0, noise, torch.full((S, Fb), float(steps[i + 1])))
+        results, keep = [], []
+        for i, s in enumerate(sessions):
+            if not torch.isfinite(x0[i]).all():
+                self.cancel(s.id)
+                results.append(BlockResult(s.id, s.block, None, True, "non-finite latents (NaN/inf); session cancelled"))
+                continue
+            s.latents.append(x0[i].float())
+            results.append(BlockResult(s.id, s.block, x0[i].float(), s.block + 1 >= s.num_blocks))
+            if s.block + 1 < s.num_blocks:
+                keep.append(i)
+            else:
+                s.block += 1
+        if keep:  # the clean pass writes K/V only for sessions that will generate another block
+            cont = [sessions[i] for i in keep]
+            self.forward_block(cont, x0[keep], torch.full((len(cont), Fb), self.context_noise), write=True)
+            for s in cont:
+                self.compress(s)
+                s.block += 1
+        for s in sessions:
+            if s.done and s.id in self.sessions:
+                self.cancel(s.id)  # finished: pages go back to the pool
+        return results
+
+    def generate(self, cfg: SessionConfig, on_block=None) -> torch.Tensor:
+        """Run one stream to the end; returns latents [num_frames, C, H, W]. ``on_block(result, engine)``."""
+        s = self.add_session(cfg)
+        try:
+            while s.id in self.sessions:
+                for r in self.step([s.id]):
+                    if r.error:
+                        raise FFEngineError(f"session {r.session_id}: {r.error}")
+                    if on_block:
+                        on_block(r, self)
+        finally:
+            self.cancel(s.id)
+        return torch.cat(s.latents)[: cfg.num_frames]

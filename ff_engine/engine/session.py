@@ -1,0 +1,88 @@
+"""A video stream: its conditioning, noise, length, budget and policy, and where it is in generation."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ff_engine.errors import ConfigError
+from ff_engine.policies import CachePolicy, Unbounded
+
+_ids = itertools.count()
+
+
+@dataclass
+class SessionConfig:
+    """One stream's request.
+
+    prompt: text embeddings [L, text_dim] (umT5 features for Wan; precomputed, no hub needed).
+    num_frames: latent frames to generate (rounded up to whole blocks).
+    budget_frames: latent frames of past K/V each layer keeps between blocks (None: unbounded policy only).
+    initial_noise: optional [num_frames, C, H, W]; step_noise: optional list of [F, C, H, W] tensors consumed
+    in order (block 0 step 1, block 0 step 2, ...).  Both default to a per-session seeded generator.
+    """
+
+    prompt: torch.Tensor
+    num_frames: int
+    seed: int = 0
+    policy: CachePolicy = field(default_factory=Unbounded)
+    budget_frames: int | None = None
+    initial_noise: torch.Tensor | None = None
+    step_noise: list[torch.Tensor] | None = None
+    session_id: str | None = None
+
+
+class Session:
+    """Engine-side state of one stream. Created by ``Engine.add_session`` (which validates and reserves)."""
+
+    def __init__(self, cfg: SessionConfig, geometry, prompt_state, frames_per_block: int):
+        if not isinstance(cfg.num_frames, int) or cfg.num_frames <= 0:
+            raise ConfigError(f"num_frames must be a positive integer, got {cfg.num_frames!r}")
+        self.id = cfg.session_id or f"session-{next(_ids)}"
+        self.cfg = cfg
+        self.policy: CachePolicy = copy.deepcopy(cfg.policy)  # per-session state
+        self.prompt_state = prompt_state
+        self.frames_per_block = frames_per_block
+        self.num_blocks = math.ceil(cfg.num_frames / frames_per_block)
+        self.num_frames = self.num_blocks * frames_per_block
+        self.block = 0  # next block to generate
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.geometry = geometry
+        self._step_noise = list(cfg.step_noise) if cfg.step_noise is not None else None
+        self.latents: list[torch.Tensor] = []  # one [F, C, H, W] per finished block
+        c, (h, w) = geometry.latent_channels, geometry.latent_hw
+        self.block_shape = (frames_per_block, c, h, w)
+        if cfg.initial_noise is not None and tuple(cfg.initial_noise.shape) != (self.num_frames, c, h, w):
+            raise ConfigError(
+                f"initial_noise must be [{self.num_frames}, {c}, {h}, {w}], got {tuple(cfg.initial_noise.shape)}"
+            )
+
+    @property
+    def start_frame(self) -> int:
+        return self.block * self.frames_per_block
+
+    @property
+    def done(self) -> bool:
+        return self.block >= self.num_blocks
+
+    @property
+    def budget_tokens(self) -> int | None:
+        if self.cfg.budget_frames is None:
+            return None
+        return self.cfg.budget_frames * self.geometry.tokens_per_frame
+
+    def block_noise(self) -> torch.Tensor:
+        if self.cfg.initial_noise is not None:
+            return self.cfg.initial_noise[self.start_frame : self.start_frame + self.frames_per_block].float()
+        return torch.randn(self.block_shape, generator=self.generator)
+
+    def step_noise(self) -> torch.Tensor:
+        if self._step_noise is not None:
+            if not self._step_noise:
+                raise ConfigError("step_noise ran out: supply one tensor per intermediate denoising step")
+            return self._step_noise.pop(0).float()
+        return torch.randn(self.block_shape, generator=self.generator)

@@ -1,0 +1,47 @@
+"""The eviction baselines that need no statistics: keep everything, a rolling window, a frame sink + window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ff_engine.policies.base import CachePolicy, LayerTokens
+
+
+@dataclass
+class Unbounded(CachePolicy):
+    """CausVid / Self-Forcing global cache: never evicts (reserves pages for the whole requested length)."""
+
+    name = "unbounded"
+    bounded = False
+
+    def score(self, tokens: LayerTokens) -> torch.Tensor:
+        return torch.zeros(tokens.positions.shape[0])
+
+
+@dataclass
+class Window(CachePolicy):
+    """Self-Forcing rolling cache: keep the most recent ``budget`` tokens (whole frames when the budget is)."""
+
+    name = "window"
+
+    def score(self, tokens: LayerTokens) -> torch.Tensor:
+        return tokens.positions[:, 0].float()
+
+
+@dataclass
+class SinkWindow(CachePolicy):
+    """LongLive frame sink: the first ``sink_frames`` frames never roll, the rest is a rolling window."""
+
+    name = "sink-window"
+    sink_frames: int = 3
+
+    def __post_init__(self):
+        from ff_engine.errors import ConfigError
+
+        if self.sink_frames < 0:
+            raise ConfigError(f"sink_frames must be >= 0, got {self.sink_frames}")
+
+    def score(self, tokens: LayerTokens) -> torch.Tensor:
+        return tokens.positions[:, 0].float()

@@ -1,0 +1,6 @@
+"""Causal Wan2.1 (Self-Forcing / CausVid / LongLive) adapter."""
+
+from model_adapters.causal_wan.loading import load_causal_wan, save_checkpoint
+from model_adapters.causal_wan.model import PRESETS, CausalWanConfig, CausalWanModel, PromptState
+
+__all__ = ["CausalWanConfig", "CausalWanModel", "PromptState", "PRESETS", "load_causal_wan", "save_checkpoint"]

@@ -1,0 +1,305 @@
+"""Causal Wan2.1 video transformer (the Self-Forcing / CausVid / LongLive family) as an ff-engine adapter.
+
+Module and parameter names follow the Wan2.1 / Self-Forcing state_dict exactly (``patch_embedding``,
+``text_embedding.{0,2}``, ``time_embedding.{0,2}``, ``time_projection.1``, ``blocks.{i}.self_attn.{q,k,v,o}``,
+``blocks.{i}.self_attn.norm_{q,k}``, ``blocks.{i}.cross_attn.*``, ``blocks.{i}.norm3``, ``blocks.{i}.ffn.{0,2}``,
+``blocks.{i}.modulation``, ``head.head``, ``head.modulation``), so real checkpoints load unchanged.
+
+Only the self-attention differs from a dense implementation: it calls the engine's ``SelfAttentionFn``,
+which attends to the paged cache and decides what gets written.  Verified call-by-call against golden traces
+recorded from the Self-Forcing reference code (``tests/test_causal_wan_golden.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ff_engine.errors import ConfigError
+from model_adapters.base import SelfAttentionFn, VideoGeometry
+
+
+@dataclass(frozen=True)
+class CausalWanConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    latent_hw: tuple[int, int] = (60, 104)  # 480 x 832 pixels / VAE stride 8
+    frames_per_block: int = 3
+    rope_frames: int = 1024
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ConfigError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
+        hd = self.dim // self.num_heads
+        if hd % 2:
+            raise ConfigError(f"head_dim {hd} must be even for RoPE")
+        if self.latent_hw[0] % self.patch_size[1] or self.latent_hw[1] % self.patch_size[2]:
+            raise ConfigError(f"latent_hw {self.latent_hw} must be divisible by the patch {self.patch_size[1:]}")
+        if self.patch_size[0] != 1:
+            raise ConfigError("temporal patch size must be 1 for block-causal generation")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def geometry(self) -> VideoGeometry:
+        return VideoGeometry(
+            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_heads,
+            head_dim=self.head_dim, latent_channels=self.in_dim, latent_hw=tuple(self.latent_hw),
+            patch=tuple(self.patch_size), frames_per_block=self.frames_per_block, max_frames=self.rope_frames,
+        )
+
+    def with_(self, **kw) -> "CausalWanConfig":
+        return replace(self, **kw)
+
+
+PRESETS: dict[str, CausalWanConfig] = {
+    # Wan2.1-T2V-1.3B as used by Self-Forcing / CausVid / LongLive, 480 x 832.
+    "wan-1.3b": CausalWanConfig(),
+    # Wan head geometry (12 x 128) with fewer layers and a small grid: runs on a CPU.
+    "wan-cpu-small": CausalWanConfig(dim=1536, ffn_dim=2048, num_layers=2, text_len=64, latent_hw=(16, 24)),
+    # The geometry of the Self-Forcing golden traces: 2 heads x 128 (real RoPE split), 24 tokens per frame.
+    "wan-tiny": CausalWanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_len=16, text_dim=256,
+                                latent_hw=(8, 12)),
+}
+
+
+# ---- pieces ------------------------------------------------------------------------------------------
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: [cos, sin] of t * 10000^(-i/half), computed in float64."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    ang = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=1)
+
+
+def rope_apply(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x [N, H, D] by angles [N, D/2]; float64 math as the reference, x's dtype out."""
+    xd = x.to(torch.float64).reshape(*x.shape[:-1], -1, 2)
+    cos, sin = torch.cos(angles)[:, None].to(x.device), torch.sin(angles)[:, None].to(x.device)
+    re, im = xd[..., 0], xd[..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+class Rope3D:
+    """Wan's 3D RoPE on adjacent (interleaved) pairs: head_dim/2 pairs split [t, h, w] = [c - 2(c//3), c//3, c//3]
+    (22/21/21 for head_dim 128), angle tables of ``max_frames`` rows, temporal index absolute."""
+
+    def __init__(self, head_dim: int, max_frames: int = 1024, theta: float = 10000.0):
+        c = head_dim // 2
+        self.split = (c - 2 * (c // 3), c // 3, c // 3)
+        d_t = head_dim - 4 * (head_dim // 6)
+        d_s = 2 * (head_dim // 6)
+        self.max_frames = max_frames
+
+        def table(d):
+            inv = 1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float64).div(d))
+            return torch.outer(torch.arange(max_frames, dtype=torch.float64), inv)  # angles [max, d/2]
+
+        self.angles = (table(d_t), table(d_s), table(d_s))
+
+    def phases(self, positions: torch.Tensor) -> torch.Tensor:
+        """Angles [N, head_dim/2] (float64) for integer positions [N, 3] = (frame, h, w)."""
+        if positions.numel() and int(positions[:, 0].max()) >= self.max_frames:
+            raise ConfigError(
+                f"latent frame {int(positions[:, 0].max())} exceeds the RoPE table of {self.max_frames} frames "
+                f"(max video length)"
+            )
+        p = positions.long().cpu()
+        return torch.cat([self.angles[i][p[:, i]] for i in range(3)], dim=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x).type_as(x)
+
+
+class _Attn(nn.Module):
+    """Projections shared by self- and cross-attention (names as in Wan)."""
+
+    def __init__(self, cfg: CausalWanConfig):
+        super().__init__()
+        d = cfg.dim
+        self.q, self.k, self.v, self.o = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.norm_q = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+
+class CausalWanBlock(nn.Module):
+    def __init__(self, cfg: CausalWanConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.norm1 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = _Attn(cfg)
+        self.norm3 = LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = _Attn(cfg)
+        self.norm2 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, hd = self.cfg.num_heads, self.cfg.head_dim
+        k = self.cross_attn.norm_k(self.cross_attn.k(context)).unflatten(-1, (n, hd))
+        v = self.cross_attn.v(context).unflatten(-1, (n, hd))
+        return k, v
+
+    def forward(self, x, e0, frames, layer, rope_angles, positions, cross_k, cross_v, attention: SelfAttentionFn):
+        # x [S, L, dim]; e0 [S, F, 6, dim] per-frame modulation; cross_k/v [S, T, H, D]
+        s, l, d = x.shape
+        n, hd = self.cfg.num_heads, self.cfg.head_dim
+        e = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)  # each [S, F, 1, dim]
+
+        def mod(h, shift, scale):
+            return (h.unflatten(1, (frames, l // frames)) * (1 + scale) + shift).flatten(1, 2)
+
+        def gate(h, g):
+            return (h.unflatten(1, (frames, l // frames)) * g).flatten(1, 2)
+
+        h = mod(self.norm1(x), e[0], e[1])
+        sa = self.self_attn
+        q = sa.norm_q(sa.q(h)).reshape(s * l, n, hd)
+        k = sa.norm_k(sa.k(h)).reshape(s * l, n, hd)
+        v = sa.v(h).reshape(s * l, n, hd)
+        y = attention(layer, rope_apply(q, rope_angles), rope_apply(k, rope_angles), v, q, positions)
+        x = x + gate(sa.o(y.reshape(s, l, d)), e[2])
+
+        ca = self.cross_attn
+        cq = ca.norm_q(ca.q(self.norm3(x))).unflatten(-1, (n, hd))
+        co = F.scaled_dot_product_attention(cq.transpose(1, 2), cross_k.transpose(1, 2), cross_v.transpose(1, 2))
+        x = x + ca.o(co.transpose(1, 2).flatten(2))
+        x = x + gate(self.ffn(mod(self.norm2(x), e[3], e[4])), e[5])
+        return x
+
+
+class CausalHead(nn.Module):
+    def __init__(self, cfg: CausalWanConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e, frames):
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)  # e [S, F, dim]
+        h = self.norm(x).unflatten(1, (frames, x.shape[1] // frames))
+        return self.head(h * (1 + scale) + shift).flatten(1, 2)
+
+
+@dataclass
+class PromptState:
+    """Cross-attention K/V of every layer for one prompt, computed once (not part of the page budget)."""
+
+    k: list[torch.Tensor] = field(default_factory=list)  # per layer [T, H, D]
+    v: list[torch.Tensor] = field(default_factory=list)
+
+
+class CausalWanModel(nn.Module):
+    def __init__(self, cfg: CausalWanConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.geometry = cfg.geometry()
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, d * 6))
+        self.blocks = nn.ModuleList([CausalWanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = CausalHead(cfg)
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_frames)
+
+    # ---- adapter contract ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, text_embeds: torch.Tensor) -> PromptState:
+        """text_embeds [L, text_dim] (umT5 features, L <= text_len) -> per-layer cross-attention K/V."""
+        cfg = self.cfg
+        if text_embeds.dim() == 3 and text_embeds.shape[0] == 1:
+            text_embeds = text_embeds[0]
+        if text_embeds.dim() != 2 or text_embeds.shape[1] != cfg.text_dim or text_embeds.shape[0] > cfg.text_len:
+            raise ConfigError(
+                f"text embeddings must be [L <= {cfg.text_len}, {cfg.text_dim}] (text_len, text_dim), "
+                f"got {tuple(text_embeds.shape)}"
+            )
+        if not torch.isfinite(text_embeds).all():
+            raise ConfigError("text embeddings contain NaN or inf")
+        w = self.patch_embedding.weight
+        ctx = torch.zeros(cfg.text_len, cfg.text_dim, dtype=w.dtype, device=w.device)
+        ctx[: text_embeds.shape[0]] = text_embeds.to(ctx)  # padded to text_len as Wan does
+        ctx = self.text_embedding(ctx)
+        state = PromptState()
+        for blk in self.blocks:
+            k, v = blk.cross_kv(ctx)
+            state.k.append(k)
+            state.v.append(v)
+        return state
+
+    def token_positions(self, start_frame: int, frames: int) -> torch.Tensor:
+        gh, gw = self.geometry.token_grid
+        f, h, w = torch.meshgrid(
+            torch.arange(start_frame, start_frame + frames), torch.arange(gh), torch.arange(gw), indexing="ij"
+        )
+        return torch.stack([f, h, w], dim=-1).reshape(-1, 3).to(torch.int32)
+
+    @torch.no_grad()
+    def forward(self, latents, timesteps, prompts, start_frames, attention: SelfAttentionFn):
+        cfg = self.cfg
+        s, frames, c, hh, ww = latents.shape
+        if c != cfg.in_dim or (hh, ww) != tuple(cfg.latent_hw) or frames < 1:
+            raise ConfigError(
+                f"latents must be [S, F, {cfg.in_dim}, {cfg.latent_hw[0]}, {cfg.latent_hw[1]}], got {tuple(latents.shape)}"
+            )
+        if timesteps.shape != (s, frames):
+            raise ConfigError(f"timesteps must be [S, F] = [{s}, {frames}], got {tuple(timesteps.shape)}")
+        if len(prompts) != s or len(start_frames) != s:
+            raise ConfigError(f"need one prompt and one start frame per sequence ({s})")
+        w = self.patch_embedding.weight
+        x = self.patch_embedding(latents.permute(0, 2, 1, 3, 4).to(w.dtype))  # [S, dim, F, h, w]
+        x = x.flatten(2).transpose(1, 2)  # [S, L, dim]
+        positions = torch.cat([self.token_positions(sf, frames) for sf in start_frames])
+        angles = self.rope.phases(positions)
+
+        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, timesteps.flatten()).to(w.dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (s, frames))
+        for i, blk in enumerate(self.blocks):
+            ck = torch.stack([p.k[i] for p in prompts])
+            cv = torch.stack([p.v[i] for p in prompts])
+            x = blk(x, e0, frames, i, angles, positions, ck, cv, attention)
+        x = self.head(x, e.unflatten(0, (s, frames)), frames)
+        return self.unpatchify(x, frames)
+
+    def unpatchify(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        cfg = self.cfg
+        gh, gw = self.geometry.token_grid
+        pt, ph, pw = cfg.patch_size
+        s = x.shape[0]
+        x = x.reshape(s, frames, gh, gw, pt, ph, pw, cfg.out_dim)
+        x = torch.einsum("sfhwpqrc->sfpchqwr", x)
+        return x.reshape(s, frames * pt, cfg.out_dim, gh * ph, gw * pw)
+
+
