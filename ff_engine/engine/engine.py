@@ -33,6 +33,17 @@ class BlockResult:
     error: str | None = None
 
 
+def reservation_pages(geometry, page_size: int, cfg: SessionConfig) -> int:
+    """Pages a session reserves: its peak (budget + one block, per layer), or its whole length when unbounded."""
+    g = geometry
+    frames = math.ceil(cfg.num_frames / g.frames_per_block) * g.frames_per_block
+    if cfg.policy.bounded:
+        tokens = (cfg.budget_frames + g.frames_per_block) * g.tokens_per_frame
+    else:
+        tokens = frames * g.tokens_per_frame
+    return g.num_layers * math.ceil(tokens / page_size)
+
+
 class PagedSelfAttention:
     """The ``SelfAttentionFn`` the engine hands to adapters: attend through the paged cache; on the cache-writing
     pass also append the block's K/V and feed the policy the pre-RoPE queries."""
@@ -80,14 +91,7 @@ class Engine:
 
     # ---- admission ------------------------------------------------------------------------------
     def pages_needed(self, cfg: SessionConfig) -> int:
-        """Pages a session reserves: its peak (budget + one block per layer), or its whole length unbounded."""
-        g, c = self.geometry, self.cache
-        frames = math.ceil(cfg.num_frames / g.frames_per_block) * g.frames_per_block
-        if cfg.policy.bounded:
-            per_layer = c.pages_for((cfg.budget_frames + g.frames_per_block) * g.tokens_per_frame)
-        else:
-            per_layer = c.pages_for(frames * g.tokens_per_frame)
-        return g.num_layers * per_layer
+        return reservation_pages(self.geometry, self.cache.page_size, cfg)
 
     def add_session(self, cfg: SessionConfig) -> Session:
         """Validate, encode the prompt, reserve pages. Raises a one-line ``FFEngineError`` on bad input."""

@@ -1,0 +1,187 @@
+"""``ff-engine``: generate / bench.  Every bad input ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ff_engine.errors import ConfigError, FFEngineError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _positive_float(name):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {s}")
+        return v
+    return parse
+
+
+def latent_frames_for(seconds: float, fps: int, vae_t: int, frames_per_block: int) -> int:
+    """seconds * fps / VAE temporal stride latent frames, rounded up to whole blocks (5 s -> 21, 60 s -> 240)."""
+    latent = max(1, math.ceil(round(seconds * fps) / vae_t))
+    return math.ceil(latent / frames_per_block) * frames_per_block
+
+
+def build_model(args):
+    from model_adapters.causal_wan import PRESETS, CausalWanModel, load_causal_wan
+
+    if args.model in PRESETS:
+        if not args.random_weights:
+            raise ConfigError(
+                f"--model {args.model} is a preset without weights; pass --random-weights or a checkpoint path"
+            )
+        torch.manual_seed(args.seed)
+        model = CausalWanModel(PRESETS[args.model]).eval()
+        with torch.no_grad():  # Wan zero-inits nothing we rely on, but give the head a signal to preview
+            model.head.head.weight.normal_(0, 0.02)
+        return model
+    path = Path(args.model)
+    if not path.exists():
+        raise ConfigError(f"--model: {args.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
+    return load_causal_wan(path, preset=args.preset)
+
+
+def load_prompt(args, model):
+    cfg = model.cfg
+    if args.prompt_embeds is None:
+        g = torch.Generator().manual_seed(args.seed)
+        return torch.randn(min(16, cfg.text_len), cfg.text_dim, generator=g)
+    p = Path(args.prompt_embeds)
+    if not p.is_file():
+        raise ConfigError(f"--prompt-embeds: file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        t = next(iter(load_file(str(p)).values()))
+    else:
+        t = torch.load(str(p), map_location="cpu", weights_only=True)
+        if isinstance(t, dict):
+            t = t.get("prompt_embeds", next(iter(t.values())))
+    return t[0] if t.dim() == 3 else t
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from ff_engine.engine import Engine, SessionConfig
+    from ff_engine.engine.engine import reservation_pages
+    from ff_engine.policies import make_policy
+    from ff_engine.video import LatentPreviewDecoder, Mp4Writer, WanVAEDecoder
+
+    params = {"sink_frames": args.sink_frames} if args.sink_frames is not None else {}
+    policy = make_policy(args.policy, **params)
+    model = build_model(args)
+    g = model.geometry
+    frames = args.frames or latent_frames_for(args.seconds, g.fps, g.vae_stride[0], g.frames_per_block)
+    prompt = load_prompt(args, model)
+    cfg = SessionConfig(prompt=prompt, num_frames=frames, seed=args.seed, policy=policy,
+                        budget_frames=args.budget_frames if policy.bounded else None)
+    policy.validate(cfg.budget_frames, g.frames_per_block)
+    decoder = WanVAEDecoder(args.vae) if args.vae else LatentPreviewDecoder(g.vae_stride[1], g.vae_stride[0])
+    # Size the pool for exactly this stream unless told otherwise: admission then proves the budget holds.
+    num_pages = args.num_pages or reservation_pages(g, args.page_size, cfg)
+    engine = Engine(model, num_pages=num_pages, page_size=args.page_size, backend=args.backend)
+    writer = Mp4Writer(args.out, fps=g.fps)
+    session = engine.add_session(cfg)
+    reserved = engine.cache.pool.reserved(session.id)
+    t0, video_frames = time.perf_counter(), 0
+    bar = tqdm(total=session.num_blocks, unit="block", desc=f"{policy.name}", disable=args.quiet)
+    try:
+        while session.id in engine.sessions:
+            for r in engine.step([session.id]):
+                if r.error:
+                    raise FFEngineError(f"generation failed at block {r.block}: {r.error}")
+                held = engine.cache.pages_held(session.id) if session.id in engine.sessions else 0
+                if decoder.streaming:
+                    px = decoder.decode(r.latents)
+                    writer.write(px)
+                    video_frames += len(px)
+                bar.update(1)
+                bar.set_postfix(fps=f"{g.video_frames(session.block * g.frames_per_block) / (time.perf_counter() - t0):.2f}",
+                                pages=f"{held}/{reserved}")
+        if not decoder.streaming:
+            px = decoder.decode(torch.cat(session.latents))
+            writer.write(px)
+            video_frames = len(px)
+    finally:
+        bar.close()
+        writer.close()
+        engine.cancel(session.id)
+    dt = time.perf_counter() - t0
+    print(f"wrote {args.out}: {video_frames} frames ({frames} latent) in {dt:.1f}s, policy {policy.name}, "
+          f"budget {cfg.budget_frames} frames, {reserved} pages reserved x {engine.cache.bytes_per_page()} B")
+    return 0
+
+
+def cmd_bench(args, rest) -> int:
+    script = REPO / "benchmarks" / f"{args.which}.py"
+    if not script.is_file():
+        raise ConfigError(f"benchmark {args.which!r} not found at {script} (run from a source checkout)")
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"ff-engine: error: {message}\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="ff-engine", description="Long AR video generation under a bounded paged KV cache")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="generate one video to an MP4")
+    g.add_argument("--model", default="wan-cpu-small", help="preset name (with --random-weights) or checkpoint path")
+    g.add_argument("--preset", default="wan-1.3b", help="geometry defaults for a checkpoint (num_heads, text_len, grid)")
+    g.add_argument("--random-weights", action="store_true", help="random weights for a preset (smoke runs)")
+    g.add_argument("--policy", default="window")
+    g.add_argument("--budget-frames", type=int, default=6, help="latent frames of past KV kept per layer")
+    g.add_argument("--sink-frames", type=int, default=None)
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=_positive_float("--seconds"), default=5.0)
+    length.add_argument("--frames", type=int, default=None, help="latent frames (instead of --seconds)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt-embeds", default=None, help="[L, text_dim] tensor file (.pt / .safetensors)")
+    g.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder (else a latent preview)")
+    g.add_argument("--page-size", type=int, default=32)
+    g.add_argument("--num-pages", type=int, default=None, help="pool size (default: exactly this stream's reservation)")
+    g.add_argument("--backend", default="auto")
+    g.add_argument("--out", default="out/video.mp4")
+    g.add_argument("--quiet", action="store_true")
+    b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
+    b.add_argument("which", choices=["attention"])
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = make_parser()
+    args, rest = ap.parse_known_args(argv)
+    if rest and args.cmd != "bench":
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.cmd == "generate":
+            if args.frames is not None and args.frames <= 0:
+                raise ConfigError(f"--frames must be > 0, got {args.frames}")
+            return cmd_generate(args)
+        return cmd_bench(args, rest)
+    except (FFEngineError, FileNotFoundError) as exc:
+        print(f"ff-engine: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

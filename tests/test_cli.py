@@ -1,0 +1,47 @@
+import subprocess
+import sys
+
+import av
+import pytest
+
+from ff_engine.cli import latent_frames_for, main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ff_engine.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_writes_a_real_mp4(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    rc = main(["generate", "--model", "wan-tiny", "--random-weights", "--policy", "sink-window", "--sink-frames", "3",
+               "--budget-frames", "6", "--frames", "12", "--page-size", "16", "--out", str(out), "--quiet"])
+    assert rc == 0 and out.is_file()
+    with av.open(str(out)) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+        w, h = c.streams.video[0].width, c.streams.video[0].height
+    assert frames == 1 + 4 * 11 and (w, h) == (12 * 8, 8 * 8)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_seconds_to_latent_frames():
+    assert latent_frames_for(5.0, 16, 4, 3) == 21  # 81 video frames = 21 latent, Self-Forcing's default
+    assert latent_frames_for(60.0, 16, 4, 3) == 240
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "missing.safetensors"], "--model"),
+    (["--seconds", "0"], "--seconds"),
+    (["--seconds", "-3"], "--seconds"),
+    (["--random-weights", "--budget-frames", "2"], "budget_frames 2"),
+    (["--random-weights", "--policy", "lru"], "unknown policy"),
+    (["--random-weights", "--seconds", "400"], "RoPE table"),
+    (["--random-weights", "--page-size", "24", "--backend", "vllm-cpu"], "page_size 24"),
+    (["--random-weights", "--prompt-embeds", "nope.pt"], "--prompt-embeds"),
+    (["--model", "wan-tiny"], "--random-weights"),
+])
+def test_bad_cli_input_is_one_line_exit_2(args, needle):
+    r = run_cli("generate", *args, "--out", "/tmp/ff_should_not_exist.mp4", "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if "Triton" not in l]
+    assert len(lines) <= 2 and needle in lines[-1], r.stderr
