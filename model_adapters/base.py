@@ -73,6 +73,9 @@ class ARVideoAdapter(Protocol):
     """What the engine calls.  See ``model_adapters/causal_wan`` for the reference implementation."""
 
     geometry: VideoGeometry
+    #: the positional encoding as policies see it: ``rope.phases(positions [N, 3]) -> angles [N, head_dim/2]``
+    #: (adjacent-pair rotation).  Future Forcing rotates its query statistics to future positions with it.
+    rope: Any
 
     def encode_prompt(self, text_embeds: torch.Tensor) -> Any:
         """Per-prompt state computed once (e.g. cross-attention K/V of every layer)."""

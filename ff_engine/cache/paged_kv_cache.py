@@ -109,6 +109,13 @@ class PagedKVCache:
         self.value_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.positions = torch.zeros((num_pages + 1, page_size, 3), dtype=torch.int32, device=self.device)
         self.log_mass = torch.zeros((num_pages + 1, page_size), dtype=torch.float32, device=self.device)
+        # Per-page summaries, kept current on every append / update / compaction (see ``page_summaries``).
+        self.page_valid = torch.zeros(num_pages + 1, dtype=torch.int32, device=self.device)
+        self.page_log_mass = torch.full((num_pages + 1,), float("-inf"), dtype=torch.float32, device=self.device)
+        self.page_centroid = torch.zeros((num_pages + 1, num_kv_heads, head_dim), dtype=torch.float32, device=self.device)
+        # Importance under a policy's query proxy: (max, sum) and the proxy version it was computed for (-1: stale).
+        self.page_importance = torch.zeros((num_pages + 1, 2), dtype=torch.float32, device=self.device)
+        self.page_importance_version = torch.full((num_pages + 1,), -1, dtype=torch.int64, device=self.device)
         self._tables: dict[str, list[LayerPageTable]] = {}
         self.listeners: list[StorageListener] = []
 
@@ -130,8 +137,12 @@ class PagedKVCache:
 
     def release_session(self, session_id: str) -> None:
         """Return every page of the session to vLLM's pool (finish or cancel). Idempotent."""
+        tables = self._tables.pop(session_id, None)
+        if tables:
+            held = [p for t in tables for p in t.pages]
+            if held:
+                self._clear_pages(held)
         self.pool.release(session_id)
-        self._tables.pop(session_id, None)
 
     def has_session(self, session_id: str) -> bool:
         return session_id in self._tables
@@ -202,6 +213,7 @@ class PagedKVCache:
         t.num_tokens += n
         slots = self.slots(session_id, layer)[start:]
         self._write(slots, k, v, positions, log_mass)
+        self._refresh_pages(t, range(start // self.page_size, len(t.pages)))
         return slots
 
     def _write(self, slots, k, v, positions=None, log_mass=None) -> None:
@@ -231,6 +243,7 @@ class PagedKVCache:
         if token_idx.numel() and (int(token_idx.min()) < 0 or int(token_idx.max()) >= t.num_tokens):
             raise ConfigError(f"token_idx must lie in [0, {t.num_tokens})")
         self._write(self.slots(session_id, layer)[token_idx], k, v, None, log_mass)
+        self._refresh_pages(t, sorted(set((token_idx // self.page_size).tolist())))
 
     def compact(self, session_id: str, layer: int, keep: torch.Tensor) -> int:
         """Keep only tokens ``keep`` (indices into the layer's token order), move them to the front, free
@@ -265,8 +278,60 @@ class PagedKVCache:
         del t.pages[n_pages:]
         t.num_tokens = n_keep
         if freed:
+            self._clear_pages(freed)
             self.pool.free(session_id, freed)
+        first_changed = int(moved[0]) if moved.numel() else n_keep
+        self._refresh_pages(t, range(first_changed // self.page_size, len(t.pages)))
         return len(freed)
+
+    # ---- per-page summaries ---------------------------------------------------------------------
+    def _clear_pages(self, pages) -> None:
+        idx = torch.as_tensor(list(pages), dtype=torch.int64, device=self.device)
+        self.page_valid[idx] = 0
+        self.page_log_mass[idx] = float("-inf")
+        self.page_centroid[idx] = 0
+        self.page_importance[idx] = 0
+        self.page_importance_version[idx] = -1
+
+    def _refresh_pages(self, t: LayerPageTable, page_positions) -> None:
+        """Recompute summaries of the table's pages at ``page_positions`` (indices into ``t.pages``) from storage.
+        Cost O(pages touched): appends touch the tail, merges their own pages, compaction the moved suffix."""
+        pos = [j for j in page_positions if 0 <= j < len(t.pages)]
+        if not pos:
+            return
+        ids = torch.tensor([t.pages[j] for j in pos], dtype=torch.int64, device=self.device)
+        valid = torch.tensor([min(self.page_size, t.num_tokens - j * self.page_size) for j in pos],
+                             dtype=torch.int32, device=self.device)
+        mask = torch.arange(self.page_size, device=self.device)[None, :] < valid[:, None]
+        k = self.key_cache[ids].float() * mask[:, :, None, None]
+        self.page_valid[ids] = valid
+        self.page_centroid[ids] = k.sum(1) / valid.clamp_min(1)[:, None, None].float()
+        lm = self.log_mass[ids].masked_fill(~mask, float("-inf"))
+        self.page_log_mass[ids] = torch.logsumexp(lm, dim=1)
+        self.page_importance_version[ids] = -1  # contents changed: any cached importance is stale
+
+    def page_summaries(self, session_id: str, layer: int) -> dict[str, torch.Tensor]:
+        """Summaries of one layer's pages in table order: valid count, log total mass, key centroid per head."""
+        ids = torch.tensor(self.table(session_id, layer).pages, dtype=torch.int64, device=self.device)
+        return {"pages": ids, "valid": self.page_valid[ids], "log_mass": self.page_log_mass[ids],
+                "centroid": self.page_centroid[ids], "importance": self.page_importance[ids],
+                "importance_version": self.page_importance_version[ids]}
+
+    def recompute_page_summaries(self, session_id: str, layer: int) -> dict[str, torch.Tensor]:
+        """From-scratch recomputation (the oracle the incremental summaries are tested against)."""
+        t = self.table(session_id, layer)
+        g = self.gather(session_id, layer)
+        out = {"valid": [], "log_mass": [], "centroid": []}
+        for j in range(len(t.pages)):
+            sl = slice(j * self.page_size, min((j + 1) * self.page_size, t.num_tokens))
+            out["valid"].append(sl.stop - sl.start)
+            out["log_mass"].append(torch.logsumexp(g["log_mass"][sl], 0))
+            out["centroid"].append(g["k"][sl].float().mean(0))
+        if not t.pages:
+            return {"valid": torch.zeros(0, dtype=torch.int32), "log_mass": torch.zeros(0),
+                    "centroid": torch.zeros(0, self.num_kv_heads, self.head_dim)}
+        return {"valid": torch.tensor(out["valid"], dtype=torch.int32), "log_mass": torch.stack(out["log_mass"]),
+                "centroid": torch.stack(out["centroid"])}
 
     # ---- reads ----------------------------------------------------------------------------------
     def gather(self, session_id: str, layer: int) -> dict[str, torch.Tensor]:

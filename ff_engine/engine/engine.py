@@ -22,6 +22,7 @@ from ff_engine.cache import PagedKVCache
 from ff_engine.engine.schedule import FlowMatchSchedule
 from ff_engine.engine.session import Session, SessionConfig
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
+from ff_engine.policies.base import CompressContext
 
 
 @dataclass
@@ -61,7 +62,7 @@ class PagedSelfAttention:
             for i, s in enumerate(self.sessions):
                 sl = slice(i * n, (i + 1) * n)
                 e.cache.append(s.id, layer, k[sl], v[sl], positions[sl])
-                s.policy.observe(layer, q_pre_rope[sl], positions[sl])
+                s.policy.observe(layer, q_pre_rope[sl], q[sl], positions[sl])
         return out
 
 
@@ -134,11 +135,15 @@ class Engine:
 
     def compress(self, session: Session) -> None:
         """Bring every layer of the session back under its budget (the policy decides what stays)."""
-        budget = session.budget_tokens
+        g = self.geometry
+        if not session.policy.bounded:
+            return
+        budgets = session.policy.layer_budgets(session.budget_tokens, g.num_layers, self.cache.page_size)
         newest = session.start_frame + session.frames_per_block - 1
-        for layer in range(self.geometry.num_layers):
-            session.policy.compress(self.cache, session.id, layer, budget if budget is not None else 1 << 62,
-                                    newest, self.geometry.tokens_per_frame)
+        for layer in range(g.num_layers):
+            session.policy.compress(CompressContext(
+                self.cache, session.id, layer, budgets[layer], newest, g.frames_per_block, g.tokens_per_frame,
+                g.token_grid, getattr(self.model, "rope", None)))
 
     def step(self, session_ids: list[str] | None = None) -> list[BlockResult]:
         """Generate the next block of every given (default: every active) session in one batched loop."""

@@ -1,9 +1,10 @@
 """The cache-policy interface (kvpress style): a small dataclass per policy with one ``score()``.
 
-After every cache write the engine calls ``policy.compress(...)`` for every layer of the session.  The default
+After every cache write the engine calls ``policy.compress(ctx)`` for every layer of the session.  The default
 ``compress`` keeps the ``budget`` highest-scoring tokens (protected tokens always survive, ties go to the
 newer token) and compacts the survivors in place.  Policies that merge (Future Forcing) override ``compress``.
-The engine never needs to know which policy runs; policies never touch model code.
+The engine never needs to know which policy runs; policies never touch model code (RoPE phases come from the
+adapter's ``geometry.rope`` object, an interface).
 
 A policy object is a *configuration*: the engine deep-copies it per session, so per-session state (query
 statistics, accumulated attention) never leaks between streams.
@@ -12,12 +13,29 @@ statistics, accumulated attention) never leaks between streams.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ff_engine.cache import PagedKVCache
 from ff_engine.errors import ConfigError
+
+
+@dataclass
+class CompressContext:
+    cache: PagedKVCache
+    session_id: str
+    layer: int
+    budget_tokens: int
+    newest_frame: int  # last latent frame written
+    frames_per_block: int
+    tokens_per_frame: int
+    token_grid: tuple[int, int]
+    rope: Any = None  # object with .phases(positions [N, 3]) -> angles [N, head_dim / 2] (float64)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cache.num_tokens(self.session_id, self.layer)
 
 
 @dataclass
@@ -32,12 +50,19 @@ class LayerTokens:
     newest_frame: int
     tokens_per_frame: int
 
+    @classmethod
+    def gather(cls, ctx: CompressContext) -> "LayerTokens":
+        g = ctx.cache.gather(ctx.session_id, ctx.layer)
+        return cls(g["k"], g["v"], g["positions"], g["log_mass"], ctx.layer, ctx.newest_frame, ctx.tokens_per_frame)
+
 
 class CachePolicy:
     name: ClassVar[str] = "base"
     bounded: ClassVar[bool] = True
     #: frames at the start of the video that are never evicted (0 = none)
     sink_frames: int = 0
+    #: the newest block is never evicted (its tokens have not been attended by any later block yet)
+    protect_newest_block: ClassVar[bool] = True
 
     def validate(self, budget_frames: int | None, frames_per_block: int) -> None:
         if not self.bounded:
@@ -51,26 +76,36 @@ class CachePolicy:
                 f"{self.sink_frames} sink frames; it must be >= {need}"
             )
 
-    def observe(self, layer: int, q_pre_rope: torch.Tensor, positions: torch.Tensor) -> None:
-        """Pre-RoPE queries [N, H, D] of the cache-writing pass (for policies that keep query statistics)."""
+    def observe(self, layer: int, q_pre_rope: torch.Tensor, q: torch.Tensor, positions: torch.Tensor) -> None:
+        """Queries [N, H, D] of the cache-writing pass, before and after RoPE (for policies with statistics)."""
 
-    def score(self, tokens: LayerTokens) -> torch.Tensor:  # pragma: no cover - abstract
+    def layer_budgets(self, budget_tokens: int, num_layers: int, page_size: int) -> list[int]:
+        """Per-layer token budgets for this block (default: the same for every layer)."""
+        return [budget_tokens] * num_layers
+
+    def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def protected(self, tokens: LayerTokens) -> torch.Tensor:
-        """Tokens that must survive: sink frames."""
-        return tokens.positions[:, 0] < self.sink_frames
+    def protected(self, positions: torch.Tensor, ctx: CompressContext) -> torch.Tensor:
+        """Tokens that must survive: sink frames and (by default) the newest block."""
+        f = positions[:, 0]
+        mask = f < self.sink_frames
+        if self.protect_newest_block:
+            mask |= f > ctx.newest_frame - ctx.frames_per_block
+        return mask
 
-    def compress(self, cache: PagedKVCache, session_id: str, layer: int, budget_tokens: int, newest_frame: int,
-                 tokens_per_frame: int) -> None:
-        n = cache.num_tokens(session_id, layer)
-        if not self.bounded or n <= budget_tokens:
+    def on_compact(self, layer: int, keep: torch.Tensor) -> None:
+        """Stateful policies re-align per-token state with the surviving tokens."""
+
+    def compress(self, ctx: CompressContext) -> None:
+        if not self.bounded or ctx.num_tokens <= ctx.budget_tokens:
             return
-        g = cache.gather(session_id, layer)
-        tokens = LayerTokens(g["k"], g["v"], g["positions"], g["log_mass"], layer, newest_frame, tokens_per_frame)
-        scores = self.score(tokens).float().clone()
-        scores[self.protected(tokens)] = float("inf")
-        cache.compact(session_id, layer, top_tokens(scores, budget_tokens))
+        tokens = LayerTokens.gather(ctx)
+        scores = self.score(tokens, ctx).float().clone()
+        scores[self.protected(tokens.positions, ctx)] = float("inf")
+        keep = top_tokens(scores, ctx.budget_tokens)
+        ctx.cache.compact(ctx.session_id, ctx.layer, keep)
+        self.on_compact(ctx.layer, keep)
 
 
 def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ff_engine.policies.base import CachePolicy, LayerTokens
+from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens
 
 
 @dataclass
@@ -16,7 +16,7 @@ class Unbounded(CachePolicy):
     name = "unbounded"
     bounded = False
 
-    def score(self, tokens: LayerTokens) -> torch.Tensor:
+    def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         return torch.zeros(tokens.positions.shape[0])
 
 
@@ -26,7 +26,7 @@ class Window(CachePolicy):
 
     name = "window"
 
-    def score(self, tokens: LayerTokens) -> torch.Tensor:
+    def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         return tokens.positions[:, 0].float()
 
 
@@ -43,5 +43,5 @@ class SinkWindow(CachePolicy):
         if self.sink_frames < 0:
             raise ConfigError(f"sink_frames must be >= 0, got {self.sink_frames}")
 
-    def score(self, tokens: LayerTokens) -> torch.Tensor:
+    def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         return tokens.positions[:, 0].float()

@@ -1,0 +1,120 @@
+"""Baselines on the same interface: H2O, SnapKV, ExpectedAttention, DeepSink, Random, KeyNorm."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ff_engine.errors import ConfigError
+from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens
+from ff_engine.policies.future_forcing import FutureForcing, FutureQueryProxy
+from ff_engine.policies.window import SinkWindow
+
+
+def attention_to_cache(q: torch.Tensor, k: torch.Tensor, log_mass: torch.Tensor) -> torch.Tensor:
+    """Mean over queries and heads of softmax(q.k / sqrt d + log m) over the cached keys: [N]."""
+    nq, h, d = q.shape
+    kk = k.float().repeat_interleave(h // k.shape[1], dim=1)
+    out = torch.zeros(k.shape[0])
+    for hh in range(h):  # one head at a time keeps memory at O(Nq * N)
+        logits = q[:, hh].float() @ kk[:, hh].T / math.sqrt(d) + log_mass.float()[None]
+        out += torch.softmax(logits, dim=1).mean(0)
+    return out / h
+
+
+@dataclass
+class _QuerySample:
+    """Keeps a random sample of the last cache-writing pass's post-RoPE queries per layer."""
+
+    num_queries: int = 256
+    seed: int = 0
+    _q: dict = field(default_factory=dict, repr=False)
+
+    def observe(self, layer, q_pre_rope, q, positions):
+        g = torch.Generator().manual_seed(self.seed + layer)
+        idx = torch.randperm(q.shape[0], generator=g)[: self.num_queries]
+        self._q[layer] = q[idx].float()
+
+
+@dataclass
+class H2O(_QuerySample, CachePolicy):
+    """Heavy hitters: attention accumulated over every block's (sampled) queries since a token was written."""
+
+    name = "h2o"
+    _acc: dict = field(default_factory=dict, repr=False)
+
+    def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
+        n = tokens.k.shape[0]
+        acc = self._acc.get(ctx.layer, torch.zeros(0))
+        acc = torch.cat([acc, torch.zeros(n - acc.numel())])
+        if ctx.layer in self._q:
+            acc = acc + attention_to_cache(self._q[ctx.layer], tokens.k, tokens.log_mass)
+        self._acc[ctx.layer] = acc
+        return acc
+
+    def on_compact(self, layer, keep):
+        self._acc[layer] = self._acc[layer][keep]
+
+
+@dataclass
+class SnapKV(_QuerySample, CachePolicy):
+    """Attention of the latest block's (sampled) queries, max-pooled over ``kernel`` neighbouring tokens."""
+
+    name = "snapkv"
+    kernel: int = 1
+
+    def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
+        if ctx.layer not in self._q:
+            return tokens.positions[:, 0].float()
+        s = attention_to_cache(self._q[ctx.layer], tokens.k, tokens.log_mass)
+        if self.kernel > 1:
+            s = torch.nn.functional.max_pool1d(s[None, None], self.kernel, 1, self.kernel // 2)[0, 0, : s.numel()]
+        return s
+
+
+@dataclass
+class ExpectedAttention(FutureForcing):
+    """kvpress Expected Attention: moments of the *post-RoPE* queries of recent blocks, no future rotation,
+    no merging, exact scoring of every token."""
+
+    name = "expected-attention"
+    merge: str = "none"
+    page_candidates: bool = False
+
+    def _make_proxy(self) -> FutureQueryProxy:
+        return FutureQueryProxy(1, self.decay, self.window, "cheap", 1, self.covariance, rotate=False)
+
+    def observe(self, layer, q_pre_rope, q, positions):
+        self.proxy.update(layer, q)
+
+
+@dataclass
+class DeepSink(SinkWindow):
+    """A large frame sink plus a recent window."""
+
+    name = "deep-sink"
+    sink_frames: int = 6
+
+
+@dataclass
+class Random(CachePolicy):
+    name = "random"
+    seed: int = 0
+
+    def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1000003 + ctx.newest_frame * 101 + ctx.layer)
+        return torch.rand(tokens.k.shape[0], generator=g)
+
+
+@dataclass
+class KeyNorm(CachePolicy):
+    """kvpress KnormPress: keys with a small norm draw more attention; keep the lowest-norm keys."""
+
+    name = "key-norm"
+
+    def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
+        return -tokens.k.float().norm(dim=-1).mean(-1)
+
+

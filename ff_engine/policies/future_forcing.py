@@ -1,0 +1,367 @@
+"""Future Forcing: a training-free, future-aware KV policy for AR video (our reconstruction; design.md §3).
+
+1. ``FutureQueryProxy`` keeps running first and second moments of the *pre-RoPE* queries of every layer and
+   head (pre-RoPE query statistics are stable over time, post-RoPE ones drift with position), with an
+   exponential decay per block or an exact window of recent blocks.
+2. It rotates them to the positions the next ``horizon`` frames will occupy (all spatial positions, the
+   adapter's 3D RoPE): the *cheap* form averages the rotations (``Rbar = mean_p R_p``, ``mu_f = Rbar mu``,
+   ``Sigma_f = Rbar Sigma Rbar^T``); the *exact* form keeps one (mu_p, Sigma_p) per sampled future position and
+   averages the expected attention over them.
+3. A cached post-RoPE key k with log-mass log m scores ``z = k.mu_f / sqrt(d) + k^T Sigma_f k / (2 d) + log m``,
+   the log of the expected ``exp(q.k / sqrt d)`` under a Gaussian query; importance ``softmax(z) * ||v||``
+   (value norm optional), aggregated over heads (mean or max).
+4. Pages are ranked by their summaries (key centroid, mass) first; tokens are scored exactly only inside the
+   lowest-ranked candidate pages.  The lowest-importance candidates are merged into their nearest surviving
+   candidate in the proxy's affine subspace (span of mu_f and the top eigenvectors of Sigma_f) when keys and
+   values are close, or evicted when nothing is close.  Merge modes: ``log-mass`` (mass-weighted mean, log-mass
+   adds, attention applies it as a per-key bias) and ``affine`` (the merged key is projected onto the hyperplane
+   whose proxy logit preserves the group's attention mass; no bias, so every attention kernel serves it).
+Every choice is a named parameter; ``benchmarks/quality.py`` measures the ablations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ff_engine.errors import ConfigError
+from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens
+
+
+# ---- rotations --------------------------------------------------------------------------------------
+def pair_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Dense [D, D] block-diagonal matrix of 2x2 blocks [[c, -s], [s, c]] acting on adjacent pairs."""
+    d2 = cos.numel()
+    m = torch.zeros(2 * d2, 2 * d2, dtype=torch.float64)
+    i = torch.arange(d2)
+    m[2 * i, 2 * i], m[2 * i, 2 * i + 1] = cos, -sin
+    m[2 * i + 1, 2 * i], m[2 * i + 1, 2 * i + 1] = sin, cos
+    return m
+
+
+@dataclass
+class FutureQueryProxy:
+    """Per-layer pre-RoPE query moments and their projection onto future positions.
+
+    horizon: future frames whose positions the proxy covers (>= 1).  decay: weight of the past per block in
+    [0, 1) (0: latest block only).  window: keep exactly the last ``window`` blocks instead (overrides decay).
+    form: ``cheap`` (mean rotation) or ``exact`` (``samples`` sampled future positions).  covariance: use
+    Sigma (False: mean only).  rotate: False skips the rotation (ExpectedAttention on post-RoPE queries).
+    """
+
+    horizon: int = 6
+    decay: float = 0.5
+    window: int | None = None
+    form: str = "cheap"
+    samples: int = 16
+    covariance: bool = True
+    rotate: bool = True
+    seed: int = 0
+    _sums: dict = field(default_factory=dict, repr=False)
+    version: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.horizon, int) or self.horizon < 1:
+            raise ConfigError(f"horizon must be an integer >= 1 (future frames), got {self.horizon!r}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"decay must be in [0, 1), got {self.decay}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ConfigError(f"window must be None or an integer >= 1 (blocks), got {self.window!r}")
+        if self.form not in ("cheap", "exact"):
+            raise ConfigError(f"form must be 'cheap' or 'exact', got {self.form!r}")
+        if self.samples < 1:
+            raise ConfigError(f"samples must be >= 1, got {self.samples}")
+
+    # statistics
+    def update(self, layer: int, q: torch.Tensor) -> None:
+        """q [N, H, D] (pre-RoPE) of one block's cache-writing pass."""
+        q = q.double()
+        new = (float(q.shape[0]), q.sum(0), torch.einsum("nhd,nhe->hde", q, q))
+        if self.window is not None:
+            self._sums.setdefault(layer, deque(maxlen=self.window)).append(new)
+        else:
+            old = self._sums.get(layer)
+            self._sums[layer] = new if old is None else tuple(self.decay * o + n for o, n in zip(old, new))
+        self.version[layer] = self.version.get(layer, 0) + 1
+
+    def has(self, layer: int) -> bool:
+        return layer in self._sums
+
+    def moments(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu [H, D], Sigma [H, D, D] (float64)."""
+        s = self._sums[layer]
+        if self.window is not None:
+            s = tuple(sum(x[i] for x in s) for i in range(3))
+        w, s1, s2 = s
+        mu = s1 / w
+        sigma = s2 / w - torch.einsum("hd,he->hde", mu, mu)
+        if not self.covariance:
+            sigma = torch.zeros_like(sigma)
+        return mu, sigma
+
+    def future_positions(self, newest_frame: int, token_grid: tuple[int, int]) -> torch.Tensor:
+        gh, gw = token_grid
+        f, h, w = torch.meshgrid(torch.arange(newest_frame + 1, newest_frame + 1 + self.horizon),
+                                 torch.arange(gh), torch.arange(gw), indexing="ij")
+        return torch.stack([f, h, w], -1).reshape(-1, 3).to(torch.int32)
+
+    def projected(self, layer: int, newest_frame: int, token_grid, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu_f [P, H, D], Sigma_f [P, H, D, D]) float64: P = 1 for the cheap form, ``samples`` for exact."""
+        mu, sigma = self.moments(layer)
+        if not self.rotate or rope is None:
+            return mu[None], sigma[None]
+        angles = rope.phases(self.future_positions(newest_frame, token_grid))  # [M, D/2]
+        if self.form == "cheap":
+            mats = pair_matrix(torch.cos(angles).mean(0), torch.sin(angles).mean(0))[None]
+        else:
+            g = torch.Generator().manual_seed(self.seed + 7919 * newest_frame)
+            pick = torch.randperm(angles.shape[0], generator=g)[: self.samples]
+            mats = torch.stack([pair_matrix(torch.cos(a), torch.sin(a)) for a in angles[pick]])
+        mu_f = torch.einsum("pde,he->phd", mats, mu)
+        sigma_f = torch.einsum("pde,hef,pgf->phdg", mats, sigma, mats)
+        return mu_f, sigma_f
+
+    @staticmethod
+    def log_expected_exp(k: torch.Tensor, mu_f: torch.Tensor, sigma_f: torch.Tensor) -> torch.Tensor:
+        """z [H, N] = log mean_p E_q[exp(q.k / sqrt d)] for keys k [N, Hkv, D] (GQA-aware)."""
+        n, hkv, d = k.shape
+        h = mu_f.shape[1]
+        kk = k.double().repeat_interleave(h // hkv, dim=1)  # [N, H, D]
+        zs = []
+        for p in range(mu_f.shape[0]):  # one (mu, Sigma) at a time keeps memory at O(N H D)
+            lin = torch.einsum("nhd,hd->hn", kk, mu_f[p]) / math.sqrt(d)
+            quad = torch.einsum("nhd,hde,nhe->hn", kk, sigma_f[p], kk) / (2 * d)
+            zs.append(lin + quad)
+        z = torch.stack(zs)
+        return (torch.logsumexp(z, 0) - math.log(z.shape[0])).float()
+
+
+# ---- the policy ---------------------------------------------------------------------------------------
+@dataclass
+class FutureForcing(CachePolicy):
+    name = "future-forcing"
+
+    horizon: int = 6
+    form: str = "cheap"
+    samples: int = 16
+    decay: float = 0.5
+    window: int | None = None
+    covariance: bool = True
+    value_norm: bool = True
+    aggregation: str = "mean"
+    sink_frames: int = 0
+    merge: str = "log-mass"
+    merge_rank: int = 4
+    merge_key_tol: float = 0.5
+    merge_value_tol: float = 1.0
+    budget_split: str = "uniform"
+    page_candidates: bool = True
+    candidate_oversample: float = 2.0
+    proxy: FutureQueryProxy = field(init=False, repr=False)
+    stats: dict = field(default_factory=lambda: {"merged": 0, "evicted": 0, "candidates": 0, "tokens": 0},
+                        init=False, repr=False)
+
+    def __post_init__(self):
+        if self.aggregation not in ("mean", "max"):
+            raise ConfigError(f"aggregation must be 'mean' or 'max', got {self.aggregation!r}")
+        if self.merge not in ("none", "log-mass", "affine"):
+            raise ConfigError(f"merge must be 'none', 'log-mass' or 'affine', got {self.merge!r}")
+        if self.budget_split not in ("uniform", "importance"):
+            raise ConfigError(f"budget_split must be 'uniform' or 'importance', got {self.budget_split!r}")
+        if self.sink_frames < 0:
+            raise ConfigError(f"sink_frames must be >= 0, got {self.sink_frames}")
+        if self.merge_rank < 0 or self.merge_key_tol < 0 or self.merge_value_tol < 0:
+            raise ConfigError("merge_rank, merge_key_tol and merge_value_tol must be >= 0")
+        if self.candidate_oversample < 1.0:
+            raise ConfigError(f"candidate_oversample must be >= 1, got {self.candidate_oversample}")
+        self.proxy = self._make_proxy()
+        self._layer_spread: dict[int, float] = {}
+
+    def _make_proxy(self) -> FutureQueryProxy:
+        return FutureQueryProxy(self.horizon, self.decay, self.window, self.form, self.samples, self.covariance)
+
+    def observe(self, layer, q_pre_rope, q, positions):
+        self.proxy.update(layer, q_pre_rope)
+
+    # importance ---------------------------------------------------------------------------------------
+    def _proxy(self, ctx: CompressContext):
+        return self.proxy.projected(ctx.layer, ctx.newest_frame, ctx.token_grid, ctx.rope)
+
+    def head_logits(self, k, v, log_mass, mu_f, sigma_f) -> torch.Tensor:
+        """Per-head log importance (unnormalised) [H, N]: z + log m (+ log ||v||)."""
+        z = FutureQueryProxy.log_expected_exp(k, mu_f, sigma_f) + log_mass.float()[None]
+        if self.value_norm:
+            h = z.shape[0]
+            vn = v.float().norm(dim=-1).repeat_interleave(h // v.shape[1], dim=1).T  # [H, N]
+            z = z + torch.log(vn.clamp_min(1e-12))
+        return z
+
+    def aggregate(self, logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """[H, N] logits and per-head log normalisers [H] -> aggregated importance [N] (a probability)."""
+        p = torch.exp(logits - lse[:, None])
+        return p.mean(0) if self.aggregation == "mean" else p.max(0).values
+
+    def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
+        """Exact importance of every token (used without page candidates, and by tests)."""
+        if not self.proxy.has(ctx.layer):
+            return tokens.positions[:, 0].float()
+        mu_f, sigma_f = self._proxy(ctx)
+        logits = self.head_logits(tokens.k, tokens.v, tokens.log_mass, mu_f, sigma_f)
+        return self.aggregate(logits, torch.logsumexp(logits, 1))
+
+    # page candidates ------------------------------------------------------------------------------------
+    def page_estimates(self, ctx: CompressContext, mu_f, sigma_f) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-page estimated per-token log importance [H, P] from the key centroid, refreshed lazily: pages
+        whose stored importance carries the current proxy version are not recomputed.  Also returns the
+        per-head log normaliser estimated over all pages (each page weighted by its total mass)."""
+        cache = ctx.cache
+        summ = cache.page_summaries(ctx.session_id, ctx.layer)
+        ids = summ["pages"]
+        z = FutureQueryProxy.log_expected_exp(summ["centroid"], mu_f, sigma_f)  # [H, P]
+        lse = torch.logsumexp(z + summ["log_mass"][None], 1)
+        version = self.proxy.version.get(ctx.layer, 0)
+        agg = self.aggregate(z, lse)
+        stale = summ["importance_version"] != version
+        cache.page_importance[ids[stale], 0] = agg[stale]
+        cache.page_importance[ids[stale], 1] = agg[stale] * summ["valid"][stale].float()
+        cache.page_importance_version[ids[stale]] = version
+        return cache.page_importance[ids, 0], lse
+
+    def candidates(self, ctx: CompressContext, protected: torch.Tensor, n_remove: int, mu_f, sigma_f):
+        """Token indices to score exactly: all unprotected tokens of the lowest-ranked pages, enough to hold
+        ``candidate_oversample * n_remove`` of them.  Returns (indices, per-head log normaliser)."""
+        ps = ctx.cache.page_size
+        n = protected.numel()
+        if not self.page_candidates:
+            return (~protected).nonzero().flatten(), None
+        est, lse = self.page_estimates(ctx, mu_f, sigma_f)
+        free_per_page = torch.zeros(est.numel(), dtype=torch.long)
+        page_of = torch.arange(n) // ps
+        free_per_page.index_add_(0, page_of, (~protected).long())
+        est = est.masked_fill(free_per_page == 0, float("inf"))
+        order = torch.argsort(est)
+        need = math.ceil(self.candidate_oversample * n_remove)
+        cum = torch.cumsum(free_per_page[order], 0)
+        take = int(torch.searchsorted(cum, torch.tensor(min(need, int(cum[-1]))))) + 1
+        chosen = torch.zeros(est.numel(), dtype=torch.bool)
+        chosen[order[:take]] = True
+        cand = (chosen[page_of] & ~protected).nonzero().flatten()
+        return cand, lse
+
+    # merging ---------------------------------------------------------------------------------------------
+    def _subspace(self, mu_f, sigma_f, hkv) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per kv head: mean proxy direction mu_g [Hkv, D] and basis [Hkv, D, r+1] of the affine subspace."""
+        h, d = mu_f.shape[1], mu_f.shape[2]
+        mu_g = mu_f.mean(0).reshape(hkv, h // hkv, d).mean(1)
+        sig_g = sigma_f.mean(0).reshape(hkv, h // hkv, d, d).mean(1)
+        basis = (mu_g / mu_g.norm(dim=-1, keepdim=True).clamp_min(1e-12))[..., None]  # [Hkv, D, 1]
+        if self.merge_rank:
+            evecs = torch.linalg.eigh(sig_g).eigenvectors  # columns, ascending eigenvalues
+            basis = torch.cat([basis, evecs[..., -self.merge_rank:]], dim=2)
+        return mu_g, basis
+
+    def _merge(self, k, v, lm, victims, partners_pool, mu_f, sigma_f):
+        """Return (victim -> partner assignment or -1, merged k/v/log-mass of partners that received merges)."""
+        hkv, d = k.shape[1], k.shape[2]
+        assign = torch.full((victims.numel(),), -1, dtype=torch.long)
+        if self.merge == "none" or partners_pool.numel() == 0 or victims.numel() == 0:
+            return assign, None
+        mu_g, basis = self._subspace(mu_f, sigma_f, hkv)
+        coords = torch.einsum("nhd,hdr->nhr", k.double(), basis).flatten(1)
+        pc, vc = coords[partners_pool], coords[victims]
+        dist = torch.cdist(vc, pc)
+        nn_d, nn_i = dist.min(1)
+        spread = (pc - pc.mean(0)).norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
+        pv = v[partners_pool].double().flatten(1)
+        vspread = (pv - pv.mean(0)).norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
+        vdist = (v[victims].double().flatten(1) - pv[nn_i]).norm(dim=1)
+        ok = (nn_d <= self.merge_key_tol * spread) & (vdist <= self.merge_value_tol * vspread)
+        assign[ok] = partners_pool[nn_i[ok]]
+        if not ok.any():
+            return assign, None
+        # groups: each receiving partner with all victims assigned to it
+        members = torch.cat([assign[ok], assign[ok].unique()])
+        sources = torch.cat([victims[ok], assign[ok].unique()])
+        targets, gid = members.unique(return_inverse=True)
+        kk, vv, ll = k[sources].double(), v[sources].double(), lm[sources].double()
+        if self.merge == "log-mass":
+            w = torch.exp(ll - ll.max())
+            wsum = torch.zeros(targets.numel(), dtype=torch.float64).index_add_(0, gid, w)
+            nk = torch.zeros(targets.numel(), hkv, d, dtype=torch.float64).index_add_(0, gid, w[:, None, None] * kk)
+            nv = torch.zeros_like(nk).index_add_(0, gid, w[:, None, None] * vv)
+            nk, nv = nk / wsum[:, None, None], nv / wsum[:, None, None]
+            nl = torch.log(wsum) + ll.max()
+        else:  # affine: keep the group's proxy logit mass on the hyperplane mu_g . k = c, no bias needed
+            zl = torch.einsum("nhd,hd->nh", kk, mu_g) / math.sqrt(d) + ll[:, None]  # [n, Hkv]
+            zmax = torch.zeros(targets.numel(), hkv, dtype=torch.float64).index_reduce_(0, gid, zl, "amax", include_self=False)
+            ez = torch.exp(zl - zmax[gid])
+            esum = torch.zeros(targets.numel(), hkv, dtype=torch.float64).index_add_(0, gid, ez)
+            c = math.sqrt(d) * (torch.log(esum) + zmax)  # [T, Hkv]
+            w = torch.exp(ll - ll.max())
+            wsum = torch.zeros(targets.numel(), dtype=torch.float64).index_add_(0, gid, w)
+            kbar = torch.zeros(targets.numel(), hkv, d, dtype=torch.float64).index_add_(0, gid, w[:, None, None] * kk)
+            kbar = kbar / wsum[:, None, None]
+            step = (c - torch.einsum("thd,hd->th", kbar, mu_g)) / mu_g.pow(2).sum(-1).clamp_min(1e-12)
+            nk = kbar + step[..., None] * mu_g[None]
+            att = ez / esum[gid]  # softmax within the group, per kv head
+            nv = torch.zeros(targets.numel(), hkv, d, dtype=torch.float64).index_add_(0, gid, att[..., None] * vv)
+            nl = torch.zeros(targets.numel(), dtype=torch.float64)
+        return assign, (targets, nk.to(k.dtype), nv.to(v.dtype), nl.float())
+
+    # budgets ---------------------------------------------------------------------------------------------
+    def layer_budgets(self, budget_tokens: int, num_layers: int, page_size: int) -> list[int]:
+        if self.budget_split == "uniform" or len(self._layer_spread) < num_layers:
+            return [budget_tokens] * num_layers
+        total_pages = num_layers * (budget_tokens // page_size)
+        w = torch.tensor([self._layer_spread[i] for i in range(num_layers)], dtype=torch.float64)
+        pages = torch.floor(w / w.sum() * total_pages).long()
+        floor_pages = math.ceil(self._min_tokens / page_size) if hasattr(self, "_min_tokens") else 1
+        pages = pages.clamp_min(floor_pages)
+        if int(pages.sum()) > total_pages:
+            return [budget_tokens] * num_layers
+        return [int(p) * page_size for p in pages]
+
+    # compression -----------------------------------------------------------------------------------------
+    def compress(self, ctx: CompressContext) -> None:
+        cache, n = ctx.cache, ctx.num_tokens
+        n_remove = n - ctx.budget_tokens
+        if n_remove <= 0:
+            return
+        if not self.proxy.has(ctx.layer):
+            return super().compress(ctx)  # no statistics yet: recency (cannot happen after a write pass)
+        sid, layer = ctx.session_id, ctx.layer
+        positions = cache.positions.view(-1, 3)[cache.slots(sid, layer)]
+        protected = self.protected(positions, ctx)
+        self._min_tokens = int(protected.sum())
+        if int((~protected).sum()) < n_remove:
+            raise ConfigError(f"budget {ctx.budget_tokens} tokens is below the protected size {int(protected.sum())}")
+        mu_f, sigma_f = self._proxy(ctx)
+        cand, lse = self.candidates(ctx, protected, n_remove, mu_f, sigma_f)
+        slots = cache.slots(sid, layer)[cand]
+        hkv, d = cache.num_kv_heads, cache.head_dim
+        k = cache.key_cache.view(-1, hkv, d)[slots]
+        v = cache.value_cache.view(-1, hkv, d)[slots]
+        lm = cache.log_mass.view(-1)[slots]
+        logits = self.head_logits(k, v, lm, mu_f, sigma_f)
+        if lse is None:
+            lse = torch.logsumexp(logits, 1)
+        imp = self.aggregate(logits, lse)
+        self._layer_spread[layer] = float(torch.exp(-(imp / imp.sum() * torch.log(imp / imp.sum() + 1e-30)).sum()))
+        order = torch.argsort(imp)
+        victims_local, survivors_local = order[:n_remove], order[n_remove:]
+        assign, merged = self._merge(k, v, lm, victims_local, survivors_local, mu_f, sigma_f)
+        self.stats["candidates"] += int(cand.numel())
+        self.stats["tokens"] += n
+        self.stats["merged"] += int((assign >= 0).sum())
+        self.stats["evicted"] += int((assign < 0).sum())
+        if merged is not None:
+            targets, nk, nv, nl = merged
+            cache.update(sid, layer, cand[targets], nk, nv, nl)
+        drop = torch.zeros(n, dtype=torch.bool)
+        drop[cand[victims_local]] = True
+        keep = (~drop).nonzero().flatten()
+        cache.compact(sid, layer, keep)
+        self.on_compact(layer, keep)
