@@ -220,7 +220,7 @@ class FutureForcing(CachePolicy):
         cache = ctx.cache
         summ = cache.page_summaries(ctx.session_id, ctx.layer)
         ids = summ["pages"]
-        z = FutureQueryProxy.log_expected_exp(summ["centroid"], mu_f, sigma_f)  # [H, P]
+        z = FutureQueryProxy.log_expected_exp(summ["centroid"], mu_f, sigma_f)  # [H, P] at the centroid
         lse = torch.logsumexp(z + summ["log_mass"][None], 1)
         version = self.proxy.version.get(ctx.layer, 0)
         agg = self.aggregate(z, lse)
@@ -296,7 +296,8 @@ class FutureForcing(CachePolicy):
             nl = torch.log(wsum) + ll.max()
         else:  # affine: keep the group's proxy logit mass on the hyperplane mu_g . k = c, no bias needed
             zl = torch.einsum("nhd,hd->nh", kk, mu_g) / math.sqrt(d) + ll[:, None]  # [n, Hkv]
-            zmax = torch.zeros(targets.numel(), hkv, dtype=torch.float64).index_reduce_(0, gid, zl, "amax", include_self=False)
+            zmax = torch.full((targets.numel(), hkv), float("-inf"), dtype=torch.float64).scatter_reduce_(
+                0, gid[:, None].expand_as(zl), zl, "amax")
             ez = torch.exp(zl - zmax[gid])
             esum = torch.zeros(targets.numel(), hkv, dtype=torch.float64).index_add_(0, gid, ez)
             c = math.sqrt(d) * (torch.log(esum) + zmax)  # [T, Hkv]
@@ -325,6 +326,30 @@ class FutureForcing(CachePolicy):
         return [int(p) * page_size for p in pages]
 
     # compression -----------------------------------------------------------------------------------------
+    def victims(self, ctx: CompressContext, use_pages: bool) -> torch.Tensor:
+        """Token indices this policy would remove now (merge or evict), without touching the cache: with page
+        candidates, or by exact scoring of every unprotected token.  ``candidate_recall`` compares the two."""
+        n_remove = ctx.num_tokens - ctx.budget_tokens
+        positions = ctx.cache.positions.view(-1, 3)[ctx.cache.slots(ctx.session_id, ctx.layer)]
+        protected = self.protected(positions, ctx)
+        mu_f, sigma_f = self._proxy(ctx)
+        saved, self.page_candidates = self.page_candidates, use_pages
+        try:
+            cand, lse = self.candidates(ctx, protected, n_remove, mu_f, sigma_f)
+        finally:
+            self.page_candidates = saved
+        g = ctx.cache.gather(ctx.session_id, ctx.layer)
+        logits = self.head_logits(g["k"][cand], g["v"][cand], g["log_mass"][cand], mu_f, sigma_f)
+        imp = self.aggregate(logits, torch.logsumexp(logits, 1) if lse is None else lse)
+        return torch.sort(cand[torch.argsort(imp)[:n_remove]]).values
+
+    def candidate_recall(self, ctx: CompressContext) -> float:
+        """Share of the tokens exact full scoring would remove that page-candidate selection also removes."""
+        exact = set(self.victims(ctx, use_pages=False).tolist())
+        if not exact:
+            return 1.0
+        return len(exact & set(self.victims(ctx, use_pages=True).tolist())) / len(exact)
+
     def compress(self, ctx: CompressContext) -> None:
         cache, n = ctx.cache, ctx.num_tokens
         n_remove = n - ctx.budget_tokens
