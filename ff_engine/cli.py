@@ -72,6 +72,51 @@ def load_prompt(args, model):
     return t[0] if t.dim() == 3 else t
 
 
+_FF_FLAGS = {"ff_horizon": "horizon", "ff_form": "form", "ff_merge": "merge", "ff_decay": "decay",
+             "ff_aggregation": "aggregation", "sink_frames": "sink_frames"}
+
+
+def _coerce(name: str, typ, raw: str):
+    t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if "bool" in t:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if "int" in t and "None" in t and raw.lower() == "none":
+            return None
+        if t.startswith("int"):
+            return int(raw)
+        if t.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"policy parameter {name}: cannot read {raw!r} as {t}") from None
+    return raw
+
+
+def policy_args(args) -> dict:
+    """--ff-* flags and repeated --policy-arg key=value, typed from the policy's dataclass fields."""
+    from ff_engine.policies import POLICIES, policy_params
+
+    if args.policy not in POLICIES:
+        raise ConfigError(f"unknown policy {args.policy!r}; choose one of {sorted(POLICIES)}")
+    known = policy_params(args.policy)
+    raw = {}
+    for flag, param in _FF_FLAGS.items():
+        val = getattr(args, flag, None)
+        if val is not None:
+            raw[param] = str(val)
+    for item in args.policy_arg or []:
+        if "=" not in item:
+            raise ConfigError(f"--policy-arg expects key=value, got {item!r}")
+        key, val = item.split("=", 1)
+        raw[key.strip().replace("-", "_")] = val.strip()
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"policy {args.policy!r} has no parameter(s) {unknown}; it takes {sorted(known)}")
+    return {k: _coerce(k, known[k], v) for k, v in raw.items()}
+
+
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
@@ -80,8 +125,7 @@ def cmd_generate(args) -> int:
     from ff_engine.policies import make_policy
     from ff_engine.video import LatentPreviewDecoder, Mp4Writer, WanVAEDecoder
 
-    params = {"sink_frames": args.sink_frames} if args.sink_frames is not None else {}
-    policy = make_policy(args.policy, **params)
+    policy = make_policy(args.policy, **policy_args(args))
     model = build_model(args)
     g = model.geometry
     frames = args.frames or latent_frames_for(args.seconds, g.fps, g.vae_stride[0], g.frames_per_block)
@@ -151,6 +195,12 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", default="window")
     g.add_argument("--budget-frames", type=int, default=6, help="latent frames of past KV kept per layer")
     g.add_argument("--sink-frames", type=int, default=None)
+    g.add_argument("--ff-horizon", type=int, default=None, help="future-forcing: future frames of the query proxy")
+    g.add_argument("--ff-form", choices=["cheap", "exact"], default=None)
+    g.add_argument("--ff-merge", choices=["none", "log-mass", "affine"], default=None)
+    g.add_argument("--ff-decay", type=float, default=None)
+    g.add_argument("--ff-aggregation", choices=["mean", "max"], default=None)
+    g.add_argument("--policy-arg", action="append", metavar="KEY=VALUE", help="any policy parameter (repeatable)")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--seconds", type=_positive_float("--seconds"), default=5.0)
     length.add_argument("--frames", type=int, default=None, help="latent frames (instead of --seconds)")
@@ -163,7 +213,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out/video.mp4")
     g.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
-    b.add_argument("which", choices=["attention"])
+    b.add_argument("which", choices=["attention", "policy_overhead"])
     return ap
 
 

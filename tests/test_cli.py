@@ -45,3 +45,22 @@ def test_bad_cli_input_is_one_line_exit_2(args, needle):
     assert "Traceback" not in r.stderr
     lines = [l for l in r.stderr.strip().splitlines() if "Triton" not in l]
     assert len(lines) <= 2 and needle in lines[-1], r.stderr
+
+
+def test_future_forcing_from_the_cli(tmp_path):
+    out = tmp_path / "ff.mp4"
+    rc = main(["generate", "--model", "wan-tiny", "--random-weights", "--policy", "future-forcing", "--ff-horizon", "3",
+               "--ff-merge", "affine", "--policy-arg", "value_norm=false", "--budget-frames", "6", "--frames", "12",
+               "--page-size", "16", "--out", str(out), "--quiet"])
+    assert rc == 0 and out.is_file()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--policy", "future-forcing", "--ff-horizon", "-1"], "horizon"),
+    (["--policy", "future-forcing", "--policy-arg", "bogus=1"], "bogus"),
+    (["--policy", "future-forcing", "--policy-arg", "decay=abc"], "decay"),
+    (["--policy", "window", "--ff-horizon", "3"], "no parameter"),
+])
+def test_bad_policy_flags_are_one_line_errors(args, needle):
+    r = run_cli("generate", "--random-weights", *args, "--out", "/tmp/ff_should_not_exist.mp4", "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr.strip().splitlines()[-1], r.stderr

@@ -252,3 +252,13 @@ def test_page_candidate_recall_on_spatially_smooth_keys():
     recall = pol.candidate_recall(ctx)
     print(f"smooth-key recall at 2x: {recall:.3f}")
     assert recall >= 0.8
+
+
+def test_low_rank_covariance_matches_full_rank_at_full_rank_and_approximates_below():
+    p = fed_proxy()
+    mu_f, sigma_f = p.projected(0, 3, (2, 2), ROPE)
+    k = torch.randn(20, 2, D)
+    full = FutureQueryProxy.log_expected_exp(k, mu_f, sigma_f)
+    assert torch.allclose(FutureQueryProxy.log_expected_exp(k, mu_f, sigma_f, cov_rank=D - 1), full, atol=1e-3)
+    r16 = FutureQueryProxy.log_expected_exp(k, mu_f, sigma_f, cov_rank=16)
+    assert (r16 - full).abs().max() < (full - FutureQueryProxy.log_expected_exp(k, mu_f, sigma_f * 0)).abs().max()

@@ -15,8 +15,8 @@ trade pages between them while the session's total stays under its reservation.
 Invariants of every ``LayerPageTable`` (checked by ``check_invariants``):
   * tokens are dense: token ``i`` of a layer lives in slot ``i % page_size`` of page ``pages[i // page_size]``;
     every page is full except possibly the last, and ``len(pages) == ceil(num_tokens / page_size)``.
-  * token order is generation order (compaction preserves the relative order of survivors), which is what
-    vLLM's ``block_table`` / ``seq_lens`` format expects.
+  * token order inside a table is *not* time order: attention over the cache has no mask, so compaction may
+    permute survivors (it fills holes from the tail); a token's latent frame is in ``positions``.
 Every write into physical storage is reported to registered ``StorageListener``s (e.g. the packed mirror of
 vLLM's CPU attention op), so derived layouts never go stale.
 """
@@ -245,13 +245,14 @@ class PagedKVCache:
         self._write(self.slots(session_id, layer)[token_idx], k, v, None, log_mass)
         self._refresh_pages(t, sorted(set((token_idx // self.page_size).tolist())))
 
-    def compact(self, session_id: str, layer: int, keep: torch.Tensor) -> int:
-        """Keep only tokens ``keep`` (indices into the layer's token order), move them to the front, free
-        emptied pages back to vLLM's pool.  Returns the number of pages freed.
+    def compact(self, session_id: str, layer: int, keep: torch.Tensor) -> torch.Tensor:
+        """Keep only tokens ``keep`` (indices into the layer's current order), free emptied pages back to vLLM's
+        pool.  Returns ``order``: ``order[i]`` is the old index of the token now at index i.
 
-        Survivors keep their relative order.  Survivors that precede the first dropped token do not move,
-        so trimming the tail or evicting late tokens copies little; a rolling window copies the whole
-        window (one memcpy of the cache per block, small next to the attention that reads it).
+        Attention over the cache has no mask, so it is invariant to the order of cached tokens, and time lives
+        in each token's ``positions``.  Compaction therefore fills each hole left below ``len(keep)`` with a
+        survivor from above it: it copies O(tokens removed), not O(cache) — a rolling window moves one block
+        per step instead of the whole window.  Survivors already below ``len(keep)`` never move.
         """
         t = self.table(session_id, layer)
         keep = torch.as_tensor(keep, dtype=torch.int64, device=self.device).reshape(-1)
@@ -261,18 +262,21 @@ class PagedKVCache:
             if keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
                 raise ConfigError("keep indices must be strictly increasing")
         n_keep = keep.numel()
-        slots = self.slots(session_id, layer)
-        moved = (keep != torch.arange(n_keep, device=self.device)).nonzero()
-        if moved.numel():
-            first = int(moved[0])
-            src, dst = slots[keep[first:]], slots[first:n_keep]
+        kept = torch.zeros(t.num_tokens, dtype=torch.bool, device=self.device)
+        kept[keep] = True
+        holes = (~kept[:n_keep]).nonzero().flatten()  # free places below n_keep
+        movers = kept[n_keep:].nonzero().flatten() + n_keep  # survivors above it (same count as holes)
+        order = torch.arange(n_keep, device=self.device)
+        if holes.numel():
+            slots = self.slots(session_id, layer)
+            src, dst = slots[movers], slots[holes]
             kc = self.key_cache.view(-1, self.num_kv_heads, self.head_dim)
             vc = self.value_cache.view(-1, self.num_kv_heads, self.head_dim)
             pos, lm = self.positions.view(-1, 3), self.log_mass.view(-1)
-            # Advanced indexing on the right-hand side copies first, so overlapping src/dst is safe.
             kc[dst], vc[dst], pos[dst], lm[dst] = kc[src], vc[src], pos[src], lm[src]
             for listener in self.listeners:
                 listener.on_write(self, dst)
+            order[holes] = movers
         n_pages = self.pages_for(n_keep)
         freed = t.pages[n_pages:]
         del t.pages[n_pages:]
@@ -280,9 +284,9 @@ class PagedKVCache:
         if freed:
             self._clear_pages(freed)
             self.pool.free(session_id, freed)
-        first_changed = int(moved[0]) if moved.numel() else n_keep
-        self._refresh_pages(t, range(first_changed // self.page_size, len(t.pages)))
-        return len(freed)
+        changed = set((holes // self.page_size).tolist()) | {n_pages - 1}
+        self._refresh_pages(t, sorted(changed))
+        return order
 
     # ---- per-page summaries ---------------------------------------------------------------------
     def _clear_pages(self, pages) -> None:

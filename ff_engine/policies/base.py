@@ -38,22 +38,42 @@ class CompressContext:
         return self.cache.num_tokens(self.session_id, self.layer)
 
 
-@dataclass
 class LayerTokens:
-    """What a policy may read about one layer's cached tokens (contiguous copies, generation order)."""
+    """What a policy may read about one layer's cached tokens, in the table's current order.  Each field is
+    gathered on first use, so a policy that scores by position never copies keys or values."""
 
-    k: torch.Tensor  # [N, Hkv, D] post-RoPE
-    v: torch.Tensor
-    positions: torch.Tensor  # [N, 3] int32 (frame, h, w)
-    log_mass: torch.Tensor  # [N]
-    layer: int
-    newest_frame: int
-    tokens_per_frame: int
+    def __init__(self, ctx: CompressContext):
+        self._ctx, self._slots = ctx, ctx.cache.slots(ctx.session_id, ctx.layer)
+        self.layer, self.newest_frame, self.tokens_per_frame = ctx.layer, ctx.newest_frame, ctx.tokens_per_frame
 
     @classmethod
     def gather(cls, ctx: CompressContext) -> "LayerTokens":
-        g = ctx.cache.gather(ctx.session_id, ctx.layer)
-        return cls(g["k"], g["v"], g["positions"], g["log_mass"], ctx.layer, ctx.newest_frame, ctx.tokens_per_frame)
+        return cls(ctx)
+
+    def _read(self, storage, *tail):
+        return storage.view(-1, *tail)[self._slots] if tail else storage.view(-1)[self._slots]
+
+    @property
+    def k(self) -> torch.Tensor:  # [N, Hkv, D] post-RoPE
+        c = self._ctx.cache
+        return self._read(c.key_cache, c.num_kv_heads, c.head_dim)
+
+    @property
+    def v(self) -> torch.Tensor:
+        c = self._ctx.cache
+        return self._read(c.value_cache, c.num_kv_heads, c.head_dim)
+
+    @property
+    def positions(self) -> torch.Tensor:  # [N, 3] int32 (frame, h, w)
+        return self._read(self._ctx.cache.positions, 3)
+
+    @property
+    def log_mass(self) -> torch.Tensor:  # [N]
+        return self._read(self._ctx.cache.log_mass)
+
+    @property
+    def num_tokens(self) -> int:
+        return self._slots.numel()
 
 
 class CachePolicy:
@@ -94,8 +114,9 @@ class CachePolicy:
             mask |= f > ctx.newest_frame - ctx.frames_per_block
         return mask
 
-    def on_compact(self, layer: int, keep: torch.Tensor) -> None:
-        """Stateful policies re-align per-token state with the surviving tokens."""
+    def on_compact(self, layer: int, survivors: torch.Tensor) -> None:
+        """Stateful policies re-align per-token state: ``survivors[i]`` is the pre-compaction index of the token
+        now at index i."""
 
     def compress(self, ctx: CompressContext) -> None:
         if not self.bounded or ctx.num_tokens <= ctx.budget_tokens:
@@ -104,12 +125,11 @@ class CachePolicy:
         scores = self.score(tokens, ctx).float().clone()
         scores[self.protected(tokens.positions, ctx)] = float("inf")
         keep = top_tokens(scores, ctx.budget_tokens)
-        ctx.cache.compact(ctx.session_id, ctx.layer, keep)
-        self.on_compact(ctx.layer, keep)
+        self.on_compact(ctx.layer, ctx.cache.compact(ctx.session_id, ctx.layer, keep))
 
 
 def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, ties broken towards newer tokens, returned in increasing order."""
+    """Indices of the k highest scores, ties broken towards higher indices, returned in increasing order."""
     n = scores.numel()
     rev = torch.arange(n - 1, -1, -1)
     order = rev[torch.sort(scores[rev], descending=True, stable=True).indices]

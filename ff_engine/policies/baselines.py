@@ -46,7 +46,7 @@ class H2O(_QuerySample, CachePolicy):
     _acc: dict = field(default_factory=dict, repr=False)
 
     def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
-        n = tokens.k.shape[0]
+        n = tokens.num_tokens
         acc = self._acc.get(ctx.layer, torch.zeros(0))
         acc = torch.cat([acc, torch.zeros(n - acc.numel())])
         if ctx.layer in self._q:
@@ -54,8 +54,8 @@ class H2O(_QuerySample, CachePolicy):
         self._acc[ctx.layer] = acc
         return acc
 
-    def on_compact(self, layer, keep):
-        self._acc[layer] = self._acc[layer][keep]
+    def on_compact(self, layer, survivors):
+        self._acc[layer] = self._acc[layer][survivors]
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Random(CachePolicy):
 
     def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1000003 + ctx.newest_frame * 101 + ctx.layer)
-        return torch.rand(tokens.k.shape[0], generator=g)
+        return torch.rand(tokens.num_tokens, generator=g)
 
 
 @dataclass

@@ -125,15 +125,25 @@ class FutureQueryProxy:
         return mu_f, sigma_f
 
     @staticmethod
-    def log_expected_exp(k: torch.Tensor, mu_f: torch.Tensor, sigma_f: torch.Tensor) -> torch.Tensor:
-        """z [H, N] = log mean_p E_q[exp(q.k / sqrt d)] for keys k [N, Hkv, D] (GQA-aware)."""
+    def log_expected_exp(k: torch.Tensor, mu_f: torch.Tensor, sigma_f: torch.Tensor,
+                         cov_rank: int | None = None) -> torch.Tensor:
+        """z [H, N] = log mean_p E_q[exp(q.k / sqrt d)] for keys k [N, Hkv, D] (GQA-aware).
+
+        ``cov_rank`` r keeps the top r eigenpairs of Sigma_f for the quadratic term: O(N H D r) instead of
+        O(N H D^2) (None: exact)."""
         n, hkv, d = k.shape
         h = mu_f.shape[1]
         kk = k.double().repeat_interleave(h // hkv, dim=1)  # [N, H, D]
         zs = []
         for p in range(mu_f.shape[0]):  # one (mu, Sigma) at a time keeps memory at O(N H D)
             lin = torch.einsum("nhd,hd->hn", kk, mu_f[p]) / math.sqrt(d)
-            quad = torch.einsum("nhd,hde,nhe->hn", kk, sigma_f[p], kk) / (2 * d)
+            if cov_rank is None or cov_rank >= d:
+                quad = torch.einsum("nhd,hde,nhe->hn", kk, sigma_f[p], kk) / (2 * d)
+            else:
+                evals, evecs = torch.linalg.eigh(sigma_f[p])  # ascending
+                lam, u = evals[:, -cov_rank:].clamp_min(0), evecs[..., -cov_rank:]  # [H, r], [H, D, r]
+                proj = torch.einsum("nhd,hdr->hnr", kk, u)
+                quad = (proj.pow(2) * lam[:, None, :]).sum(-1) / (2 * d)
             zs.append(lin + quad)
         z = torch.stack(zs)
         return (torch.logsumexp(z, 0) - math.log(z.shape[0])).float()
@@ -150,6 +160,7 @@ class FutureForcing(CachePolicy):
     decay: float = 0.5
     window: int | None = None
     covariance: bool = True
+    cov_rank: int | None = 16
     value_norm: bool = True
     aggregation: str = "mean"
     sink_frames: int = 0
@@ -173,6 +184,8 @@ class FutureForcing(CachePolicy):
             raise ConfigError(f"budget_split must be 'uniform' or 'importance', got {self.budget_split!r}")
         if self.sink_frames < 0:
             raise ConfigError(f"sink_frames must be >= 0, got {self.sink_frames}")
+        if self.cov_rank is not None and self.cov_rank < 1:
+            raise ConfigError(f"cov_rank must be None (full) or >= 1, got {self.cov_rank}")
         if self.merge_rank < 0 or self.merge_key_tol < 0 or self.merge_value_tol < 0:
             raise ConfigError("merge_rank, merge_key_tol and merge_value_tol must be >= 0")
         if self.candidate_oversample < 1.0:
@@ -192,7 +205,7 @@ class FutureForcing(CachePolicy):
 
     def head_logits(self, k, v, log_mass, mu_f, sigma_f) -> torch.Tensor:
         """Per-head log importance (unnormalised) [H, N]: z + log m (+ log ||v||)."""
-        z = FutureQueryProxy.log_expected_exp(k, mu_f, sigma_f) + log_mass.float()[None]
+        z = FutureQueryProxy.log_expected_exp(k, mu_f, sigma_f, self.cov_rank) + log_mass.float()[None]
         if self.value_norm:
             h = z.shape[0]
             vn = v.float().norm(dim=-1).repeat_interleave(h // v.shape[1], dim=1).T  # [H, N]
@@ -220,7 +233,7 @@ class FutureForcing(CachePolicy):
         cache = ctx.cache
         summ = cache.page_summaries(ctx.session_id, ctx.layer)
         ids = summ["pages"]
-        z = FutureQueryProxy.log_expected_exp(summ["centroid"], mu_f, sigma_f)  # [H, P] at the centroid
+        z = FutureQueryProxy.log_expected_exp(summ["centroid"], mu_f, sigma_f, self.cov_rank)  # [H, P] at centroids
         lse = torch.logsumexp(z + summ["log_mass"][None], 1)
         version = self.proxy.version.get(ctx.layer, 0)
         agg = self.aggregate(z, lse)
@@ -388,5 +401,4 @@ class FutureForcing(CachePolicy):
         drop = torch.zeros(n, dtype=torch.bool)
         drop[cand[victims_local]] = True
         keep = (~drop).nonzero().flatten()
-        cache.compact(sid, layer, keep)
-        self.on_compact(layer, keep)
+        self.on_compact(layer, cache.compact(sid, layer, keep))
