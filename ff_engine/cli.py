@@ -169,6 +169,42 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import json
+
+    from ff_engine.plan import parse_bytes, plan
+    from model_adapters.causal_wan import PRESETS
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
+    cfg = PRESETS[args.preset]
+    weights = 0 if args.no_weights else sum(_param_count(cfg)) * args.dtype_bytes
+    r = plan(cfg.geometry(), gpu_mem_bytes=parse_bytes(args.gpu_mem), budget_frames=args.budget_frames,
+             seconds=args.seconds, page_size=args.page_size, dtype_bytes=args.dtype_bytes, weights_bytes=weights)
+    r["weights_bytes"] = weights
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    gib = 2**30
+    print(f"{args.preset}: {r['latent_frames']} latent frames ({args.seconds:g} s), {r['tokens_per_frame']} tokens/frame, "
+          f"page {r['page_size']}, {args.dtype_bytes}-byte KV")
+    print(f"  KV per stream: unbounded {r['unbounded_kv_bytes_per_stream'] / gib:.2f} GiB, "
+          f"bounded ({args.budget_frames} frames + 1 block) {r['bounded_kv_bytes_per_stream'] / gib:.2f} GiB "
+          f"({r['memory_ratio']:.1f}x less)")
+    print(f"  {args.gpu_mem}: {r['kv_bytes_available'] / gib:.1f} GiB for KV after {weights / gib:.1f} GiB weights "
+          f"and 10 % workspace -> streams per GPU: unbounded {r['unbounded_streams']}, bounded {r['bounded_streams']}")
+    return 0
+
+
+def _param_count(cfg):
+    """Parameter counts of the causal-Wan model, from its config (no allocation)."""
+    d, f, L = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    per_block = 8 * (d * d + d) + 4 * d + 2 * d + (d * f + f + f * d + d) + 6 * d
+    yield L * per_block
+    yield cfg.in_dim * d * 4 + d + cfg.text_dim * d + d + d * d + d + cfg.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d
+    yield d * 4 * cfg.out_dim + 4 * cfg.out_dim + 2 * d
+
+
 def cmd_bench(args, rest) -> int:
     script = REPO / "benchmarks" / f"{args.which}.py"
     if not script.is_file():
@@ -213,7 +249,16 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out/video.mp4")
     g.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
-    b.add_argument("which", choices=["attention", "policy_overhead"])
+    b.add_argument("which", choices=["attention", "policy_overhead", "throughput"])
+    pl = sub.add_parser("plan", help="KV bytes and streams per GPU, bounded vs unbounded")
+    pl.add_argument("--preset", default="wan-1.3b")
+    pl.add_argument("--gpu-mem", default="80GiB")
+    pl.add_argument("--budget-frames", type=int, default=21)
+    pl.add_argument("--seconds", type=_positive_float("--seconds"), default=60.0)
+    pl.add_argument("--page-size", type=int, default=32)
+    pl.add_argument("--dtype-bytes", type=int, default=2, choices=[1, 2, 4])
+    pl.add_argument("--no-weights", action="store_true", help="do not subtract the model weights")
+    pl.add_argument("--json", action="store_true")
     return ap
 
 
@@ -227,6 +272,8 @@ def main(argv=None) -> int:
             if args.frames is not None and args.frames <= 0:
                 raise ConfigError(f"--frames must be > 0, got {args.frames}")
             return cmd_generate(args)
+        if args.cmd == "plan":
+            return cmd_plan(args)
         return cmd_bench(args, rest)
     except (FFEngineError, FileNotFoundError) as exc:
         print(f"ff-engine: error: {exc}".splitlines()[0], file=sys.stderr)

@@ -132,21 +132,35 @@ class FutureQueryProxy:
         ``cov_rank`` r keeps the top r eigenpairs of Sigma_f for the quadratic term: O(N H D r) instead of
         O(N H D^2) (None: exact)."""
         n, hkv, d = k.shape
-        h = mu_f.shape[1]
-        kk = k.double().repeat_interleave(h // hkv, dim=1)  # [N, H, D]
+        h, rep = mu_f.shape[1], mu_f.shape[1] // hkv
+        # float32 over the keys (the O(N) part), float64 only for the small per-head statistics
+        kk = k.float().transpose(0, 1)  # [Hkv, N, D]; query head j reads kv head j // rep
         zs = []
         for p in range(mu_f.shape[0]):  # one (mu, Sigma) at a time keeps memory at O(N H D)
-            lin = torch.einsum("nhd,hd->hn", kk, mu_f[p]) / math.sqrt(d)
+            mu = mu_f[p].float().reshape(hkv, rep, d)
+            lin = torch.matmul(kk, mu.transpose(1, 2)).permute(0, 2, 1).reshape(h, n) / math.sqrt(d)
             if cov_rank is None or cov_rank >= d:
-                quad = torch.einsum("nhd,hde,nhe->hn", kk, sigma_f[p], kk) / (2 * d)
+                sig = sigma_f[p].float().reshape(hkv, rep, d, d)
+                quad = torch.einsum("gnd,grde,gne->grn", kk, sig, kk).reshape(h, n) / (2 * d)
             else:
                 evals, evecs = torch.linalg.eigh(sigma_f[p])  # ascending
-                lam, u = evals[:, -cov_rank:].clamp_min(0), evecs[..., -cov_rank:]  # [H, r], [H, D, r]
-                proj = torch.einsum("nhd,hdr->hnr", kk, u)
-                quad = (proj.pow(2) * lam[:, None, :]).sum(-1) / (2 * d)
+                lam = evals[:, -cov_rank:].clamp_min(0).float().reshape(hkv, rep, 1, cov_rank)
+                u = evecs[..., -cov_rank:].float().reshape(hkv, rep, d, cov_rank)
+                proj = torch.matmul(kk[:, None], u)  # [Hkv, rep, N, r]
+                quad = (proj.pow(2) * lam).sum(-1).reshape(h, n) / (2 * d)
             zs.append(lin + quad)
         z = torch.stack(zs)
         return (torch.logsumexp(z, 0) - math.log(z.shape[0])).float()
+
+
+def _nearest(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest row of b for every row of a (distance, index), in chunks of a to bound memory."""
+    ds, ix = [], []
+    for i in range(0, a.shape[0], chunk):
+        d, j = torch.cdist(a[i:i + chunk], b).min(1)
+        ds.append(d)
+        ix.append(j)
+    return torch.cat(ds), torch.cat(ix)
 
 
 # ---- the policy ---------------------------------------------------------------------------------------
@@ -283,14 +297,13 @@ class FutureForcing(CachePolicy):
         if self.merge == "none" or partners_pool.numel() == 0 or victims.numel() == 0:
             return assign, None
         mu_g, basis = self._subspace(mu_f, sigma_f, hkv)
-        coords = torch.einsum("nhd,hdr->nhr", k.double(), basis).flatten(1)
+        coords = torch.einsum("nhd,hdr->nhr", k.float(), basis.float()).flatten(1)
         pc, vc = coords[partners_pool], coords[victims]
-        dist = torch.cdist(vc, pc)
-        nn_d, nn_i = dist.min(1)
+        nn_d, nn_i = _nearest(vc, pc)
         spread = (pc - pc.mean(0)).norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
-        pv = v[partners_pool].double().flatten(1)
+        pv = v[partners_pool].float().flatten(1)
         vspread = (pv - pv.mean(0)).norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
-        vdist = (v[victims].double().flatten(1) - pv[nn_i]).norm(dim=1)
+        vdist = (v[victims].float().flatten(1) - pv[nn_i]).norm(dim=1)
         ok = (nn_d <= self.merge_key_tol * spread) & (vdist <= self.merge_value_tol * vspread)
         assign[ok] = partners_pool[nn_i[ok]]
         if not ok.any():

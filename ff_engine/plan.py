@@ -1,0 +1,44 @@
+"""KV-memory planning from model geometry alone: bytes per stream and streams per GPU, bounded vs unbounded."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from ff_engine.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--gpu-mem must look like 80GiB, 141GB or 8e9 bytes, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def plan(geometry, *, gpu_mem_bytes: int, budget_frames: int, seconds: float, page_size: int = 32,
+         dtype_bytes: int = 2, weights_bytes: int = 0, reserve_fraction: float = 0.1) -> dict:
+    """KV bytes of one stream (pages rounded up per layer) and how many streams fit in what the GPU has left
+    after weights and a ``reserve_fraction`` of activations/workspace."""
+    g = geometry
+    if seconds <= 0:
+        raise ConfigError(f"seconds must be > 0, got {seconds}")
+    if budget_frames < g.frames_per_block:
+        raise ConfigError(f"budget_frames must be >= {g.frames_per_block} (one block), got {budget_frames}")
+    frames = math.ceil(math.ceil(seconds * g.fps / g.vae_stride[0]) / g.frames_per_block) * g.frames_per_block
+    page_bytes = 2 * page_size * g.num_kv_heads * g.head_dim * dtype_bytes
+
+    def stream_bytes(tokens):
+        return g.num_layers * math.ceil(tokens / page_size) * page_bytes
+
+    unbounded = stream_bytes(frames * g.tokens_per_frame)
+    bounded = stream_bytes((budget_frames + g.frames_per_block) * g.tokens_per_frame)
+    avail = int(gpu_mem_bytes * (1 - reserve_fraction)) - weights_bytes
+    return {
+        "latent_frames": frames, "tokens_per_frame": g.tokens_per_frame, "page_size": page_size,
+        "unbounded_kv_bytes_per_stream": unbounded, "bounded_kv_bytes_per_stream": bounded,
+        "kv_bytes_available": max(0, avail),
+        "unbounded_streams": max(0, avail) // unbounded, "bounded_streams": max(0, avail) // bounded,
+        "memory_ratio": unbounded / bounded,
+    }
