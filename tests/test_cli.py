@@ -64,3 +64,9 @@ def test_future_forcing_from_the_cli(tmp_path):
 def test_bad_policy_flags_are_one_line_errors(args, needle):
     r = run_cli("generate", "--random-weights", *args, "--out", "/tmp/ff_should_not_exist.mp4", "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_plan_command(capsys):
+    assert main(["plan", "--preset", "wan-1.3b", "--gpu-mem", "80GiB", "--budget-frames", "21", "--seconds", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "streams per GPU" in out and "unbounded 1, bounded 10" in out
