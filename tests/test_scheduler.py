@@ -28,7 +28,8 @@ def test_batched_streams_equal_sequential_and_join_late(max_batch):
     got = {}
     for i, f, p, b in specs[:2]:
         sched.submit(cfg(i, f, p, b))
-    sched.step()  # two streams running ...
+    for r in sched.step():  # two streams running ...
+        got.setdefault(r.session_id, []).append(r.latents)
     for i, f, p, b in specs[2:]:
         sched.submit(cfg(i, f, p, b))  # ... two more join at a later block
     sched.run(lambda r: got.setdefault(r.session_id, []).append(r.latents))
