@@ -205,6 +205,23 @@ def _param_count(cfg):
     yield d * 4 * cfg.out_dim + 4 * cfg.out_dim + 2 * d
 
 
+def cmd_analyze(args) -> int:
+    from ff_engine.analysis import analyze_queries, write
+
+    model = build_model(args)
+    g = model.geometry
+    if args.frames is not None and args.frames <= 0:
+        raise ConfigError(f"--frames must be > 0, got {args.frames}")
+    frames = args.frames or latent_frames_for(args.seconds, g.fps, g.vae_stride[0], g.frames_per_block)
+    result = analyze_queries(model, load_prompt(args, model), frames, args.budget_frames, args.seed, args.page_size,
+                             args.backend)
+    path = write(result, args.out_dir, f"{args.model}: query drift over {result['blocks']} blocks")
+    sm = result["summary"]
+    print(f"wrote {path} (+ .png): mean relative drift of the query mean at the last block: "
+          f"pre-RoPE {sm['pre_rope_final_drift']:.3f}, post-RoPE {sm['post_rope_final_drift']:.3f}")
+    return 0
+
+
 def cmd_bench(args, rest) -> int:
     script = REPO / "benchmarks" / f"{args.which}.py"
     if not script.is_file():
@@ -250,6 +267,20 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
     b.add_argument("which", choices=["attention", "policy_overhead", "throughput"])
+    an = sub.add_parser("analyze", help="analyze queries: pre- vs post-RoPE query drift across blocks")
+    an.add_argument("what", choices=["queries"])
+    an.add_argument("--model", default="wan-cpu-small")
+    an.add_argument("--preset", default="wan-1.3b")
+    an.add_argument("--random-weights", action="store_true")
+    an.add_argument("--prompt-embeds", default=None)
+    length_a = an.add_mutually_exclusive_group()
+    length_a.add_argument("--seconds", type=_positive_float("--seconds"), default=10.0)
+    length_a.add_argument("--frames", type=int, default=None)
+    an.add_argument("--budget-frames", type=int, default=6)
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--page-size", type=int, default=16)
+    an.add_argument("--backend", default="auto")
+    an.add_argument("--out-dir", default="out/analysis")
     pl = sub.add_parser("plan", help="KV bytes and streams per GPU, bounded vs unbounded")
     pl.add_argument("--preset", default="wan-1.3b")
     pl.add_argument("--gpu-mem", default="80GiB")
@@ -274,6 +305,8 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.cmd == "plan":
             return cmd_plan(args)
+        if args.cmd == "analyze":
+            return cmd_analyze(args)
         return cmd_bench(args, rest)
     except (FFEngineError, FileNotFoundError) as exc:
         print(f"ff-engine: error: {exc}".splitlines()[0], file=sys.stderr)

@@ -1,0 +1,91 @@
+"""``ff-engine analyze queries``: how much do query statistics drift across blocks, before and after RoPE?
+
+Future Forcing rests on one observation: the canonical (pre-RoPE) query distribution of an AR video model is
+stable over time while the RoPE-modulated one drifts with position.  This runs any adapter model through the
+engine, records every block's cache-writing-pass queries per layer and head, and reports for each block b the
+relative drift of the per-head mean from the first block's, ``|mu_b - mu_0| / |mu_0|``, and the cosine between
+them, pre- and post-RoPE.  JSON + a plot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ff_engine.engine import Engine, SessionConfig
+from ff_engine.policies import Window
+
+
+@dataclass
+class QueryRecorder(Window):
+    """A rolling window that also keeps the per-block, per-head mean of pre- and post-RoPE queries (of every
+    cache-writing pass: all blocks but the last, which writes nothing)."""
+
+    name = "window"
+    pre: dict = field(default_factory=dict, repr=False)
+    post: dict = field(default_factory=dict, repr=False)
+
+    def observe(self, layer, q_pre_rope, q, positions):
+        self.pre.setdefault(layer, []).append(q_pre_rope.float().mean(0))  # [H, D]
+        self.post.setdefault(layer, []).append(q.float().mean(0))
+
+
+def drift(means: list[torch.Tensor]) -> dict[str, list[float]]:
+    """Per block: relative L2 drift and cosine of each head's mean to block 0's, averaged over heads."""
+    m = torch.stack(means)  # [B, H, D]
+    ref = m[0:1]
+    rel = ((m - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).mean(-1)
+    cos = torch.nn.functional.cosine_similarity(m, ref.expand_as(m), dim=-1).mean(-1)
+    return {"relative_drift": rel.tolist(), "cosine": cos.tolist()}
+
+
+def analyze_queries(model, prompt: torch.Tensor, num_frames: int, budget_frames: int = 6, seed: int = 0,
+                    page_size: int = 16, backend: str = "auto") -> dict:
+    g = model.geometry
+    engine = Engine(model, num_pages=g.num_layers * (-(-(budget_frames + g.frames_per_block) * g.tokens_per_frame // page_size)),
+                    page_size=page_size, backend=backend)
+    s = engine.add_session(SessionConfig(prompt=prompt, num_frames=num_frames, seed=seed, policy=QueryRecorder(),
+                                         budget_frames=budget_frames))
+    rec = s.policy
+    while s.id in engine.sessions:
+        engine.step([s.id])
+    layers = {}
+    for layer in sorted(rec.pre):
+        layers[layer] = {"pre_rope": drift(rec.pre[layer]), "post_rope": drift(rec.post[layer])}
+    summary = {
+        "pre_rope_final_drift": sum(v["pre_rope"]["relative_drift"][-1] for v in layers.values()) / len(layers),
+        "post_rope_final_drift": sum(v["post_rope"]["relative_drift"][-1] for v in layers.values()) / len(layers),
+    }
+    return {"blocks": len(next(iter(rec.pre.values()))), "layers": layers, "summary": summary}
+
+
+def plot_drift(result: dict, png: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for layer, v in result["layers"].items():
+        ax[0].plot(v["pre_rope"]["relative_drift"], color="tab:blue", alpha=0.6, label="pre-RoPE" if layer == 0 else None)
+        ax[0].plot(v["post_rope"]["relative_drift"], color="tab:red", alpha=0.6, label="post-RoPE" if layer == 0 else None)
+        ax[1].plot(v["pre_rope"]["cosine"], color="tab:blue", alpha=0.6, label="pre-RoPE" if layer == 0 else None)
+        ax[1].plot(v["post_rope"]["cosine"], color="tab:red", alpha=0.6, label="post-RoPE" if layer == 0 else None)
+    ax[0].set(xlabel="block", ylabel="|mu_b - mu_0| / |mu_0| (mean over heads)", title="query-mean drift per layer")
+    ax[1].set(xlabel="block", ylabel="cos(mu_b, mu_0)", title="query-mean direction per layer")
+    for x in ax:
+        x.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+
+
+def write(result: dict, out_dir: str | Path, title: str = "") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "query_drift.json").write_text(json.dumps(result, indent=1, default=str))
+    plot_drift(result, out / "query_drift.png", title)
+    return out / "query_drift.json"
