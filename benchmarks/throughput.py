@@ -90,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--sweep-frames", type=int, default=24)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-streams", type=int, default=16, help="cap on concurrent bounded streams in C")
+    ap.add_argument("--only", nargs="+", choices=list("ABCD"), default=list("ABCD"),
+                    help="run only these experiments; the others are kept from an existing --out file")
     ap.add_argument("--out", default=str(RESULTS / "throughput.json"))
     a = ap.parse_args(argv)
     if a.quick:
@@ -104,10 +106,16 @@ def main(argv=None):
                      "tokens_per_frame": g.tokens_per_frame, "frames_per_block": g.frames_per_block},
            "page_size": PAGE, "machine": {"cpu": platform.machine(), "threads": torch.get_num_threads()}}
     pol = policies(a.budget_frames)
+    path = Path(a.out)
+    if set(a.only) != set("ABCD") and path.is_file():
+        kept = json.loads(path.read_text())
+        out = {**kept, **{k: v for k, v in out.items() if k not in ("quick",)}}
+    wname = f"window-{a.budget_frames}"
 
     # A. latency vs length, one stream per policy
-    out["latency_vs_length"] = {}
-    for name, (p, b) in pol.items():
+    if "A" in a.only:
+        out["latency_vs_length"] = {}
+    for name, (p, b) in (pol.items() if "A" in a.only else []):
         c = cfg_for(model, a.frames, p, b, 0)
         r = run_streams(model, [c], reservation_pages(g, PAGE, c), 1)
         lat = r["step_latency_s"]
@@ -118,20 +126,31 @@ def main(argv=None):
         print(name, "latency ratio", round(out["latency_vs_length"][name]["ratio_block80_block8"], 3), flush=True)
 
     # B. batching vs one after another
-    wname = f"window-{a.budget_frames}"
-    p, b = pol[wname]
-    cfgs = [cfg_for(model, a.sweep_frames, p, b, i) for i in range(a.batch_streams)]
-    pages = sum(reservation_pages(g, PAGE, c) for c in cfgs)
-    batched = run_streams(model, cfgs, pages, a.batch_streams)
-    seq_wall = sum(run_streams(model, [c], reservation_pages(g, PAGE, c), 1)["wall_s"] for c in cfgs)
-    total = a.sweep_frames * a.batch_streams
-    out["batching"] = {"streams": a.batch_streams, "frames": a.sweep_frames, "policy": wname,
-                       "batched_fps": video_fps(model, total, batched["wall_s"]),
-                       "sequential_fps": video_fps(model, total, seq_wall)}
-    out["batching"]["speedup"] = out["batching"]["batched_fps"] / out["batching"]["sequential_fps"]
-    print("batching speedup", round(out["batching"]["speedup"], 3), flush=True)
+    if "B" in a.only:
+        p, b = pol[wname]
+        cfgs = [cfg_for(model, a.sweep_frames, p, b, i) for i in range(a.batch_streams)]
+        pages = sum(reservation_pages(g, PAGE, c) for c in cfgs)
+        batched = run_streams(model, cfgs, pages, a.batch_streams)
+        seq_wall = sum(run_streams(model, [c], reservation_pages(g, PAGE, c), 1)["wall_s"] for c in cfgs)
+        total = a.sweep_frames * a.batch_streams
+        out["batching"] = {"streams": a.batch_streams, "frames": a.sweep_frames, "policy": wname,
+                           "batched_fps": video_fps(model, total, batched["wall_s"]),
+                           "sequential_fps": video_fps(model, total, seq_wall)}
+        out["batching"]["speedup"] = out["batching"]["batched_fps"] / out["batching"]["sequential_fps"]
+        print("batching speedup", round(out["batching"]["speedup"], 3), flush=True)
+    if "C" in a.only:
+        equal_memory(a, model, pol, out, wname)
+    if "D" in a.only:
+        sweep(a, model, pol, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    plot(out, path.with_suffix(".png"))
+    print(f"wrote {path}")
 
-    # C. equal memory: pool for 2 unbounded full-length streams
+
+def equal_memory(a, model, pol, out, wname):
+    """C. equal memory: a pool sized for 2 unbounded full-length streams."""
+    g = model.geometry
     pu, _ = pol["unbounded"]
     ucfg = [cfg_for(model, a.frames, pu, None, i) for i in range(2)]
     pool_pages = sum(reservation_pages(g, PAGE, c) for c in ucfg)
@@ -148,7 +167,11 @@ def main(argv=None):
         out["equal_memory"][name]["vs_unbounded"] = out["equal_memory"][name]["fps"] / out["equal_memory"]["unbounded"]["fps"]
         print(name, "equal-memory throughput vs unbounded", round(out["equal_memory"][name]["vs_unbounded"], 3), flush=True)
 
-    # D. sweep streams x policy
+
+
+def sweep(a, model, pol, out):
+    """D. streams x policy."""
+    g = model.geometry
     out["sweep"] = []
     for name, (p, b) in pol.items():
         for n in a.streams:
@@ -162,12 +185,6 @@ def main(argv=None):
                    "utilisation_min": r["utilisation_min"]}
             out["sweep"].append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    plot(out, path.with_suffix(".png"))
-    print(f"wrote {path}")
 
 
 def plot(out, png):

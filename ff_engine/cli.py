@@ -14,6 +14,9 @@ import torch
 from ff_engine.errors import ConfigError, FFEngineError
 
 REPO = Path(__file__).resolve().parents[1]
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "world" / "assets" / "world_model.safetensors"
+# The embedded world model becomes the default once it visibly models its world (not yet: see README).
+DEFAULT_MODEL = "wan-cpu-small"
 
 
 def _positive_float(name):
@@ -50,11 +53,15 @@ def build_model(args):
     path = Path(args.model)
     if not path.exists():
         raise ConfigError(f"--model: {args.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
-    return load_causal_wan(path, preset=args.preset)
+    return load_causal_wan(path, preset="world-tiny" if path.resolve() == EMBEDDED_MODEL else args.preset)
 
 
 def load_prompt(args, model):
     cfg = model.cfg
+    if not cfg.conditional:
+        if args.prompt_embeds is not None:
+            raise ConfigError("--prompt-embeds: this model was trained without text conditioning")
+        return torch.zeros(1, cfg.text_dim)
     if args.prompt_embeds is None:
         g = torch.Generator().manual_seed(args.seed)
         return torch.randn(min(16, cfg.text_len), cfg.text_dim, generator=g)
@@ -123,7 +130,7 @@ def cmd_generate(args) -> int:
     from ff_engine.engine import Engine, SessionConfig
     from ff_engine.engine.engine import reservation_pages
     from ff_engine.policies import make_policy
-    from ff_engine.video import LatentPreviewDecoder, Mp4Writer, WanVAEDecoder
+    from ff_engine.video import LatentPreviewDecoder, Mp4Writer, WanVAEDecoder, WorldDecoder
 
     policy = make_policy(args.policy, **policy_args(args))
     model = build_model(args)
@@ -133,7 +140,12 @@ def cmd_generate(args) -> int:
     cfg = SessionConfig(prompt=prompt, num_frames=frames, seed=args.seed, policy=policy,
                         budget_frames=args.budget_frames if policy.bounded else None)
     policy.validate(cfg.budget_frames, g.frames_per_block)
-    decoder = WanVAEDecoder(args.vae) if args.vae else LatentPreviewDecoder(g.vae_stride[1], g.vae_stride[0])
+    if args.vae:
+        decoder = WanVAEDecoder(args.vae)
+    elif model.cfg.decoder == "world-codec":
+        decoder = WorldDecoder()
+    else:
+        decoder = LatentPreviewDecoder(g.vae_stride[1], g.vae_stride[0])
     # Size the pool for exactly this stream unless told otherwise: admission then proves the budget holds.
     num_pages = args.num_pages or reservation_pages(g, args.page_size, cfg)
     engine = Engine(model, num_pages=num_pages, page_size=args.page_size, backend=args.backend)
@@ -242,7 +254,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="ff-engine", description="Long AR video generation under a bounded paged KV cache")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate one video to an MP4")
-    g.add_argument("--model", default="wan-cpu-small", help="preset name (with --random-weights) or checkpoint path")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="checkpoint path or preset name (with --random-weights)")
     g.add_argument("--preset", default="wan-1.3b", help="geometry defaults for a checkpoint (num_heads, text_len, grid)")
     g.add_argument("--random-weights", action="store_true", help="random weights for a preset (smoke runs)")
     g.add_argument("--policy", default="window")
@@ -266,10 +279,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out/video.mp4")
     g.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
-    b.add_argument("which", choices=["attention", "policy_overhead", "throughput"])
+    b.add_argument("which", choices=["attention", "policy_overhead", "throughput", "quality"])
     an = sub.add_parser("analyze", help="analyze queries: pre- vs post-RoPE query drift across blocks")
     an.add_argument("what", choices=["queries"])
-    an.add_argument("--model", default="wan-cpu-small")
+    an.add_argument("--model", default=DEFAULT_MODEL)
     an.add_argument("--preset", default="wan-1.3b")
     an.add_argument("--random-weights", action="store_true")
     an.add_argument("--prompt-embeds", default=None)
@@ -281,6 +294,7 @@ def make_parser() -> argparse.ArgumentParser:
     an.add_argument("--page-size", type=int, default=16)
     an.add_argument("--backend", default="auto")
     an.add_argument("--out-dir", default="out/analysis")
+    sub.add_parser("train-world", help="train the in-repo world model (see ff_engine/world/train.py)")
     pl = sub.add_parser("plan", help="KV bytes and streams per GPU, bounded vs unbounded")
     pl.add_argument("--preset", default="wan-1.3b")
     pl.add_argument("--gpu-mem", default="80GiB")
@@ -294,6 +308,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-world"]:  # its own argparse (ff_engine.world.train) takes the rest
+        from ff_engine.world.train import main as train_main
+
+        return train_main(argv[1:])
     ap = make_parser()
     args, rest = ap.parse_known_args(argv)
     if rest and args.cmd != "bench":

@@ -65,6 +65,19 @@ class WanVAEDecoder:
         return (video * 255).round().to(torch.uint8).numpy()
 
 
+class WorldDecoder:
+    """The in-repo world model's own decoder: its latents are 2 x 2 space-to-depth pixels (lossless)."""
+
+    streaming = True
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        from ff_engine.world.procedural import decode
+
+        px = (decode(latents.float()) * 0.5 + 0.5).clamp(0, 1)
+        px = F.interpolate(px, scale_factor=4, mode="nearest")  # 32 x 48 is tiny to look at
+        return (px.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
 class Mp4Writer:
     def __init__(self, path: str | Path, fps: int = 16):
         import av

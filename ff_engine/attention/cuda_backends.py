@@ -9,11 +9,23 @@ by the torch reference; ``fallbacks`` counts those batches.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from ff_engine.attention.interface import AttentionBackend, AttentionBatch
 from ff_engine.attention.torch_ref import TorchReferenceBackend
 from kernels.attention_ref import combine_lse
+
+
+def _cuda_module(name: str):
+    """The imported module when CUDA and the package are both there, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None
 
 
 def _lse_to_rows(lse: torch.Tensor, n: int) -> torch.Tensor:
@@ -23,13 +35,18 @@ def _lse_to_rows(lse: torch.Tensor, n: int) -> torch.Tensor:
 
 class _FlashBase(AttentionBackend):
     supports_bias = False
+    module = ""  # where flash_attn_varlen_func lives
+
+    @classmethod
+    def available(cls) -> bool:
+        return _cuda_module(cls.module) is not None
 
     def __init__(self):
         self.fallbacks = 0
         self._bias_backend = XformersBackend() if XformersBackend.available() else TorchReferenceBackend()
 
     def _varlen(self):  # pragma: no cover - CUDA only
-        raise NotImplementedError
+        return _cuda_module(self.module).flash_attn_varlen_func
 
     def forward(self, batch: AttentionBatch) -> torch.Tensor:  # pragma: no cover - CUDA only
         view = batch.cache
@@ -63,20 +80,7 @@ class VllmFlashAttnBackend(_FlashBase):
 
     name = "vllm-flash-attn"
     page_multiple = 16
-
-    @classmethod
-    def available(cls) -> bool:
-        if not torch.cuda.is_available():
-            return False
-        try:
-            from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
-            return True
-        except Exception:
-            return False
-
-    def _varlen(self):  # pragma: no cover - CUDA only
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-        return flash_attn_varlen_func
+    module = "vllm.vllm_flash_attn"
 
 
 class FlashAttnBackend(_FlashBase):
@@ -84,20 +88,7 @@ class FlashAttnBackend(_FlashBase):
 
     name = "flash-attn"
     page_multiple = 256
-
-    @classmethod
-    def available(cls) -> bool:
-        if not torch.cuda.is_available():
-            return False
-        try:
-            import flash_attn  # noqa: F401
-            return True
-        except Exception:
-            return False
-
-    def _varlen(self):  # pragma: no cover - CUDA only
-        from flash_attn import flash_attn_varlen_func
-        return flash_attn_varlen_func
+    module = "flash_attn"
 
 
 class XformersBackend(AttentionBackend):
@@ -109,13 +100,7 @@ class XformersBackend(AttentionBackend):
 
     @classmethod
     def available(cls) -> bool:
-        if not torch.cuda.is_available():
-            return False
-        try:
-            import xformers.ops  # noqa: F401
-            return True
-        except Exception:
-            return False
+        return _cuda_module("xformers.ops") is not None
 
     def forward(self, batch: AttentionBatch) -> torch.Tensor:  # pragma: no cover - CUDA only
         import xformers.ops as xops

@@ -109,7 +109,8 @@ class Engine:
             )
         if cfg.session_id is not None and cfg.session_id in self.sessions:
             raise ConfigError(f"session_id {cfg.session_id!r} is already active")
-        prompt_state = self.model.encode_prompt(cfg.prompt)
+        with torch.no_grad():
+            prompt_state = self.model.encode_prompt(cfg.prompt)
         session = Session(cfg, g, prompt_state, g.frames_per_block)
         pages = self.pages_needed(cfg)
         if pages > self.cache.num_pages:
@@ -130,7 +131,8 @@ class Engine:
     def forward_block(self, sessions: list[Session], x: torch.Tensor, t: torch.Tensor, write: bool) -> torch.Tensor:
         """One model call for the current block of ``sessions``: x [S, F, C, H, W], t [S, F] -> flow."""
         attn = PagedSelfAttention(self, sessions, write)
-        return self.model.forward(x.to(self.dtype), t, [s.prompt_state for s in sessions],
+        with torch.no_grad():
+            return self.model.forward(x.to(self.dtype), t, [s.prompt_state for s in sessions],
                                   [s.start_frame for s in sessions], attn)
 
     def compress(self, session: Session) -> None:
@@ -144,6 +146,23 @@ class Engine:
             session.policy.compress(CompressContext(
                 self.cache, session.id, layer, budgets[layer], newest, g.frames_per_block, g.tokens_per_frame,
                 g.token_grid, getattr(self.model, "rope", None)))
+
+    def prefill(self, session_id: str, latents: torch.Tensor) -> None:
+        """Video extension: write given latents [P, C, H, W] (P a multiple of the block) into the session's cache
+        block by block with clean passes, as if it had generated them; generation continues after them."""
+        s = self.sessions[session_id]
+        fpb = s.frames_per_block
+        if latents.dim() != 4 or latents.shape[0] % fpb or tuple(latents.shape[1:]) != s.block_shape[1:]:
+            raise ConfigError(f"prefix latents must be [k * {fpb}, {', '.join(map(str, s.block_shape[1:]))}], "
+                              f"got {tuple(latents.shape)}")
+        if s.block + latents.shape[0] // fpb >= s.num_blocks:
+            raise ConfigError("the prefix must leave at least one block to generate (num_frames)")
+        for b in range(latents.shape[0] // fpb):
+            x = latents[b * fpb:(b + 1) * fpb][None].to(self.dtype)
+            self.forward_block([s], x, torch.full((1, fpb), self.context_noise), write=True)
+            self.compress(s)
+            s.latents.append(x[0].float())
+            s.block += 1
 
     def step(self, session_ids: list[str] | None = None) -> list[BlockResult]:
         """Generate the next block of every given (default: every active) session in one batched loop."""

@@ -38,6 +38,10 @@ class CausalWanConfig:
     latent_hw: tuple[int, int] = (60, 104)  # 480 x 832 pixels / VAE stride 8
     frames_per_block: int = 3
     rope_frames: int = 1024
+    vae_stride: tuple[int, int, int] = (4, 8, 8)  # latent -> pixels (time, h, w); the decoder's business
+    fps: int = 16
+    decoder: str = "wan-vae"  # how latents become pixels: "wan-vae" (Wan2.1's VAE) or "world-codec" (ff_engine.world)
+    conditional: bool = True  # False: trained without text; the engine feeds a zero prompt
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
@@ -62,6 +66,7 @@ class CausalWanConfig:
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_heads,
             head_dim=self.head_dim, latent_channels=self.in_dim, latent_hw=tuple(self.latent_hw),
             patch=tuple(self.patch_size), frames_per_block=self.frames_per_block, max_frames=self.rope_frames,
+            vae_stride=tuple(self.vae_stride), fps=self.fps,
         )
 
     def with_(self, **kw) -> "CausalWanConfig":
@@ -76,6 +81,11 @@ PRESETS: dict[str, CausalWanConfig] = {
     # The geometry of the Self-Forcing golden traces: 2 heads x 128 (real RoPE split), 24 tokens per frame.
     "wan-tiny": CausalWanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_len=16, text_dim=256,
                                 latent_hw=(8, 12)),
+    # The in-repo world model (ff_engine/world): 2 x 64 heads, 4 layers, 96 tokens per frame, latents are the
+    # world's 2 x 2 space-to-depth pixels (12 channels), one latent frame per video frame.
+    "world-tiny": CausalWanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=4, in_dim=12, out_dim=12,
+                                  freq_dim=64, text_dim=16, text_len=1, latent_hw=(16, 24), vae_stride=(1, 2, 2), fps=8,
+                                  decoder="world-codec", conditional=False),
 }
 
 
@@ -89,12 +99,18 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=1)
 
 
-def rope_apply(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x [N, H, D] by angles [N, D/2]; float64 math as the reference, x's dtype out."""
+def rope_apply(x: torch.Tensor, angles) -> torch.Tensor:
+    """Rotate adjacent pairs of x [N, H, D] by angles [N, D/2] (or a precomputed ``(cos, sin)`` pair of
+    [N, 1, D/2] float64 tensors); float64 math as the reference, x's dtype out."""
+    cos, sin = angles if isinstance(angles, tuple) else rope_cos_sin(angles, x.device)
     xd = x.to(torch.float64).reshape(*x.shape[:-1], -1, 2)
-    cos, sin = torch.cos(angles)[:, None].to(x.device), torch.sin(angles)[:, None].to(x.device)
     re, im = xd[..., 0], xd[..., 1]
     return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+def rope_cos_sin(angles: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles once per forward (every layer and both q and k reuse them)."""
+    return torch.cos(angles)[:, None].to(device), torch.sin(angles)[:, None].to(device)
 
 
 class Rope3D:
@@ -234,8 +250,7 @@ class CausalWanModel(nn.Module):
         self.head = CausalHead(cfg)
         self.rope = Rope3D(cfg.head_dim, cfg.rope_frames)
 
-    # ---- adapter contract ------------------------------------------------------------------------
-    @torch.no_grad()
+    # ---- adapter contract (differentiable: the engine calls it under no_grad, training does not) ----
     def encode_prompt(self, text_embeds: torch.Tensor) -> PromptState:
         """text_embeds [L, text_dim] (umT5 features, L <= text_len) -> per-layer cross-attention K/V."""
         cfg = self.cfg
@@ -266,7 +281,6 @@ class CausalWanModel(nn.Module):
         )
         return torch.stack([f, h, w], dim=-1).reshape(-1, 3).to(torch.int32)
 
-    @torch.no_grad()
     def forward(self, latents, timesteps, prompts, start_frames, attention: SelfAttentionFn):
         cfg = self.cfg
         s, frames, c, hh, ww = latents.shape
@@ -282,7 +296,7 @@ class CausalWanModel(nn.Module):
         x = self.patch_embedding(latents.permute(0, 2, 1, 3, 4).to(w.dtype))  # [S, dim, F, h, w]
         x = x.flatten(2).transpose(1, 2)  # [S, L, dim]
         positions = torch.cat([self.token_positions(sf, frames) for sf in start_frames])
-        angles = self.rope.phases(positions)
+        angles = rope_cos_sin(self.rope.phases(positions), w.device)
 
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, timesteps.flatten()).to(w.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (s, frames))

@@ -1,0 +1,237 @@
+"""Long-horizon quality of every cache policy on the in-repo world model, against the unbounded cache.
+
+For each held-out world seed (never used in training): the first ``--prefix`` ground-truth frames are written
+into the cache (video extension), then ``--frames`` frames are generated with a fixed seed and noise, once
+with the unbounded cache and once per (policy, budget).  Budgets are 12.5 / 25 / 50 % of the unbounded cache
+at the end of the rollout.  Metrics (``ff_engine.world.metrics``): identity consistency and returning-subject
+recall (pixel read-out), subject consistency (random-projection features, not DINO), rollout error against the
+unbounded rollout, and per-layer attention-output error against the unbounded cache (teacher-forced: both
+caches are fed the unbounded rollout's latents; the error of the cache-writing pass's attention outputs).
+The in-distribution length (the training clip, 12 frames) is scored on the first frames of the same rollout.
+
+    python benchmarks/quality.py            # 5 seeds, all policies and ablations, 3 budgets
+    python benchmarks/quality.py --quick    # CI smoke (< 3 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ff_engine.engine import Engine, SessionConfig
+from ff_engine.engine.engine import reservation_pages
+from ff_engine.policies import make_policy
+from ff_engine.world import metrics as M
+from ff_engine.world.procedural import EVAL_SEED_BASE, decode, encode, make_clip
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "ff_engine" / "world" / "assets" / "world_model.safetensors"
+TRAIN_CLIP = 12
+
+
+def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
+    return {
+        "window": ("window", {}),
+        "sink-window": ("sink-window", {"sink_frames": 3}),
+        "deep-sink": ("deep-sink", {"sink_frames": max(3, (budget // 2) // 3 * 3)}),
+        "h2o": ("h2o", {"num_queries": 64}),
+        "snapkv": ("snapkv", {"num_queries": 64}),
+        "expected-attention": ("expected-attention", {}),
+        "future-forcing": ("future-forcing", {}),
+        "ff-no-merge": ("future-forcing", {"merge": "none"}),
+        "ff-affine-merge": ("future-forcing", {"merge": "affine"}),
+        "ff-no-covariance": ("future-forcing", {"covariance": False}),
+        "ff-no-value-norm": ("future-forcing", {"value_norm": False}),
+        "ff-horizon-1": ("future-forcing", {"horizon": 1}),
+        "ff-exact-scoring": ("future-forcing", {"page_candidates": False}),
+        "random": ("random", {}),
+        "key-norm": ("key-norm", {}),
+    }
+
+
+DEFAULT_POLICIES = ["window", "sink-window", "deep-sink", "h2o", "snapkv", "expected-attention", "future-forcing",
+                    "ff-no-merge", "ff-affine-merge", "ff-no-covariance", "ff-no-value-norm", "ff-horizon-1"]
+
+
+class AttentionTap:
+    """Wraps an engine's backend and keeps each call's output per layer (for the attention-output error)."""
+
+    def __init__(self, engine):
+        self.inner, self.outputs, self.layer = engine.backend, [], 0
+        engine.backend = self
+
+    def validate(self, *a):
+        return self.inner.validate(*a)
+
+    def forward(self, batch):
+        out = self.inner.forward(batch)
+        self.outputs.append(out.detach().clone())
+        return out
+
+
+def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, tap=None, teacher=None):
+    g = model.geometry
+    total = prefix + frames
+    cfg = SessionConfig(prompt=torch.zeros(1, model.cfg.text_dim), num_frames=total, seed=seed, policy=policy,
+                        budget_frames=budget)
+    e = Engine(model, num_pages=reservation_pages(g, page_size, cfg), page_size=page_size, backend="torch")
+    s = e.add_session(cfg)
+    e.prefill(s.id, clip_lat[:prefix])
+    outs = AttentionTap(e) if tap else None
+    if teacher is not None:  # teacher-forced: clean passes on the reference latents, record attention outputs
+        while s.block < s.num_blocks - 1:
+            x = teacher[s.start_frame:s.start_frame + g.frames_per_block][None]
+            e.forward_block([s], x, torch.zeros(1, g.frames_per_block), write=True)
+            e.compress(s)
+            s.block += 1
+        e.cancel(s.id)
+        return outs.outputs
+    while s.id in e.sessions:
+        e.step([s.id])
+    return torch.cat(s.latents)
+
+
+def layer_errors(outputs, ref_outputs, num_layers):
+    errs = [[] for _ in range(num_layers)]
+    for i, (a, b) in enumerate(zip(outputs, ref_outputs)):
+        errs[i % num_layers].append(float((a - b).norm() / b.norm().clamp_min(1e-12)))
+    return [statistics.mean(e) for e in errs]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--prefix", type=int, default=12)
+    ap.add_argument("--frames", type=int, default=48, help="generated frames (4x the training clip)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5])
+    ap.add_argument("--policies", nargs="*", default=DEFAULT_POLICIES)
+    ap.add_argument("--attention-fraction", type=float, default=0.25,
+                    help="budget fraction at which the (teacher-forced) per-layer attention error is measured")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    a = ap.parse_args(argv)
+    from model_adapters.causal_wan import load_causal_wan
+
+    model = load_causal_wan(a.model, preset="world-tiny")
+    g = model.geometry
+    if a.quick:
+        a.seeds, a.frames, a.fractions = 2, 24, [0.25]
+        a.policies = ["window", "sink-window", "expected-attention", "future-forcing"]
+    total = a.prefix + a.frames
+    budgets = sorted({max(2 * g.frames_per_block, int(round(f * total / g.frames_per_block)) * g.frames_per_block)
+                      for f in a.fractions})
+    att_budget = min(budgets, key=lambda b: abs(b / total - a.attention_fraction))
+    rows, t0 = [], time.perf_counter()
+    for si in range(a.seeds):
+        seed = EVAL_SEED_BASE + si
+        clip = make_clip(seed, total)
+        lat = encode(clip.frames)
+        ref = rollout(model, lat, a.prefix, a.frames, make_policy("unbounded"), None, seed, a.page_size)
+        ref_px = decode(ref)
+        ref_att = rollout(model, lat, a.prefix, a.frames, make_policy("unbounded"), None, seed, a.page_size,
+                          tap=True, teacher=ref)
+        base = {"seed": seed, "prefix": a.prefix, "frames": a.frames}
+
+        def score(name, budget, latents, att):
+            px = decode(latents)
+            cont = px[a.prefix:]
+            row = dict(base, policy=name, budget_frames=budget,
+                       budget_fraction=None if budget is None else budget / total,
+                       identity_consistency=M.identity_consistency(cont, clip.identity),
+                       identity_consistency_in_dist=M.identity_consistency(cont[:TRAIN_CLIP], clip.identity),
+                       returning_recall=M.returning_recall(px[: a.prefix], cont, clip.identity),
+                       subject_consistency=M.subject_consistency(cont),
+                       rollout_error=M.rollout_error(latents[a.prefix:], ref[a.prefix:]),
+                       rollout_error_in_dist=M.rollout_error(latents[a.prefix:a.prefix + TRAIN_CLIP],
+                                                             ref[a.prefix:a.prefix + TRAIN_CLIP]),
+                       attention_error_per_layer=att)
+            rows.append(row)
+
+        score("unbounded", None, ref, [0.0] * g.num_layers)
+        for budget in budgets:
+            for name, (pname, params) in policy_specs(budget).items():
+                if name not in a.policies:
+                    continue
+                pol = make_policy(pname, **params)
+                lats = rollout(model, lat, a.prefix, a.frames, pol, budget, seed, a.page_size)
+                att = None
+                if budget == att_budget:
+                    att = layer_errors(rollout(model, lat, a.prefix, a.frames, make_policy(pname, **params), budget,
+                                               seed, a.page_size, tap=True, teacher=ref), ref_att, g.num_layers)
+                score(name, budget, lats, att)
+        print(f"seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
+        del ref_px
+    summary = summarise(rows)
+    out = {"benchmark": "quality", "model": a.model, "quick": a.quick, "seeds": a.seeds, "prefix": a.prefix,
+           "frames": a.frames, "budgets": budgets, "rows": rows, "summary": summary}
+    path = Path(a.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    plot(summary, budgets, total, path.with_suffix(".png"))
+    print_table(summary)
+    print(f"wrote {path}")
+
+
+METRICS = ["identity_consistency", "identity_consistency_in_dist", "returning_recall", "subject_consistency",
+           "rollout_error", "rollout_error_in_dist"]
+
+
+def summarise(rows):
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["policy"], r["budget_frames"]), []).append(r)
+    out = []
+    for (p, b), rs in groups.items():
+        item = {"policy": p, "budget_frames": b, "n": len(rs)}
+        for m in METRICS:
+            vals = [r[m] for r in rs if not (isinstance(r[m], float) and math.isnan(r[m]))]
+            item[m] = statistics.mean(vals) if vals else float("nan")
+            item[m + "_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+        att = [r["attention_error_per_layer"] for r in rs if r["attention_error_per_layer"] is not None]
+        item["attention_error_mean"] = statistics.mean(sum(a) / len(a) for a in att) if att else float("nan")
+        item["attention_error_per_layer"] = [statistics.mean(x) for x in zip(*att)] if att else None
+        out.append(item)
+    return out
+
+
+def print_table(summary):
+    print(f"{'policy':22s} {'budget':>6s} {'id-cons':>8s} {'return':>7s} {'subj':>7s} {'rollout':>9s} {'attn-err':>9s}")
+    for s in sorted(summary, key=lambda s: (s["budget_frames"] or 1e9, s["policy"])):
+        print(f"{s['policy']:22s} {str(s['budget_frames']):>6s} {s['identity_consistency']:8.3f} "
+              f"{s['returning_recall']:7.3f} {s['subject_consistency']:7.3f} {s['rollout_error']:9.4f} "
+              f"{s['attention_error_mean']:9.4f}")
+
+
+def plot(summary, budgets, total, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("identity_consistency", "identity consistency (pixel read-out)"), ("rollout_error", "rollout MSE vs unbounded"),
+            ("subject_consistency", "subject consistency (random-proj. features)"), ("attention_error_mean", "attention-output rel. error")]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    unb = next(s for s in summary if s["policy"] == "unbounded")
+    for ax, (k, title) in zip(axes, keys):
+        for name in sorted({s["policy"] for s in summary if s["policy"] != "unbounded"}):
+            pts = sorted((s["budget_frames"] / total, s[k], s.get(k + "_std", 0.0)) for s in summary if s["policy"] == name)
+            style = "-" if name.startswith(("future", "ff-")) else "--"
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ls=style,
+                        capsize=2, label=name)
+        ax.axhline(unb[k], color="k", lw=1, label="unbounded")
+        ax.set(xlabel="budget (fraction of the unbounded cache)", title=title)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Quality metrics for the world model, each a small named function.
+
+* ``identity_consistency``: pixel read-out (no learned classifier). A pixel belongs to a subject when its colour
+  is within ``tol`` of a palette colour (subjects are saturated, the background is muted); a palette colour
+  with at least ``min_pixels`` such pixels in a frame is a detected subject.  The score is the share of
+  detected subjects whose colour is one of the clip's true subject colours: a model that forgets who was in
+  the scene invents other subjects.  (Colours identify subjects within a clip: the two subjects never share
+  one.)
+* ``returning_recall``: of the clip's true subject colours seen in the prefix, the share that the
+  continuation shows again — a model that evicted them cannot bring them back.
+* ``subject_consistency``: VBench-style mean of cos(f_t, f_0) and cos(f_t, f_{t-1}); the features are a fixed
+  random projection of 4x-average-pooled pixels — *not* DINO, so only comparisons between policies mean much.
+* ``rollout_error``: mean squared latent difference to the unbounded-cache rollout with the same seed/noise.
+* per-layer attention-output error: measured by ``benchmarks/quality.py`` (teacher-forced, see there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ff_engine.world.procedural import PALETTE, SHAPES
+
+
+def detected_colours(frames: torch.Tensor, tol: float = 0.35, min_pixels: int = 6) -> torch.Tensor:
+    """frames [T, 3, H, W] in [-1, 1] -> bool [T, len(PALETTE)]: which subject colours each frame shows."""
+    d = (frames[:, None] - PALETTE[None, :, :, None, None]).abs().amax(2)  # [T, P, H, W] (max-channel distance)
+    return ((d < tol).flatten(2).sum(-1)) >= min_pixels
+
+
+def true_colours(identity: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(len(PALETTE), dtype=torch.bool)
+    mask[identity // len(SHAPES)] = True
+    return mask
+
+
+def identity_consistency(frames: torch.Tensor, identity: torch.Tensor) -> float:
+    det = detected_colours(frames)
+    n = int(det.sum())
+    if n == 0:
+        return float("nan")
+    return float(det[:, true_colours(identity)].sum()) / n
+
+
+def returning_recall(prefix: torch.Tensor, continuation: torch.Tensor, identity: torch.Tensor) -> float:
+    seen = detected_colours(prefix).any(0) & true_colours(identity)
+    if not seen.any():
+        return float("nan")
+    back = detected_colours(continuation).any(0)
+    return float((back & seen).sum()) / float(seen.sum())
+
+
+_PROJ = torch.randn(3 * 8 * 12, 64, generator=torch.Generator().manual_seed(1234)) / (3 * 8 * 12) ** 0.5
+
+
+def frame_features(frames: torch.Tensor) -> torch.Tensor:
+    pooled = torch.nn.functional.avg_pool2d(frames.float(), 4).flatten(1)  # [T, 3*8*12]
+    f = (pooled - pooled.mean(1, keepdim=True)) @ _PROJ
+    return torch.nn.functional.normalize(f, dim=1)
+
+
+def subject_consistency(frames: torch.Tensor) -> float:
+    f = frame_features(frames)
+    if f.shape[0] < 2:
+        return 1.0
+    to_first = (f[1:] @ f[0]).mean()
+    to_prev = (f[1:] * f[:-1]).sum(1).mean()
+    return float((to_first + to_prev) / 2)
+
+
+def rollout_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((latents.float() - reference.float()).pow(2).mean())
