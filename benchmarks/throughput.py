@@ -10,7 +10,7 @@ does not depend on them).  Attention backend: the CPU default (vLLM's CPU op).  
      Target: >= 2x aggregate throughput.
   C. equal memory: a pool sized for 2 unbounded full-length streams; as many bounded streams as fit in the same
      pool run concurrently to the same length.  Target: bounded aggregate throughput >= 3x unbounded.
-  D. sweep: streams (1, 2, 4, 8, 16) x policy at ``--sweep-frames``: aggregate and per-stream frames/s, p50/p99
+  D. sweep: streams (default 1, 2, 4, 8, 16) x policy at ``--sweep-frames``: aggregate and per-stream frames/s, p50/p99
      block latency, peak KV bytes, page utilisation.  Target: utilisation >= 95 %.
 
     python benchmarks/throughput.py            # ~10 min on 2 cores
@@ -88,7 +88,7 @@ def main(argv=None):
     ap.add_argument("--budget-frames", type=int, default=21)
     ap.add_argument("--batch-streams", type=int, default=8)
     ap.add_argument("--sweep-frames", type=int, default=24)
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--max-streams", type=int, default=16, help="cap on concurrent bounded streams in C")
     ap.add_argument("--only", nargs="+", choices=list("ABCD"), default=list("ABCD"),
                     help="run only these experiments; the others are kept from an existing --out file")
