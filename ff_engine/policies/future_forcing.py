@@ -205,7 +205,8 @@ class FutureForcing(CachePolicy):
         if self.candidate_oversample < 1.0:
             raise ConfigError(f"candidate_oversample must be >= 1, got {self.candidate_oversample}")
         self.proxy = self._make_proxy()
-        self._layer_spread: dict[int, float] = {}
+        self._layer_spread: dict[int, float] = {}  # effective number of important tokens per layer (last block)
+        self._min_tokens = 0  # protected tokens per layer at the last compression (a floor for budget splits)
 
     def _make_proxy(self) -> FutureQueryProxy:
         return FutureQueryProxy(self.horizon, self.decay, self.window, self.form, self.samples, self.covariance)
@@ -257,12 +258,14 @@ class FutureForcing(CachePolicy):
         cache.page_importance_version[ids[stale]] = version
         return cache.page_importance[ids, 0], lse
 
-    def candidates(self, ctx: CompressContext, protected: torch.Tensor, n_remove: int, mu_f, sigma_f):
+    def candidates(self, ctx: CompressContext, protected: torch.Tensor, n_remove: int, mu_f, sigma_f,
+                   use_pages: bool | None = None):
         """Token indices to score exactly: all unprotected tokens of the lowest-ranked pages, enough to hold
-        ``candidate_oversample * n_remove`` of them.  Returns (indices, per-head log normaliser)."""
+        ``candidate_oversample * n_remove`` of them (every unprotected token when page candidates are off).
+        Returns (indices, per-head log normaliser or None)."""
         ps = ctx.cache.page_size
         n = protected.numel()
-        if not self.page_candidates:
+        if not (self.page_candidates if use_pages is None else use_pages):
             return (~protected).nonzero().flatten(), None
         est, lse = self.page_estimates(ctx, mu_f, sigma_f)
         free_per_page = torch.zeros(est.numel(), dtype=torch.long)
@@ -345,8 +348,7 @@ class FutureForcing(CachePolicy):
         total_pages = num_layers * (budget_tokens // page_size)
         w = torch.tensor([self._layer_spread[i] for i in range(num_layers)], dtype=torch.float64)
         pages = torch.floor(w / w.sum() * total_pages).long()
-        floor_pages = math.ceil(self._min_tokens / page_size) if hasattr(self, "_min_tokens") else 1
-        pages = pages.clamp_min(floor_pages)
+        pages = pages.clamp_min(max(1, math.ceil(self._min_tokens / page_size)))
         if int(pages.sum()) > total_pages:
             return [budget_tokens] * num_layers
         return [int(p) * page_size for p in pages]
@@ -359,11 +361,7 @@ class FutureForcing(CachePolicy):
         positions = ctx.cache.positions.view(-1, 3)[ctx.cache.slots(ctx.session_id, ctx.layer)]
         protected = self.protected(positions, ctx)
         mu_f, sigma_f = self._proxy(ctx)
-        saved, self.page_candidates = self.page_candidates, use_pages
-        try:
-            cand, lse = self.candidates(ctx, protected, n_remove, mu_f, sigma_f)
-        finally:
-            self.page_candidates = saved
+        cand, lse = self.candidates(ctx, protected, n_remove, mu_f, sigma_f, use_pages)
         g = ctx.cache.gather(ctx.session_id, ctx.layer)
         logits = self.head_logits(g["k"][cand], g["v"][cand], g["log_mass"][cand], mu_f, sigma_f)
         imp = self.aggregate(logits, torch.logsumexp(logits, 1) if lse is None else lse)
