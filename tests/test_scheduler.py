@@ -79,3 +79,17 @@ def test_plan_matches_the_design_numbers():
     assert r["bounded_streams"] >= 8 * max(1, r["unbounded_streams"])
     with pytest.raises(ConfigError, match="gpu-mem"):
         parse_bytes("lots")
+
+
+def test_a_bad_request_is_rejected_without_stopping_the_others():
+    m = tiny_model()
+    e = Engine(m, num_pages=200, page_size=16, backend="torch")
+    sched = Scheduler(e, max_batch=4)
+    sched.submit(cfg(0))
+    bad = cfg(1)
+    bad.prompt = torch.full((3, 256), float("nan"))
+    sched.submit(bad)
+    sched.submit(cfg(2))
+    sched.run()
+    assert sched.stats.finished == 2 and len(sched.rejected) == 1 and "NaN" in sched.rejected[0][1]
+    assert e.cache.pool.num_free == 200

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ff_engine.engine.engine import BlockResult, Engine, reservation_pages
 from ff_engine.engine.session import SessionConfig
-from ff_engine.errors import BudgetError, ConfigError
+from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Scheduler:
         self.waiting: deque[SessionConfig] = deque()
         self._rr = 0
         self.stats = SchedulerStats()
+        self.rejected: list[tuple[SessionConfig, str]] = []  # requests that failed admission, with the reason
 
     def submit(self, cfg: SessionConfig) -> None:
         """Queue a stream; raises at once if it could never be admitted."""
@@ -54,7 +55,10 @@ class Scheduler:
             if not pool.can_reserve(reservation_pages(self.engine.geometry, self.engine.cache.page_size, cfg)):
                 break
             self.waiting.popleft()
-            admitted.append(self.engine.add_session(cfg).id)
+            try:
+                admitted.append(self.engine.add_session(cfg).id)
+            except FFEngineError as exc:  # a bad request must not stop the other streams
+                self.rejected.append((cfg, str(exc)))
         self.stats.admitted += len(admitted)
         return admitted
 
