@@ -31,10 +31,11 @@ def _positive_float(name):
     return parse
 
 
-def latent_frames_for(seconds: float, fps: int, vae_t: int, frames_per_block: int) -> int:
-    """seconds * fps / VAE temporal stride latent frames, rounded up to whole blocks (5 s -> 21, 60 s -> 240)."""
-    latent = max(1, math.ceil(round(seconds * fps) / vae_t))
-    return math.ceil(latent / frames_per_block) * frames_per_block
+def requested_frames(args, geometry) -> int:
+    """--frames as given, or --seconds in the model's latent frames."""
+    if args.frames is not None and args.frames <= 0:
+        raise ConfigError(f"--frames must be > 0, got {args.frames}")
+    return args.frames or geometry.latent_frames(args.seconds)
 
 
 def build_model(args):
@@ -103,10 +104,8 @@ def _coerce(name: str, typ, raw: str):
 
 def policy_args(args) -> dict:
     """--ff-* flags and repeated --policy-arg key=value, typed from the policy's dataclass fields."""
-    from ff_engine.policies import POLICIES, policy_params
+    from ff_engine.policies import policy_params
 
-    if args.policy not in POLICIES:
-        raise ConfigError(f"unknown policy {args.policy!r}; choose one of {sorted(POLICIES)}")
     known = policy_params(args.policy)
     raw = {}
     for flag, param in _FF_FLAGS.items():
@@ -118,10 +117,8 @@ def policy_args(args) -> dict:
             raise ConfigError(f"--policy-arg expects key=value, got {item!r}")
         key, val = item.split("=", 1)
         raw[key.strip().replace("-", "_")] = val.strip()
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ConfigError(f"policy {args.policy!r} has no parameter(s) {unknown}; it takes {sorted(known)}")
-    return {k: _coerce(k, known[k], v) for k, v in raw.items()}
+    # unknown names pass through untyped: make_policy rejects them (and unknown policies) with one message
+    return {k: _coerce(k, known[k], v) if k in known else v for k, v in raw.items()}
 
 
 def cmd_generate(args) -> int:
@@ -135,7 +132,7 @@ def cmd_generate(args) -> int:
     policy = make_policy(args.policy, **policy_args(args))
     model = build_model(args)
     g = model.geometry
-    frames = args.frames or latent_frames_for(args.seconds, g.fps, g.vae_stride[0], g.frames_per_block)
+    frames = requested_frames(args, g)
     prompt = load_prompt(args, model)
     cfg = SessionConfig(prompt=prompt, num_frames=frames, seed=args.seed, policy=policy,
                         budget_frames=args.budget_frames if policy.bounded else None)
@@ -221,11 +218,7 @@ def cmd_analyze(args) -> int:
     from ff_engine.analysis import analyze_queries, write
 
     model = build_model(args)
-    g = model.geometry
-    if args.frames is not None and args.frames <= 0:
-        raise ConfigError(f"--frames must be > 0, got {args.frames}")
-    frames = args.frames or latent_frames_for(args.seconds, g.fps, g.vae_stride[0], g.frames_per_block)
-    result = analyze_queries(model, load_prompt(args, model), frames, args.budget_frames, args.seed, args.page_size,
+    result = analyze_queries(model, load_prompt(args, model), requested_frames(args, model.geometry), args.budget_frames, args.seed, args.page_size,
                              args.backend)
     path = write(result, args.out_dir, f"{args.model}: query drift over {result['blocks']} blocks")
     sm = result["summary"]
@@ -250,16 +243,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ff-engine: error: {message}\n")
 
 
+def _model_args(seconds: float, page_size: int) -> argparse.ArgumentParser:
+    """What generate and analyze share: model, prompt, length, engine (a fresh parser per command, so their
+    defaults stay separate)."""
+    model_args = _Parser(add_help=False)
+    model_args.add_argument("--model", default=DEFAULT_MODEL,
+                            help="checkpoint path or preset name (with --random-weights)")
+    model_args.add_argument("--preset", default="wan-1.3b",
+                            help="geometry defaults for a checkpoint (num_heads, text_len, grid)")
+    model_args.add_argument("--random-weights", action="store_true", help="random weights for a preset (smoke runs)")
+    model_args.add_argument("--prompt-embeds", default=None, help="[L, text_dim] tensor file (.pt / .safetensors)")
+    length = model_args.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=_positive_float("--seconds"), default=seconds)
+    length.add_argument("--frames", type=int, default=None, help="latent frames (instead of --seconds)")
+    model_args.add_argument("--budget-frames", type=int, default=6, help="latent frames of past KV kept per layer")
+    model_args.add_argument("--seed", type=int, default=0)
+    model_args.add_argument("--page-size", type=int, default=page_size)
+    model_args.add_argument("--backend", default="auto")
+    return model_args
+
+
 def make_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="ff-engine", description="Long AR video generation under a bounded paged KV cache")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    g = sub.add_parser("generate", help="generate one video to an MP4")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="checkpoint path or preset name (with --random-weights)")
-    g.add_argument("--preset", default="wan-1.3b", help="geometry defaults for a checkpoint (num_heads, text_len, grid)")
-    g.add_argument("--random-weights", action="store_true", help="random weights for a preset (smoke runs)")
+    g = sub.add_parser("generate", help="generate one video to an MP4", parents=[_model_args(5.0, 32)])
     g.add_argument("--policy", default="window")
-    g.add_argument("--budget-frames", type=int, default=6, help="latent frames of past KV kept per layer")
     g.add_argument("--sink-frames", type=int, default=None)
     g.add_argument("--ff-horizon", type=int, default=None, help="future-forcing: future frames of the query proxy")
     g.add_argument("--ff-form", choices=["cheap", "exact"], default=None)
@@ -267,32 +275,15 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--ff-decay", type=float, default=None)
     g.add_argument("--ff-aggregation", choices=["mean", "max"], default=None)
     g.add_argument("--policy-arg", action="append", metavar="KEY=VALUE", help="any policy parameter (repeatable)")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--seconds", type=_positive_float("--seconds"), default=5.0)
-    length.add_argument("--frames", type=int, default=None, help="latent frames (instead of --seconds)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--prompt-embeds", default=None, help="[L, text_dim] tensor file (.pt / .safetensors)")
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder (else a latent preview)")
-    g.add_argument("--page-size", type=int, default=32)
     g.add_argument("--num-pages", type=int, default=None, help="pool size (default: exactly this stream's reservation)")
-    g.add_argument("--backend", default="auto")
     g.add_argument("--out", default="out/video.mp4")
     g.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
     b.add_argument("which", choices=["attention", "policy_overhead", "throughput", "quality"])
-    an = sub.add_parser("analyze", help="analyze queries: pre- vs post-RoPE query drift across blocks")
+    an = sub.add_parser("analyze", help="analyze queries: pre- vs post-RoPE query drift across blocks",
+                        parents=[_model_args(10.0, 16)])
     an.add_argument("what", choices=["queries"])
-    an.add_argument("--model", default=DEFAULT_MODEL)
-    an.add_argument("--preset", default="wan-1.3b")
-    an.add_argument("--random-weights", action="store_true")
-    an.add_argument("--prompt-embeds", default=None)
-    length_a = an.add_mutually_exclusive_group()
-    length_a.add_argument("--seconds", type=_positive_float("--seconds"), default=10.0)
-    length_a.add_argument("--frames", type=int, default=None)
-    an.add_argument("--budget-frames", type=int, default=6)
-    an.add_argument("--seed", type=int, default=0)
-    an.add_argument("--page-size", type=int, default=16)
-    an.add_argument("--backend", default="auto")
     an.add_argument("--out-dir", default="out/analysis")
     sub.add_parser("train-world", help="train the in-repo world model (see ff_engine/world/train.py)")
     pl = sub.add_parser("plan", help="KV bytes and streams per GPU, bounded vs unbounded")
@@ -319,8 +310,6 @@ def main(argv=None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.cmd == "generate":
-            if args.frames is not None and args.frames <= 0:
-                raise ConfigError(f"--frames must be > 0, got {args.frames}")
             return cmd_generate(args)
         if args.cmd == "plan":
             return cmd_plan(args)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import re
 
+from ff_engine.engine.engine import stream_pages
 from ff_engine.errors import ConfigError
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -26,14 +26,10 @@ def plan(geometry, *, gpu_mem_bytes: int, budget_frames: int, seconds: float, pa
         raise ConfigError(f"seconds must be > 0, got {seconds}")
     if budget_frames < g.frames_per_block:
         raise ConfigError(f"budget_frames must be >= {g.frames_per_block} (one block), got {budget_frames}")
-    frames = math.ceil(math.ceil(seconds * g.fps / g.vae_stride[0]) / g.frames_per_block) * g.frames_per_block
+    frames = g.latent_frames(seconds)
     page_bytes = 2 * page_size * g.num_kv_heads * g.head_dim * dtype_bytes
-
-    def stream_bytes(tokens):
-        return g.num_layers * math.ceil(tokens / page_size) * page_bytes
-
-    unbounded = stream_bytes(frames * g.tokens_per_frame)
-    bounded = stream_bytes((budget_frames + g.frames_per_block) * g.tokens_per_frame)
+    unbounded = stream_pages(g, page_size, frames, None) * page_bytes
+    bounded = stream_pages(g, page_size, frames, budget_frames) * page_bytes
     avail = int(gpu_mem_bytes * (1 - reserve_fraction)) - weights_bytes
     return {
         "latent_frames": frames, "tokens_per_frame": g.tokens_per_frame, "page_size": page_size,

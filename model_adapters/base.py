@@ -7,6 +7,7 @@ Dependencies point one way: ``model_adapters`` -> ``ff_engine.attention`` interf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,6 +46,11 @@ class VideoGeometry:
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """K and V of one token over all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def latent_frames(self, seconds: float) -> int:
+        """seconds * fps / VAE temporal stride latent frames, rounded up to whole blocks (Wan: 5 s -> 21, 60 s -> 240)."""
+        latent = max(1, math.ceil(round(seconds * self.fps) / self.vae_stride[0]))
+        return math.ceil(latent / self.frames_per_block) * self.frames_per_block
 
     def video_frames(self, latent_frames: int) -> int:
         """Wan's causal VAE: the first latent frame decodes to 1 frame, every later one to 4."""

@@ -4,7 +4,7 @@ import sys
 import av
 import pytest
 
-from ff_engine.cli import latent_frames_for, main
+from ff_engine.cli import main
 
 
 def run_cli(*args):
@@ -24,8 +24,11 @@ def test_generate_writes_a_real_mp4(tmp_path, capsys):
 
 
 def test_seconds_to_latent_frames():
-    assert latent_frames_for(5.0, 16, 4, 3) == 21  # 81 video frames = 21 latent, Self-Forcing's default
-    assert latent_frames_for(60.0, 16, 4, 3) == 240
+    from model_adapters.causal_wan import PRESETS
+
+    g = PRESETS["wan-1.3b"].geometry()
+    assert g.latent_frames(5.0) == 21  # 81 video frames = 21 latent, Self-Forcing's default
+    assert g.latent_frames(60.0) == 240
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -70,3 +73,10 @@ def test_plan_command(capsys):
     assert main(["plan", "--preset", "wan-1.3b", "--gpu-mem", "80GiB", "--budget-frames", "21", "--seconds", "60"]) == 0
     out = capsys.readouterr().out
     assert "streams per GPU" in out and "unbounded 1, bounded 10" in out
+
+
+def test_generate_and_analyze_keep_their_own_defaults():
+    from ff_engine.cli import make_parser
+
+    gen, ana = make_parser().parse_args(["generate"]), make_parser().parse_args(["analyze", "queries"])
+    assert (gen.seconds, gen.page_size) == (5.0, 32) and (ana.seconds, ana.page_size) == (10.0, 16)

@@ -34,15 +34,20 @@ class BlockResult:
     error: str | None = None
 
 
-def reservation_pages(geometry, page_size: int, cfg: SessionConfig) -> int:
-    """Pages a session reserves: its peak (budget + one block, per layer), or its whole length when unbounded."""
+def stream_pages(geometry, page_size: int, num_frames: int, budget_frames: int | None) -> int:
+    """Pages a stream reserves: its peak (budget + one block, per layer) when bounded, or its whole length
+    (rounded up to whole blocks) when ``budget_frames`` is None."""
     g = geometry
-    frames = math.ceil(cfg.num_frames / g.frames_per_block) * g.frames_per_block
-    if cfg.policy.bounded:
-        tokens = (cfg.budget_frames + g.frames_per_block) * g.tokens_per_frame
+    if budget_frames is not None:
+        frames = budget_frames + g.frames_per_block
     else:
-        tokens = frames * g.tokens_per_frame
-    return g.num_layers * math.ceil(tokens / page_size)
+        frames = math.ceil(num_frames / g.frames_per_block) * g.frames_per_block
+    return g.num_layers * math.ceil(frames * g.tokens_per_frame / page_size)
+
+
+def reservation_pages(geometry, page_size: int, cfg: SessionConfig) -> int:
+    """``stream_pages`` of a session request (its policy decides whether the budget binds)."""
+    return stream_pages(geometry, page_size, cfg.num_frames, cfg.budget_frames if cfg.policy.bounded else None)
 
 
 class PagedSelfAttention:
@@ -186,8 +191,9 @@ class Engine:
                 self.cancel(s.id)
                 results.append(BlockResult(s.id, s.block, None, True, "non-finite latents (NaN/inf); session cancelled"))
                 continue
-            s.latents.append(x0[i].float())
-            results.append(BlockResult(s.id, s.block, x0[i].float(), s.block + 1 >= s.num_blocks))
+            block = x0[i].float()
+            s.latents.append(block)
+            results.append(BlockResult(s.id, s.block, block, s.block + 1 >= s.num_blocks))
             if s.block + 1 < s.num_blocks:
                 keep.append(i)
             else:

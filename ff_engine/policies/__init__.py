@@ -18,8 +18,8 @@ POLICIES: dict[str, type[CachePolicy]] = {
 
 def policy_params(name: str) -> dict[str, type]:
     """Constructor parameters of a policy and their types (for the CLI)."""
-    cls = POLICIES[name]
-    if not dataclasses.is_dataclass(cls):
+    cls = POLICIES.get(name)
+    if cls is None or not dataclasses.is_dataclass(cls):
         return {}
     return {f.name: f.type for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 

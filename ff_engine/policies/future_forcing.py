@@ -354,18 +354,27 @@ class FutureForcing(CachePolicy):
         return [int(p) * page_size for p in pages]
 
     # compression -----------------------------------------------------------------------------------------
+    def _rank(self, ctx: CompressContext, use_pages: bool | None = None):
+        """Score the candidates of one layer: (candidate indices, their k, v, log-mass, aggregated importance,
+        protected mask, mu_f, sigma_f).  Shared by ``compress`` and ``victims`` so both rank identically."""
+        cache = ctx.cache
+        slots = cache.slots(ctx.session_id, ctx.layer)
+        protected = self.protected(cache.positions.view(-1, 3)[slots], ctx)
+        mu_f, sigma_f = self._proxy(ctx)
+        cand, lse = self.candidates(ctx, protected, ctx.num_tokens - ctx.budget_tokens, mu_f, sigma_f, use_pages)
+        s = slots[cand]
+        hkv, d = cache.num_kv_heads, cache.head_dim
+        k, v = cache.key_cache.view(-1, hkv, d)[s], cache.value_cache.view(-1, hkv, d)[s]
+        lm = cache.log_mass.view(-1)[s]
+        logits = self.head_logits(k, v, lm, mu_f, sigma_f)
+        imp = self.aggregate(logits, torch.logsumexp(logits, 1) if lse is None else lse)
+        return cand, k, v, lm, imp, protected, mu_f, sigma_f
+
     def victims(self, ctx: CompressContext, use_pages: bool) -> torch.Tensor:
         """Token indices this policy would remove now (merge or evict), without touching the cache: with page
         candidates, or by exact scoring of every unprotected token.  ``candidate_recall`` compares the two."""
-        n_remove = ctx.num_tokens - ctx.budget_tokens
-        positions = ctx.cache.positions.view(-1, 3)[ctx.cache.slots(ctx.session_id, ctx.layer)]
-        protected = self.protected(positions, ctx)
-        mu_f, sigma_f = self._proxy(ctx)
-        cand, lse = self.candidates(ctx, protected, n_remove, mu_f, sigma_f, use_pages)
-        g = ctx.cache.gather(ctx.session_id, ctx.layer)
-        logits = self.head_logits(g["k"][cand], g["v"][cand], g["log_mass"][cand], mu_f, sigma_f)
-        imp = self.aggregate(logits, torch.logsumexp(logits, 1) if lse is None else lse)
-        return torch.sort(cand[torch.argsort(imp)[:n_remove]]).values
+        cand, _, _, _, imp, *_ = self._rank(ctx, use_pages)
+        return torch.sort(cand[torch.argsort(imp)[: ctx.num_tokens - ctx.budget_tokens]]).values
 
     def candidate_recall(self, ctx: CompressContext) -> float:
         """Share of the tokens exact full scoring would remove that page-candidate selection also removes."""
@@ -382,22 +391,10 @@ class FutureForcing(CachePolicy):
         if not self.proxy.has(ctx.layer):
             return super().compress(ctx)  # no statistics yet: recency (cannot happen after a write pass)
         sid, layer = ctx.session_id, ctx.layer
-        positions = cache.positions.view(-1, 3)[cache.slots(sid, layer)]
-        protected = self.protected(positions, ctx)
+        cand, k, v, lm, imp, protected, mu_f, sigma_f = self._rank(ctx)
         self._min_tokens = int(protected.sum())
-        if int((~protected).sum()) < n_remove:
-            raise ConfigError(f"budget {ctx.budget_tokens} tokens is below the protected size {int(protected.sum())}")
-        mu_f, sigma_f = self._proxy(ctx)
-        cand, lse = self.candidates(ctx, protected, n_remove, mu_f, sigma_f)
-        slots = cache.slots(sid, layer)[cand]
-        hkv, d = cache.num_kv_heads, cache.head_dim
-        k = cache.key_cache.view(-1, hkv, d)[slots]
-        v = cache.value_cache.view(-1, hkv, d)[slots]
-        lm = cache.log_mass.view(-1)[slots]
-        logits = self.head_logits(k, v, lm, mu_f, sigma_f)
-        if lse is None:
-            lse = torch.logsumexp(logits, 1)
-        imp = self.aggregate(logits, lse)
+        if n - self._min_tokens < n_remove:
+            raise ConfigError(f"budget {ctx.budget_tokens} tokens is below the protected size {self._min_tokens}")
         self._layer_spread[layer] = float(torch.exp(-(imp / imp.sum() * torch.log(imp / imp.sum() + 1e-30)).sum()))
         order = torch.argsort(imp)
         victims_local, survivors_local = order[:n_remove], order[n_remove:]
