@@ -7,7 +7,7 @@ at the end of the rollout.  Metrics (``ff_engine.world.metrics``): identity cons
 recall (pixel read-out), subject consistency (random-projection features, not DINO), rollout error against the
 unbounded rollout, and per-layer attention-output error against the unbounded cache (teacher-forced: both
 caches are fed the unbounded rollout's latents; the error of the cache-writing pass's attention outputs).
-The in-distribution length (the training clip, 12 frames) is scored on the first frames of the same rollout.
+The in-distribution length (the training clip, 24 frames) is scored on the first frames of the same rollout.
 
     python benchmarks/quality.py            # 5 seeds, all policies and ablations, 3 budgets
     python benchmarks/quality.py --quick    # CI smoke (< 3 min)
@@ -32,7 +32,7 @@ from ff_engine.world.procedural import EVAL_SEED_BASE, decode, encode, make_clip
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "ff_engine" / "world" / "assets" / "world_model.safetensors"
-TRAIN_CLIP = 12
+TRAIN_CLIP = 24  # frames per training clip (ff_engine/world/train.py)
 
 
 def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
@@ -104,19 +104,58 @@ def layer_errors(outputs, ref_outputs, num_layers):
     return [statistics.mean(e) for e in errs]
 
 
+def filmstrip(model, seed, prefix, frames, budget, page_size, png, policies=("window", "sink-window", "future-forcing"),
+              every=6):
+    """One held-out seed as pictures: ground truth, the unbounded rollout and each policy at ``budget``, every
+    ``every``-th frame (the prefix is ground truth in every row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = prefix + frames
+    clip = make_clip(seed, total)
+    lat = encode(clip.frames)
+    rows = {"ground truth": clip.frames,
+            "unbounded": decode(rollout(model, lat, prefix, frames, make_policy("unbounded"), None, seed, page_size))}
+    for name in policies:
+        pname, params = policy_specs(budget)[name]
+        rows[f"{name} ({budget} fr)"] = decode(rollout(model, lat, prefix, frames, make_policy(pname, **params), budget,
+                                                      seed, page_size))
+    idx = list(range(0, total, every))
+    fig, axes = plt.subplots(len(rows), len(idx), figsize=(0.9 * len(idx), 0.75 * len(rows) + 0.4), squeeze=False)
+    for r, (name, px) in enumerate(rows.items()):
+        for c, t in enumerate(idx):
+            ax = axes[r, c]
+            ax.imshow(((px[t].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+            if r == 0:
+                ax.set_title(f"{t}" + (" (prefix)" if t < prefix else ""), fontsize=6)
+    fig.suptitle(f"held-out world seed {seed}: frames 0-{total - 1}, first {prefix} are the given prefix", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--prefix", type=int, default=12)
-    ap.add_argument("--frames", type=int, default=48, help="generated frames (4x the training clip)")
+    ap.add_argument("--prefix", type=int, default=24, help="ground-truth frames written into the cache first")
+    ap.add_argument("--frames", type=int, default=96, help="generated frames (4x the training clip)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5])
     ap.add_argument("--policies", nargs="*", default=DEFAULT_POLICIES)
     ap.add_argument("--attention-fraction", type=float, default=0.25,
                     help="budget fraction at which the (teacher-forced) per-layer attention error is measured")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--filmstrip-policies", nargs="*", default=["window", "sink-window", "future-forcing"],
+                    help="policies shown in the filmstrip picture of the first seed (none: no picture)")
+    ap.add_argument("--filmstrip-every", type=int, default=6, help="show every n-th frame in the filmstrip")
     a = ap.parse_args(argv)
     from model_adapters.causal_wan import load_causal_wan
 
@@ -176,6 +215,9 @@ def main(argv=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     plot(summary, budgets, total, path.with_suffix(".png"))
+    if not a.quick and a.filmstrip_policies:
+        filmstrip(model, EVAL_SEED_BASE, a.prefix, a.frames, att_budget, a.page_size,
+                  path.with_name(path.stem + "_filmstrip.png"), policies=a.filmstrip_policies, every=a.filmstrip_every)
     print_table(summary)
     print(f"wrote {path}")
 

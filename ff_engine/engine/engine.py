@@ -91,7 +91,7 @@ class Engine:
             raise ConfigError(f"page_size must be an integer >= 1, got {page_size!r}")
         self.backend.validate(page_size, self.dtype, g.head_dim)
         self.cache = PagedKVCache(g.num_layers, g.num_kv_heads, g.head_dim, page_size, num_pages, self.dtype, device)
-        self.schedule = schedule or FlowMatchSchedule()
+        self.schedule = schedule or FlowMatchSchedule.for_model(model)
         self.context_noise = float(context_noise)
         self.sessions: dict[str, Session] = {}
 
@@ -183,7 +183,10 @@ class Engine:
             flow = self.forward_block(sessions, x, tt, write=False)
             x0 = self.schedule.to_x0(x.to(flow.dtype), flow, tt)
             if i < len(steps) - 1:
-                noise = torch.stack([s.step_noise() for s in sessions]).to(x0.dtype)
+                if self.schedule.stochastic:
+                    noise = torch.stack([s.step_noise() for s in sessions]).to(x0.dtype)
+                else:  # the noise the model implies (flow = eps - x0): the deterministic Euler/DDIM step
+                    noise = x0 + flow
                 x = self.schedule.add_noise(x0, noise, torch.full((S, Fb), float(steps[i + 1])))
         results, keep = [], []
         for i, s in enumerate(sessions):

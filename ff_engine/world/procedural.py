@@ -75,14 +75,14 @@ def make_clip(seed: int, num_frames: int, num_subjects: int = 2, start: int = 0)
     """Frames ``start`` .. ``start + num_frames - 1`` of the world with this seed."""
     g = torch.Generator().manual_seed(seed)
     pano = _panorama(g)
-    cam_period = float(48 + 48 * torch.rand(1, generator=g))
+    cam_period = float(120 + 120 * torch.rand(1, generator=g))
     cam_phase = float(2 * math.pi * torch.rand(1, generator=g))
     colours = torch.randperm(len(PALETTE), generator=g)[:num_subjects]
     shapes = torch.randint(len(SHAPES), (num_subjects,), generator=g)
     identity = torch.tensor([identity_of(int(c), int(s)) for c, s in zip(colours, shapes)])
     base_x = torch.rand(num_subjects, generator=g) * PANORAMA_W
-    amp = 20 + 40 * torch.rand(num_subjects, generator=g)
-    period = 40 + 60 * torch.rand(num_subjects, generator=g)
+    amp = 20 + 30 * torch.rand(num_subjects, generator=g)
+    period = 100 + 150 * torch.rand(num_subjects, generator=g)
     phase = 2 * math.pi * torch.rand(num_subjects, generator=g)
     base_y = 6 + (H - 12) * torch.rand(num_subjects, generator=g)
     frames = torch.empty(num_frames, 3, H, W)

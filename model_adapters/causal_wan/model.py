@@ -40,6 +40,10 @@ class CausalWanConfig:
     rope_frames: int = 1024
     vae_stride: tuple[int, int, int] = (4, 8, 8)  # latent -> pixels (time, h, w); the decoder's business
     fps: int = 16
+    # the sampling schedule the model was trained for (Self-Forcing: 4 warped steps of the shift-5 table)
+    sample_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    sample_shift: float = 5.0
+    sample_stochastic: bool = True  # re-noise with fresh noise between steps (Self-Forcing) or Euler/DDIM
     decoder: str = "wan-vae"  # how latents become pixels: "wan-vae" (Wan2.1's VAE) or "world-codec" (ff_engine.world)
     conditional: bool = True  # False: trained without text; the engine feeds a zero prompt
     qk_norm: bool = True
@@ -83,9 +87,10 @@ PRESETS: dict[str, CausalWanConfig] = {
                                 latent_hw=(8, 12)),
     # The in-repo world model (ff_engine/world): 2 x 64 heads, 4 layers, 96 tokens per frame, latents are the
     # world's 2 x 2 space-to-depth pixels (12 channels), one latent frame per video frame.
-    "world-tiny": CausalWanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=4, in_dim=12, out_dim=12,
+    "world-tiny": CausalWanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=12, out_dim=12,
                                   freq_dim=64, text_dim=16, text_len=1, latent_hw=(16, 24), vae_stride=(1, 2, 2), fps=8,
-                                  decoder="world-codec", conditional=False),
+                                  decoder="world-codec", conditional=False,
+                                  sample_steps=(1000, 875, 750, 625, 500, 375, 250, 125), sample_shift=2.0),
 }
 
 
@@ -274,11 +279,17 @@ class CausalWanModel(nn.Module):
             state.v.append(v)
         return state
 
-    def token_positions(self, start_frame: int, frames: int) -> torch.Tensor:
+    def token_positions(self, start_frame, frames: int) -> torch.Tensor:
+        """RoPE positions (frame, row, col) of ``frames`` frames starting at ``start_frame``; training may pass a
+        sequence of ``frames`` frame indices instead (sparse clips: distant past + recent frames)."""
         gh, gw = self.geometry.token_grid
-        f, h, w = torch.meshgrid(
-            torch.arange(start_frame, start_frame + frames), torch.arange(gh), torch.arange(gw), indexing="ij"
-        )
+        if isinstance(start_frame, int):
+            times = torch.arange(start_frame, start_frame + frames)
+        else:
+            times = torch.as_tensor(start_frame, dtype=torch.long).reshape(-1)
+            if times.numel() != frames:
+                raise ConfigError(f"need one frame index per frame ({frames}), got {times.numel()}")
+        f, h, w = torch.meshgrid(times, torch.arange(gh), torch.arange(gw), indexing="ij")
         return torch.stack([f, h, w], dim=-1).reshape(-1, 3).to(torch.int32)
 
     def forward(self, latents, timesteps, prompts, start_frames, attention: SelfAttentionFn):
