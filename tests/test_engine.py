@@ -170,3 +170,25 @@ def test_wrong_checkpoint_gives_one_clear_error(tmp_path):
     assert "\n" not in msg and "head.modulation" in msg and "extra.weight" in msg and "blocks.1.ffn.0.weight" in msg
     with pytest.raises(CheckpointError, match="not found"):
         load_causal_wan(tmp_path / "missing.safetensors")
+
+
+def test_context_noise_renoises_the_written_block_and_euler_is_deterministic():
+    """context_noise > 0 writes a re-noised x0 (Self-Forcing's context_noise), so later blocks change; the
+    deterministic (Euler) schedule ignores step noise: two seeds with the same initial noise agree."""
+    from ff_engine.engine.schedule import FlowMatchSchedule
+
+    torch.manual_seed(0)
+    model = CausalWanModel(PRESETS["wan-tiny"]).eval()
+    prompt = torch.randn(4, model.cfg.text_dim)
+    init = torch.randn(9, 16, 8, 12)
+
+    def run(seed, **kw):
+        e = Engine(model, num_pages=64, page_size=16, backend="torch", **kw)
+        return e.generate(SessionConfig(prompt=prompt, num_frames=9, seed=seed, policy=make_policy("unbounded"),
+                                        initial_noise=init))
+
+    clean, noisy = run(0), run(0, context_noise=100.0)
+    assert torch.allclose(clean[:3], noisy[:3]) and not torch.allclose(clean[3:], noisy[3:], atol=1e-4)
+    euler = FlowMatchSchedule(stochastic=False)
+    a, b = run(0, schedule=euler), run(1, schedule=euler)
+    assert torch.equal(a, b) and not torch.allclose(run(0), run(1))

@@ -2,9 +2,10 @@
 
 Per block, for the batch of active sessions (one transformer forward per denoising step for all of them):
   1. for each timestep of the schedule: flow = model(x_t) attending to [cache ; block] (the block's K/V are
-     *not* kept), x0 = x_t - sigma(t) flow, re-noise x0 to the next timestep with fresh noise;
-  2. a clean pass on x0 at ``context_noise`` (0) writes the block's post-RoPE K/V into the session's pages and
-     shows the policy the pre-RoPE queries;
+     *not* kept), x0 = x_t - sigma(t) flow, re-noise x0 to the next timestep with fresh noise (or, for a
+     deterministic schedule, with the noise the model implies: the Euler step);
+  2. a pass on x0 (re-noised to timestep ``context_noise``, default 0 = clean) writes the block's post-RoPE
+     K/V into the session's pages and shows the policy the pre-RoPE queries;
   3. the policy brings every layer back under the session's budget (evict / merge + compaction).
 A session reserves ``layers * ceil((budget + block) / page_size)`` pages at admission (the peak between steps
 2 and 3), or enough for its whole length when unbounded, so it can never run out of pages mid-stream.
@@ -140,6 +141,15 @@ class Engine:
             return self.model.forward(x.to(self.dtype), t, [s.prompt_state for s in sessions],
                                   [s.start_frame for s in sessions], attn)
 
+    def write_context(self, sessions: list[Session], x0: torch.Tensor) -> None:
+        """The cache-writing pass of a finished block: x0 re-noised to timestep ``context_noise`` (with the
+        session's own noise, as Self-Forcing's ``context_noise`` does; 0 = clean), K/V appended."""
+        t = torch.full(tuple(x0.shape[:2]), self.context_noise)
+        if self.context_noise > 0:
+            noise = torch.stack([s.step_noise() for s in sessions]).to(x0.dtype)
+            x0 = self.schedule.add_noise(x0, noise, t)
+        self.forward_block(sessions, x0, t, write=True)
+
     def compress(self, session: Session) -> None:
         """Bring every layer of the session back under its budget (the policy decides what stays)."""
         g = self.geometry
@@ -164,7 +174,7 @@ class Engine:
             raise ConfigError("the prefix must leave at least one block to generate (num_frames)")
         for b in range(latents.shape[0] // fpb):
             x = latents[b * fpb:(b + 1) * fpb][None].to(self.dtype)
-            self.forward_block([s], x, torch.full((1, fpb), self.context_noise), write=True)
+            self.write_context([s], x)
             self.compress(s)
             s.latents.append(x[0].float())
             s.block += 1
@@ -203,7 +213,7 @@ class Engine:
                 s.block += 1
         if keep:  # the clean pass writes K/V only for sessions that will generate another block
             cont = [sessions[i] for i in keep]
-            self.forward_block(cont, x0[keep], torch.full((len(cont), Fb), self.context_noise), write=True)
+            self.write_context(cont, x0[keep])
             for s in cont:
                 self.compress(s)
                 s.block += 1
