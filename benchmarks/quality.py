@@ -6,7 +6,13 @@ with the unbounded cache and once per (policy, budget).  Budgets are 12.5 / 25 /
 at the end of the rollout.  Metrics (``ff_engine.world.metrics``): identity consistency and returning-subject
 recall (pixel read-out), subject consistency (random-projection features, not DINO), rollout error against the
 unbounded rollout, and per-layer attention-output error against the unbounded cache (teacher-forced: both
-caches are fed the unbounded rollout's latents; the error of the cache-writing pass's attention outputs).
+caches are fed the ground-truth clip, so the error measures what each policy keeps of real video whatever the
+model's own rollouts look like; the relative error of the cache-writing pass's attention outputs).
+In the same teacher-forced pass the model predicts every ``--predict-every``-th block from the policy's
+ground-truth cache; those predictions are scored against the ground truth itself: latent MSE
+(``tf_prediction_error``), identity recall of the subjects the ground truth shows (``tf_identity_recall``) and of
+subjects coming back after >= 12 frames out of view (``tf_returning_identity_recall``) — identity consistency
+against ground truth that does not depend on the model's own long rollouts staying on track.
 The in-distribution length (the training clip, 24 frames) is scored on the first frames of the same rollout.
 
     python benchmarks/quality.py            # 5 seeds, all policies and ablations, 3 budgets
@@ -63,7 +69,7 @@ class AttentionTap:
     """Wraps an engine's backend and keeps each call's output per layer (for the attention-output error)."""
 
     def __init__(self, engine):
-        self.inner, self.outputs, self.layer = engine.backend, [], 0
+        self.inner, self.outputs, self.active = engine.backend, [], True
         engine.backend = self
 
     def validate(self, *a):
@@ -71,11 +77,16 @@ class AttentionTap:
 
     def forward(self, batch):
         out = self.inner.forward(batch)
-        self.outputs.append(out.detach().clone())
+        if self.active:
+            self.outputs.append(out.detach().clone())
         return out
 
 
-def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, tap=None, teacher=None):
+def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, tap=None, teacher=None,
+            predict_every=0):
+    """Free rollout after a ground-truth prefix -> latents; or, with ``teacher``, a teacher-forced pass ->
+    (attention outputs of the cache-writing passes if ``tap``, {frame: the model's prediction of the block
+    starting there} every ``predict_every`` blocks)."""
     g = model.geometry
     total = prefix + frames
     cfg = SessionConfig(prompt=torch.zeros(1, model.cfg.text_dim), num_frames=total, seed=seed, policy=policy,
@@ -84,14 +95,22 @@ def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, ta
     s = e.add_session(cfg)
     e.prefill(s.id, clip_lat[:prefix])
     outs = AttentionTap(e) if tap else None
-    if teacher is not None:  # teacher-forced: clean passes on the reference latents, record attention outputs
-        while s.block < s.num_blocks - 1:
-            x = teacher[s.start_frame:s.start_frame + g.frames_per_block][None]
-            e.forward_block([s], x, torch.zeros(1, g.frames_per_block), write=True)
+    if teacher is not None:  # teacher-forced: the cache is fed the reference latents block by block
+        preds, first = {}, s.block
+        while s.block < s.num_blocks:
+            if predict_every and (s.block - first) % predict_every == 0:  # what would the model make here?
+                if outs:
+                    outs.active = False
+                preds[s.start_frame] = e.denoise([s])[0].float()
+                if outs:
+                    outs.active = True
+            if s.block == s.num_blocks - 1:
+                break
+            e.write_context([s], teacher[s.start_frame:s.start_frame + g.frames_per_block][None])
             e.compress(s)
             s.block += 1
         e.cancel(s.id)
-        return outs.outputs
+        return (outs.outputs if outs else None), preds
     while s.id in e.sessions:
         e.step([s.id])
     return torch.cat(s.latents)
@@ -149,9 +168,10 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=96, help="generated frames (4x the training clip)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5])
     ap.add_argument("--policies", nargs="*", default=DEFAULT_POLICIES)
-    ap.add_argument("--attention-fraction", type=float, default=0.25,
-                    help="budget fraction at which the (teacher-forced) per-layer attention error is measured")
+    ap.add_argument("--filmstrip-fraction", type=float, default=0.25, help="budget fraction shown in the filmstrip")
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--predict-every", type=int, default=2,
+                    help="teacher-forced pass: predict every n-th block from the policy's ground-truth cache")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     ap.add_argument("--filmstrip-policies", nargs="*", default=["window", "sink-window", "future-forcing"],
                     help="policies shown in the filmstrip picture of the first seed (none: no picture)")
@@ -167,19 +187,28 @@ def main(argv=None):
     total = a.prefix + a.frames
     budgets = sorted({max(2 * g.frames_per_block, int(round(f * total / g.frames_per_block)) * g.frames_per_block)
                       for f in a.fractions})
-    att_budget = min(budgets, key=lambda b: abs(b / total - a.attention_fraction))
+    strip_budget = min(budgets, key=lambda b: abs(b / total - a.filmstrip_fraction))
     rows, t0 = [], time.perf_counter()
     for si in range(a.seeds):
         seed = EVAL_SEED_BASE + si
         clip = make_clip(seed, total)
         lat = encode(clip.frames)
         ref = rollout(model, lat, a.prefix, a.frames, make_policy("unbounded"), None, seed, a.page_size)
-        ref_px = decode(ref)
-        ref_att = rollout(model, lat, a.prefix, a.frames, make_policy("unbounded"), None, seed, a.page_size,
-                          tap=True, teacher=ref)
+        ref_att, ref_preds = rollout(model, lat, a.prefix, a.frames, make_policy("unbounded"), None, seed,
+                                     a.page_size, tap=True, teacher=lat, predict_every=a.predict_every)
+        returning = M.returning_pairs(clip.visible)
         base = {"seed": seed, "prefix": a.prefix, "frames": a.frames}
 
-        def score(name, budget, latents, att):
+        def teacher_forced(preds):
+            """Predictions of blocks from ground-truth caches, scored against the ground truth itself."""
+            idx = [f for s0 in sorted(preds) for f in range(s0, s0 + g.frames_per_block)]
+            pred = torch.cat([preds[s0] for s0 in sorted(preds)])
+            px = decode(pred)
+            return {"tf_prediction_error": M.rollout_error(pred, lat[idx]),
+                    "tf_identity_recall": M.identity_recall(px, clip.identity, clip.visible[idx]),
+                    "tf_returning_identity_recall": M.identity_recall(px, clip.identity, returning[idx])}
+
+        def score(name, budget, latents, att, preds):
             px = decode(latents)
             cont = px[a.prefix:]
             row = dict(base, policy=name, budget_frames=budget,
@@ -191,23 +220,20 @@ def main(argv=None):
                        rollout_error=M.rollout_error(latents[a.prefix:], ref[a.prefix:]),
                        rollout_error_in_dist=M.rollout_error(latents[a.prefix:a.prefix + TRAIN_CLIP],
                                                              ref[a.prefix:a.prefix + TRAIN_CLIP]),
-                       attention_error_per_layer=att)
+                       attention_error_per_layer=att, **teacher_forced(preds))
             rows.append(row)
 
-        score("unbounded", None, ref, [0.0] * g.num_layers)
+        score("unbounded", None, ref, [0.0] * g.num_layers, ref_preds)
         for budget in budgets:
             for name, (pname, params) in policy_specs(budget).items():
                 if name not in a.policies:
                     continue
                 pol = make_policy(pname, **params)
                 lats = rollout(model, lat, a.prefix, a.frames, pol, budget, seed, a.page_size)
-                att = None
-                if budget == att_budget:
-                    att = layer_errors(rollout(model, lat, a.prefix, a.frames, make_policy(pname, **params), budget,
-                                               seed, a.page_size, tap=True, teacher=ref), ref_att, g.num_layers)
-                score(name, budget, lats, att)
+                outs, preds = rollout(model, lat, a.prefix, a.frames, make_policy(pname, **params), budget, seed,
+                                      a.page_size, tap=True, teacher=lat, predict_every=a.predict_every)
+                score(name, budget, lats, layer_errors(outs, ref_att, g.num_layers), preds)
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
-        del ref_px
     summary = summarise(rows)
     out = {"benchmark": "quality", "model": a.model, "quick": a.quick, "seeds": a.seeds, "prefix": a.prefix,
            "frames": a.frames, "budgets": budgets, "rows": rows, "summary": summary}
@@ -216,14 +242,15 @@ def main(argv=None):
     path.write_text(json.dumps(out, indent=1))
     plot(summary, budgets, total, path.with_suffix(".png"))
     if not a.quick and a.filmstrip_policies:
-        filmstrip(model, EVAL_SEED_BASE, a.prefix, a.frames, att_budget, a.page_size,
+        filmstrip(model, EVAL_SEED_BASE, a.prefix, a.frames, strip_budget, a.page_size,
                   path.with_name(path.stem + "_filmstrip.png"), policies=a.filmstrip_policies, every=a.filmstrip_every)
     print_table(summary)
     print(f"wrote {path}")
 
 
 METRICS = ["identity_consistency", "identity_consistency_in_dist", "returning_recall", "subject_consistency",
-           "rollout_error", "rollout_error_in_dist"]
+           "rollout_error", "rollout_error_in_dist", "tf_prediction_error", "tf_identity_recall",
+           "tf_returning_identity_recall"]
 
 
 def summarise(rows):
@@ -245,11 +272,13 @@ def summarise(rows):
 
 
 def print_table(summary):
-    print(f"{'policy':22s} {'budget':>6s} {'id-cons':>8s} {'return':>7s} {'subj':>7s} {'rollout':>9s} {'attn-err':>9s}")
+    cols = [("tf_identity_recall", "tf-id", 7, 3), ("tf_returning_identity_recall", "tf-ret", 7, 3),
+            ("tf_prediction_error", "tf-mse", 8, 4), ("attention_error_mean", "attn-err", 8, 4),
+            ("rollout_error_in_dist", "roll24", 8, 4), ("rollout_error", "rollout", 8, 4),
+            ("identity_consistency", "id-cons", 7, 3), ("subject_consistency", "subj", 6, 3)]
+    print(f"{'policy':22s} {'budget':>6s} " + " ".join(f"{h:>{w}s}" for _, h, w, _ in cols))
     for s in sorted(summary, key=lambda s: (s["budget_frames"] or 1e9, s["policy"])):
-        print(f"{s['policy']:22s} {str(s['budget_frames']):>6s} {s['identity_consistency']:8.3f} "
-              f"{s['returning_recall']:7.3f} {s['subject_consistency']:7.3f} {s['rollout_error']:9.4f} "
-              f"{s['attention_error_mean']:9.4f}")
+        print(f"{s['policy']:22s} {str(s['budget_frames']):>6s} " + " ".join(f"{s[k]:{w}.{d}f}" for k, _, w, d in cols))
 
 
 def plot(summary, budgets, total, png):
@@ -258,9 +287,14 @@ def plot(summary, budgets, total, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("identity_consistency", "identity consistency (pixel read-out)"), ("rollout_error", "rollout MSE vs unbounded"),
-            ("subject_consistency", "subject consistency (random-proj. features)"), ("attention_error_mean", "attention-output rel. error")]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    keys = [("tf_identity_recall", "identity recall vs ground truth (teacher-forced)"),
+            ("tf_returning_identity_recall", "returning-subject identity recall (teacher-forced)"),
+            ("tf_prediction_error", "prediction MSE vs ground truth (teacher-forced)"),
+            ("attention_error_mean", "attention-output rel. error (teacher-forced)"),
+            ("rollout_error_in_dist", "rollout MSE vs unbounded, first 24 frames"),
+            ("rollout_error", "rollout MSE vs unbounded, all generated frames")]
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
+    axes = axes.flatten()
     unb = next(s for s in summary if s["policy"] == "unbounded")
     for ax, (k, title) in zip(axes, keys):
         for name in sorted({s["policy"] for s in summary if s["policy"] != "unbounded"}):

@@ -103,13 +103,14 @@ def test_models_take_per_frame_positions_and_carry_their_sampling_schedule(tmp_p
     from ff_engine.engine.schedule import FlowMatchSchedule
     from model_adapters.causal_wan import PRESETS, CausalWanModel, load_causal_wan, save_checkpoint
 
-    cfg = PRESETS["world-tiny"].with_(num_layers=1)
+    cfg = PRESETS["world-tiny"].with_(num_layers=1, context_noise=25.0)
     m = CausalWanModel(cfg)
     sparse = m.token_positions([0, 1, 2, 30, 31, 32], 6)
     assert torch.equal(sparse, torch.cat([m.token_positions(0, 3), m.token_positions(30, 3)]))
     save_checkpoint(m, tmp_path / "m.safetensors")
     back = load_causal_wan(tmp_path / "m.safetensors", preset="wan-tiny")  # the config travels in the metadata
     assert back.cfg.sample_steps == cfg.sample_steps and back.cfg.sample_shift == cfg.sample_shift
+    assert back.cfg.sample_stochastic == cfg.sample_stochastic and Engine(back, num_pages=8).context_noise == 25.0
     want = FlowMatchSchedule(shift=cfg.sample_shift, steps=cfg.sample_steps).denoising_timesteps
     assert torch.equal(Engine(back, num_pages=8).schedule.denoising_timesteps, want)
     assert len(want) == 8 and want[-1] < 250  # many steps down to a small noise level (see world/train.py)
@@ -133,3 +134,17 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     assert rows["unbounded"]["rollout_error"] == 0.0 and rows["window"]["rollout_error"] >= 0.0
     assert len(rows["future-forcing"]["attention_error_per_layer"]) == 4
     assert out.with_suffix(".png").is_file() and (tmp_path / "q_filmstrip.png").is_file()
+
+
+def test_returning_pairs_and_identity_recall_against_ground_truth():
+    vis = torch.zeros(40, 1, dtype=torch.bool)
+    vis[0:5, 0] = True
+    vis[20:30, 0] = True  # back after 15 frames out of view
+    pairs = M.returning_pairs(vis, min_gap=12, window=6)
+    assert pairs[:, 0].nonzero().flatten().tolist() == list(range(20, 26))
+    assert not M.returning_pairs(vis, min_gap=16).any()  # a 15-frame gap is not long enough
+    clip = make_clip(EVAL_SEED_BASE + 3, 60)
+    assert M.identity_recall(clip.frames, clip.identity, clip.visible) > 0.9  # the truth shows its subjects
+    blank = torch.full_like(clip.frames, -0.2)
+    assert M.identity_recall(blank, clip.identity, clip.visible) == 0.0
+    assert M.identity_recall(clip.frames, clip.identity, torch.zeros_like(clip.visible)) != 0.0  # NaN: nothing to score

@@ -81,7 +81,7 @@ class Engine:
         page_size: int = 32,
         backend: str | AttentionBackend = "auto",
         schedule: FlowMatchSchedule | None = None,
-        context_noise: float = 0.0,
+        context_noise: float | None = None,
         device: str = "cpu",
     ):
         self.model = model
@@ -93,6 +93,8 @@ class Engine:
         self.backend.validate(page_size, self.dtype, g.head_dim)
         self.cache = PagedKVCache(g.num_layers, g.num_kv_heads, g.head_dim, page_size, num_pages, self.dtype, device)
         self.schedule = schedule or FlowMatchSchedule.for_model(model)
+        if context_noise is None:  # the model's own setting (its config), else Self-Forcing's 0
+            context_noise = getattr(getattr(model, "cfg", None), "context_noise", 0.0)
         self.context_noise = float(context_noise)
         self.sessions: dict[str, Session] = {}
 
@@ -179,12 +181,10 @@ class Engine:
             s.latents.append(x[0].float())
             s.block += 1
 
-    def step(self, session_ids: list[str] | None = None) -> list[BlockResult]:
-        """Generate the next block of every given (default: every active) session in one batched loop."""
-        ids = list(self.sessions) if session_ids is None else session_ids
-        sessions = [self.sessions[i] for i in ids if i in self.sessions and not self.sessions[i].done]
-        if not sessions:
-            return []
+    def denoise(self, sessions: list[Session]) -> torch.Tensor:
+        """The denoising loop of the current block of ``sessions`` (one forward per step for all of them);
+        returns x0 [S, F, C, H, W].  Nothing is written: ``step`` writes it, teacher-forced evaluation writes
+        the ground truth instead."""
         steps = self.schedule.denoising_timesteps
         S, Fb = len(sessions), sessions[0].frames_per_block
         x = torch.stack([s.block_noise() for s in sessions])
@@ -198,6 +198,15 @@ class Engine:
                 else:  # the noise the model implies (flow = eps - x0): the deterministic Euler/DDIM step
                     noise = x0 + flow
                 x = self.schedule.add_noise(x0, noise, torch.full((S, Fb), float(steps[i + 1])))
+        return x0
+
+    def step(self, session_ids: list[str] | None = None) -> list[BlockResult]:
+        """Generate the next block of every given (default: every active) session in one batched loop."""
+        ids = list(self.sessions) if session_ids is None else session_ids
+        sessions = [self.sessions[i] for i in ids if i in self.sessions and not self.sessions[i].done]
+        if not sessions:
+            return []
+        x0 = self.denoise(sessions)
         results, keep = [], []
         for i, s in enumerate(sessions):
             if not torch.isfinite(x0[i]).all():

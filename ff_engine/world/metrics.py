@@ -11,6 +11,9 @@
 * ``subject_consistency``: VBench-style mean of cos(f_t, f_0) and cos(f_t, f_{t-1}); the features are a fixed
   random projection of 4x-average-pooled pixels — *not* DINO, so only comparisons between policies mean much.
 * ``rollout_error``: mean squared latent difference to the unbounded-cache rollout with the same seed/noise.
+* ``identity_recall`` (against ground truth, for teacher-forced predictions): where the ground truth shows a
+  subject, does the model's prediction of that frame show its colour; ``returning_pairs`` restricts this to the
+  first frames after a subject was out of view for a long time.
 * per-layer attention-output error: measured by ``benchmarks/quality.py`` (teacher-forced, see there).
 """
 
@@ -69,3 +72,33 @@ def subject_consistency(frames: torch.Tensor) -> float:
 
 def rollout_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
     return float((latents.float() - reference.float()).pow(2).mean())
+
+
+def returning_pairs(visible: torch.Tensor, min_gap: int = 12, window: int = 6) -> torch.Tensor:
+    """bool [T, S]: subject s is back in view at frame t after at least ``min_gap`` frames out of view, and t is
+    among the first ``window`` frames of that return — the moments only a model that remembers can get right."""
+    T, S = visible.shape
+    out = torch.zeros(T, S, dtype=torch.bool)
+    for s in range(S):
+        last_seen, run_start = None, None
+        for t in range(T):
+            if visible[t, s]:
+                if run_start is None:
+                    run_start = t if (last_seen is not None and t - last_seen - 1 >= min_gap) else -1
+                if run_start >= 0 and t - run_start < window:
+                    out[t, s] = True
+                last_seen = t
+            else:
+                run_start = None
+    return out
+
+
+def identity_recall(frames: torch.Tensor, identity: torch.Tensor, pairs: torch.Tensor) -> float:
+    """Against ground truth: of the (frame, subject) pairs marked in ``pairs`` [T, S], the share where
+    ``frames`` show that subject's colour (pixel read-out).  NaN when no pair is marked."""
+    if not pairs.any():
+        return float("nan")
+    det = detected_colours(frames)  # [T, P]
+    colour = identity // len(SHAPES)  # [S]
+    shown = det[:, colour]  # [T, S]
+    return float(shown[pairs].float().mean())

@@ -114,7 +114,7 @@ def infer_config(sd: dict[str, torch.Tensor], base: CausalWanConfig, meta: dict 
     meta = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (meta or {}).items() if k in _CONFIG_FIELDS}
     for k in ("num_heads", "text_len", "latent_hw", "frames_per_block", "eps", "qk_norm", "cross_attn_norm",
               "vae_stride", "fps", "rope_frames", "decoder", "conditional", "sample_steps", "sample_shift",
-              "sample_stochastic"):
+              "sample_stochastic", "context_noise"):
         if k in meta:
             kw[k] = meta[k]
     if "num_heads" not in kw and base.dim != kw["dim"]:

@@ -44,6 +44,7 @@ class CausalWanConfig:
     sample_steps: tuple[int, ...] = (1000, 750, 500, 250)
     sample_shift: float = 5.0
     sample_stochastic: bool = True  # re-noise with fresh noise between steps (Self-Forcing) or Euler/DDIM
+    context_noise: float = 0.0  # timestep at which finished blocks are written to the cache (Self-Forcing: 0)
     decoder: str = "wan-vae"  # how latents become pixels: "wan-vae" (Wan2.1's VAE) or "world-codec" (ff_engine.world)
     conditional: bool = True  # False: trained without text; the engine feeds a zero prompt
     qk_norm: bool = True
