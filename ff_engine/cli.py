@@ -15,8 +15,8 @@ from ff_engine.errors import ConfigError, FFEngineError
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "world" / "assets" / "world_model.safetensors"
-# The embedded world model becomes the default once it visibly models its world (not yet: see README).
-DEFAULT_MODEL = "wan-cpu-small"
+# The embedded default: the in-repo world model (trained on CPU, its own decoder; see README for what it can do).
+DEFAULT_MODEL = str(EMBEDDED_MODEL)
 
 
 def _positive_float(name):

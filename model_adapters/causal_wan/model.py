@@ -91,7 +91,8 @@ PRESETS: dict[str, CausalWanConfig] = {
     "world-tiny": CausalWanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=12, out_dim=12,
                                   freq_dim=64, text_dim=16, text_len=1, latent_hw=(16, 24), vae_stride=(1, 2, 2), fps=8,
                                   decoder="world-codec", conditional=False,
-                                  sample_steps=(1000, 875, 750, 625, 500, 375, 250, 125), sample_shift=2.0),
+                                  sample_steps=(1000, 875, 750, 625, 500, 375, 250, 125), sample_shift=2.0,
+                                  sample_stochastic=False, context_noise=50.0),
 }
 
 
