@@ -54,7 +54,7 @@ def build_model(args):
     path = Path(args.model)
     if not path.exists():
         raise ConfigError(f"--model: {args.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
-    return load_causal_wan(path, preset="world-tiny" if path.resolve() == EMBEDDED_MODEL else args.preset)
+    return load_causal_wan(path, preset=args.preset)  # a checkpoint's recorded config wins over the preset
 
 
 def load_prompt(args, model):

@@ -51,6 +51,11 @@ def reservation_pages(geometry, page_size: int, cfg: SessionConfig) -> int:
     return stream_pages(geometry, page_size, cfg.num_frames, cfg.budget_frames if cfg.policy.bounded else None)
 
 
+def _step_noise(sessions: list[Session], dtype: torch.dtype) -> torch.Tensor:
+    """Each session's next step noise (its own generator), stacked."""
+    return torch.stack([s.step_noise() for s in sessions]).to(dtype)
+
+
 class PagedSelfAttention:
     """The ``SelfAttentionFn`` the engine hands to adapters: attend through the paged cache; on the cache-writing
     pass also append the block's K/V and feed the policy the pre-RoPE queries."""
@@ -148,8 +153,7 @@ class Engine:
         session's own noise, as Self-Forcing's ``context_noise`` does; 0 = clean), K/V appended."""
         t = torch.full(tuple(x0.shape[:2]), self.context_noise)
         if self.context_noise > 0:
-            noise = torch.stack([s.step_noise() for s in sessions]).to(x0.dtype)
-            x0 = self.schedule.add_noise(x0, noise, t)
+            x0 = self.schedule.add_noise(x0, _step_noise(sessions, x0.dtype), t)
         self.forward_block(sessions, x0, t, write=True)
 
     def compress(self, session: Session) -> None:
@@ -194,7 +198,7 @@ class Engine:
             x0 = self.schedule.to_x0(x.to(flow.dtype), flow, tt)
             if i < len(steps) - 1:
                 if self.schedule.stochastic:
-                    noise = torch.stack([s.step_noise() for s in sessions]).to(x0.dtype)
+                    noise = _step_noise(sessions, x0.dtype)
                 else:  # the noise the model implies (flow = eps - x0): the deterministic Euler/DDIM step
                     noise = x0 + flow
                 x = self.schedule.add_noise(x0, noise, torch.full((S, Fb), float(steps[i + 1])))

@@ -112,11 +112,8 @@ def infer_config(sd: dict[str, torch.Tensor], base: CausalWanConfig, meta: dict 
     except KeyError as exc:
         raise CheckpointError(f"not a causal-Wan checkpoint: missing key {exc.args[0]}") from None
     meta = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (meta or {}).items() if k in _CONFIG_FIELDS}
-    for k in ("num_heads", "text_len", "latent_hw", "frames_per_block", "eps", "qk_norm", "cross_attn_norm",
-              "vae_stride", "fps", "rope_frames", "decoder", "conditional", "sample_steps", "sample_shift",
-              "sample_stochastic", "context_noise"):
-        if k in meta:
-            kw[k] = meta[k]
+    for k, v in meta.items():  # every recorded field the tensor shapes did not already decide
+        kw.setdefault(k, v)
     if "num_heads" not in kw and base.dim != kw["dim"]:
         kw["num_heads"] = max(1, kw["dim"] // 128)  # Wan uses 128-dim heads
     return base.with_(**kw)
