@@ -34,7 +34,7 @@ from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import make_policy
 from ff_engine.world import metrics as M
-from ff_engine.world.procedural import EVAL_SEED_BASE, decode, encode, make_clip
+from ff_engine.world.procedural import EVAL_SEED_BASE, SHAPES, decode, encode, make_clip
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "ff_engine" / "world" / "assets" / "world_model.safetensors"
@@ -83,10 +83,11 @@ class AttentionTap:
 
 
 def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, tap=None, teacher=None,
-            predict_every=0):
+            predict_every=0, predict_at=()):
     """Free rollout after a ground-truth prefix -> latents; or, with ``teacher``, a teacher-forced pass ->
     (attention outputs of the cache-writing passes if ``tap``, {frame: the model's prediction of the block
-    starting there} every ``predict_every`` blocks)."""
+    starting there} every ``predict_every`` blocks and at the block starts in ``predict_at``; with only
+    ``predict_at`` the pass stops after the last of them)."""
     g = model.geometry
     total = prefix + frames
     cfg = SessionConfig(prompt=torch.zeros(1, model.cfg.text_dim), num_frames=total, seed=seed, policy=policy,
@@ -97,14 +98,16 @@ def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, ta
     outs = AttentionTap(e) if tap else None
     if teacher is not None:  # teacher-forced: the cache is fed the reference latents block by block
         preds, first = {}, s.block
+        last = max(predict_at) if predict_at and not predict_every else None
         while s.block < s.num_blocks:
-            if predict_every and (s.block - first) % predict_every == 0:  # what would the model make here?
+            every = predict_every and (s.block - first) % predict_every == 0
+            if every or s.start_frame in predict_at:  # what would the model make here?
                 if outs:
                     outs.active = False
                 preds[s.start_frame] = e.denoise([s])[0].float()
                 if outs:
                     outs.active = True
-            if s.block == s.num_blocks - 1:
+            if s.block == s.num_blocks - 1 or (last is not None and s.start_frame >= last):
                 break
             e.write_context([s], teacher[s.start_frame:s.start_frame + g.frames_per_block][None])
             e.compress(s)
@@ -114,6 +117,49 @@ def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, ta
     while s.id in e.sessions:
         e.step([s.id])
     return torch.cat(s.latents)
+
+
+def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, progress=True):
+    """Does the policy keep what the model needs when a subject comes back?  For each held-out world seed
+    (``history`` ground-truth frames), every moment a subject returns after >= ``min_gap`` frames out of view
+    (longer than the budget under test, so a window has evicted it) is a probe: the policy's cache is fed the
+    ground truth up to that block, the model predicts the block from noise, and the subject's colour is read out
+    at its true position (``metrics.subject_readout``) in the block's frames from the return on.  Returns one row
+    per (policy, budget) with the read-out accuracy over all probes and its spread over seeds."""
+    from tqdm import tqdm
+
+    g = model.geometry
+    fpb = g.frames_per_block
+    specs = [("unbounded", None)] + [(name, b) for b in budgets for name in policies]
+    hits = {k: {} for k in [("ground-truth", None)] + specs}  # (policy, budget) -> {seed: [hit, ...]}
+    for seed in tqdm(seeds, desc="memory probe", disable=not progress):
+        clip = make_clip(seed, history)
+        back = M.returning_pairs(clip.visible, min_gap=min_gap, window=fpb)  # first frames of each long-gap return
+        starts = sorted({int(t) // fpb * fpb for t, _ in back.nonzero() if t >= 2 * fpb})
+        if not starts:
+            continue
+        frames_idx = [f for s0 in starts for f in range(s0, s0 + fpb)]
+        pairs = back[frames_idx]
+        lat = encode(clip.frames)
+        truth = M.subject_readout(clip.frames[frames_idx], clip.identity, clip.centre[frames_idx], pairs)
+        colour = (clip.identity // len(SHAPES))[None].expand_as(truth)
+        hits[("ground-truth", None)][seed] = (truth[pairs] == colour[pairs]).tolist()  # the read-out's ceiling
+        for name, budget in specs:
+            pname, params = ("unbounded", {}) if budget is None else policy_specs(budget)[name]
+            _, preds = rollout(model, lat, fpb, history - fpb, make_policy(pname, **params), budget, seed, page_size,
+                               teacher=lat, predict_at=set(starts))
+            px = decode(torch.cat([preds[s0] for s0 in starts]))
+            read = M.subject_readout(px, clip.identity, clip.centre[frames_idx], pairs)
+            hits[(name, budget)][seed] = (read[pairs] == colour[pairs]).tolist()
+    rows = []
+    for (name, budget), per_seed in hits.items():
+        flat = [h for hs in per_seed.values() for h in hs]
+        seed_acc = [sum(hs) / len(hs) for hs in per_seed.values() if hs]
+        rows.append({"policy": name, "budget_frames": budget, "probes": len(flat),
+                     "returning_readout": sum(flat) / len(flat) if flat else float("nan"),
+                     "returning_readout_seed_std": statistics.pstdev(seed_acc) if len(seed_acc) > 1 else 0.0,
+                     "per_seed": {str(k): v for k, v in per_seed.items()}})
+    return rows
 
 
 def layer_errors(outputs, ref_outputs, num_layers):
@@ -172,6 +218,12 @@ def main(argv=None):
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--predict-every", type=int, default=2,
                     help="teacher-forced pass: predict every n-th block from the policy's ground-truth cache")
+    ap.add_argument("--probe-seeds", type=int, default=16, help="memory probe: held-out seeds (0: no probe)")
+    ap.add_argument("--probe-history", type=int, default=192, help="memory probe: ground-truth frames per seed")
+    ap.add_argument("--probe-min-gap", type=int, default=30,
+                    help="memory probe: a return counts after this many frames out of view")
+    ap.add_argument("--probe-fractions", type=float, nargs="+", default=[0.25],
+                    help="memory probe: budgets (same frame budgets as the main run's fractions)")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     ap.add_argument("--filmstrip-policies", nargs="*", default=["window", "sink-window", "future-forcing"],
                     help="policies shown in the filmstrip picture of the first seed (none: no picture)")
@@ -184,9 +236,10 @@ def main(argv=None):
     if a.quick:
         a.seeds, a.frames, a.fractions = 2, 24, [0.25]
         a.policies = ["window", "sink-window", "expected-attention", "future-forcing"]
+        a.probe_seeds, a.probe_history, a.probe_min_gap = min(a.probe_seeds, 2), 72, 15
     total = a.prefix + a.frames
-    budgets = sorted({max(2 * g.frames_per_block, int(round(f * total / g.frames_per_block)) * g.frames_per_block)
-                      for f in a.fractions})
+    to_budget = lambda f: max(2 * g.frames_per_block, int(round(f * total / g.frames_per_block)) * g.frames_per_block)  # noqa: E731
+    budgets = sorted({to_budget(f) for f in a.fractions})
     strip_budget = min(budgets, key=lambda b: abs(b / total - a.filmstrip_fraction))
     rows, t0 = [], time.perf_counter()
     for si in range(a.seeds):
@@ -206,7 +259,9 @@ def main(argv=None):
             px = decode(pred)
             return {"tf_prediction_error": M.rollout_error(pred, lat[idx]),
                     "tf_identity_recall": M.identity_recall(px, clip.identity, clip.visible[idx]),
-                    "tf_returning_identity_recall": M.identity_recall(px, clip.identity, returning[idx])}
+                    "tf_returning_identity_recall": M.identity_recall(px, clip.identity, returning[idx]),
+                    "tf_identity_readout": M.identity_readout_accuracy(px, clip.identity, clip.centre[idx],
+                                                                       clip.visible[idx])}
 
         def score(name, budget, latents, att, preds):
             px = decode(latents)
@@ -234,23 +289,38 @@ def main(argv=None):
                                       a.page_size, tap=True, teacher=lat, predict_every=a.predict_every)
                 score(name, budget, lats, layer_errors(outs, ref_att, g.num_layers), preds)
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
-    summary = summarise(rows)
-    out = {"benchmark": "quality", "model": a.model, "quick": a.quick, "seeds": a.seeds, "prefix": a.prefix,
-           "frames": a.frames, "budgets": budgets, "rows": rows, "summary": summary}
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        out = {"benchmark": "quality", "model": a.model, "quick": a.quick, "seeds": a.seeds, "prefix": a.prefix,
+               "frames": a.frames, "budgets": budgets, "rows": rows, "summary": summarise(rows), "partial": True}
+        path = Path(a.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))  # a long run that dies still leaves its finished seeds
+    probe = []
+    if a.probe_seeds:
+        probe_seeds = [EVAL_SEED_BASE + 1000 + i for i in range(a.probe_seeds)]
+        probe = memory_probe(model, probe_seeds, sorted({to_budget(f) for f in a.probe_fractions}), a.policies,
+                             a.probe_history, a.probe_min_gap, a.page_size)
+        print(f"memory probe done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    out.update(partial=False, memory_probe=probe,
+               memory_probe_setup={"seeds": a.probe_seeds, "history": a.probe_history, "min_gap": a.probe_min_gap})
+    summary = out["summary"]
     path.write_text(json.dumps(out, indent=1))
-    plot(summary, budgets, total, path.with_suffix(".png"))
+    plot(summary, budgets, total, path.with_suffix(".png"), probe)
     if not a.quick and a.filmstrip_policies:
         filmstrip(model, EVAL_SEED_BASE, a.prefix, a.frames, strip_budget, a.page_size,
                   path.with_name(path.stem + "_filmstrip.png"), policies=a.filmstrip_policies, every=a.filmstrip_every)
     print_table(summary)
+    if probe:
+        print(f"memory probe (returning-subject colour read-out, {a.probe_seeds} seeds x {a.probe_history} frames, "
+              f"gap >= {a.probe_min_gap}):")
+        for r in sorted(probe, key=lambda r: (r["budget_frames"] or 1e9, -r["returning_readout"])):
+            print(f"  {r['policy']:22s} {str(r['budget_frames']):>5s} {r['returning_readout']:.3f} "
+                  f"(seed std {r['returning_readout_seed_std']:.3f}, {r['probes']} probes)")
     print(f"wrote {path}")
 
 
 METRICS = ["identity_consistency", "identity_consistency_in_dist", "returning_recall", "subject_consistency",
            "rollout_error", "rollout_error_in_dist", "tf_prediction_error", "tf_identity_recall",
-           "tf_returning_identity_recall"]
+           "tf_returning_identity_recall", "tf_identity_readout"]
 
 
 def summarise(rows):
@@ -265,14 +335,16 @@ def summarise(rows):
             item[m] = statistics.mean(vals) if vals else float("nan")
             item[m + "_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
         att = [r["attention_error_per_layer"] for r in rs if r["attention_error_per_layer"] is not None]
-        item["attention_error_mean"] = statistics.mean(sum(a) / len(a) for a in att) if att else float("nan")
+        per_seed = [sum(a) / len(a) for a in att]
+        item["attention_error_mean"] = statistics.mean(per_seed) if att else float("nan")
+        item["attention_error_mean_std"] = statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0
         item["attention_error_per_layer"] = [statistics.mean(x) for x in zip(*att)] if att else None
         out.append(item)
     return out
 
 
 def print_table(summary):
-    cols = [("tf_identity_recall", "tf-id", 7, 3), ("tf_returning_identity_recall", "tf-ret", 7, 3),
+    cols = [("tf_identity_readout", "tf-read", 7, 3), ("tf_identity_recall", "tf-id", 7, 3), ("tf_returning_identity_recall", "tf-ret", 7, 3),
             ("tf_prediction_error", "tf-mse", 8, 4), ("attention_error_mean", "attn-err", 8, 4),
             ("rollout_error_in_dist", "roll24", 8, 4), ("rollout_error", "rollout", 8, 4),
             ("identity_consistency", "id-cons", 7, 3), ("subject_consistency", "subj", 6, 3)]
@@ -281,19 +353,20 @@ def print_table(summary):
         print(f"{s['policy']:22s} {str(s['budget_frames']):>6s} " + " ".join(f"{s[k]:{w}.{d}f}" for k, _, w, d in cols))
 
 
-def plot(summary, budgets, total, png):
+def plot(summary, budgets, total, png, probe=()):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("tf_identity_recall", "identity recall vs ground truth (teacher-forced)"),
-            ("tf_returning_identity_recall", "returning-subject identity recall (teacher-forced)"),
+    keys = [("tf_identity_readout", "identity read-out vs ground truth (teacher-forced)"),
+            ("tf_identity_recall", "identity recall, threshold detector (teacher-forced)"),
             ("tf_prediction_error", "prediction MSE vs ground truth (teacher-forced)"),
             ("attention_error_mean", "attention-output rel. error (teacher-forced)"),
             ("rollout_error_in_dist", "rollout MSE vs unbounded, first 24 frames"),
-            ("rollout_error", "rollout MSE vs unbounded, all generated frames")]
-    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
+            ("rollout_error", "rollout MSE vs unbounded, all generated frames"),
+            ("subject_consistency", "subject consistency (random features, not DINO)")]
+    fig, axes = plt.subplots(2, 4, figsize=(22, 8.5))
     axes = axes.flatten()
     unb = next(s for s in summary if s["policy"] == "unbounded")
     for ax, (k, title) in zip(axes, keys):
@@ -305,9 +378,21 @@ def plot(summary, budgets, total, png):
         ax.axhline(unb[k], color="k", lw=1, label="unbounded")
         ax.set(xlabel="budget (fraction of the unbounded cache)", title=title)
     axes[0].legend(fontsize=7, ncol=2)
+    ax = axes[-1]
+    if probe:  # the memory probe: one bar per (policy, budget), seed spread as the error bar
+        rows = sorted(probe, key=lambda r: (r["budget_frames"] or 0, r["policy"]))
+        labels = [r["policy"] + ("" if r["budget_frames"] is None else f" @{r['budget_frames']}") for r in rows]
+        colours = ["0.6" if r["policy"] == "ground-truth" else "k" if r["policy"] == "unbounded" else "tab:red" if r["policy"].startswith(("future", "ff-"))
+                   else "tab:blue" for r in rows]
+        ax.barh(labels, [r["returning_readout"] for r in rows], xerr=[r["returning_readout_seed_std"] for r in rows],
+                color=colours, capsize=2)
+        ax.set(xlabel="returning-subject colour read-out accuracy", xlim=(0, 1),
+               title=f"memory probe ({rows[0]['probes']} returns, gap > budget)")
+        ax.tick_params(axis="y", labelsize=7)
+    else:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(png, dpi=90)
-
 
 if __name__ == "__main__":
     main()

@@ -127,13 +127,46 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
 
     out = tmp_path / "q.json"
     assert main(["bench", "quality", "--seeds", "1", "--prefix", "6", "--frames", "6", "--fractions", "0.5",
-                 "--policies", "window", "future-forcing", "--out", str(out), "--filmstrip-policies", "window", "--filmstrip-every", "2"]) == 0
+                 "--policies", "window", "future-forcing", "--out", str(out), "--filmstrip-policies", "window",
+                 "--filmstrip-every", "2", "--probe-seeds", "1", "--probe-history", "48", "--probe-min-gap", "9",
+                 "--probe-fractions", "0.5"]) == 0
     res = json.loads(out.read_text())
     rows = {r["policy"]: r for r in res["rows"]}
     assert set(rows) == {"unbounded", "window", "future-forcing"}
     assert rows["unbounded"]["rollout_error"] == 0.0 and rows["window"]["rollout_error"] >= 0.0
     assert len(rows["future-forcing"]["attention_error_per_layer"]) == 4
     assert out.with_suffix(".png").is_file() and (tmp_path / "q_filmstrip.png").is_file()
+    probe = {r["policy"]: r for r in res["memory_probe"]}  # held-out seed 1001000 has a return at frame 42
+    assert set(probe) == {"ground-truth", "unbounded", "window", "future-forcing"}
+    assert probe["ground-truth"]["returning_readout"] == 1.0 and probe["window"]["probes"] == 3
+    assert 0.0 <= probe["future-forcing"]["returning_readout"] <= 1.0
+
+
+def test_memory_clips_show_a_return_and_where_the_subject_was_seen():
+    from ff_engine.world.train import memory_frame_times, training_batch
+
+    vis = torch.zeros(90, 1, dtype=torch.bool)
+    vis[0:12, 0] = True
+    vis[60:, 0] = True  # back at frame 60 after 48 frames out of view
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        t = memory_frame_times(rng, vis, n_blocks=8, n_target=2, fpb=3, min_gap=15)
+        blocks = [t[i:i + 3] for i in range(0, 24, 3)]
+        assert len(t) == 24 and t == sorted(t) and all(b == list(range(b[0], b[0] + 3)) for b in blocks)
+        assert 58 <= blocks[-2][0] <= 62 and blocks[-1][0] == blocks[-2][0] + 3  # the targets: the return's first frames
+        assert blocks[-3][0] == blocks[-2][0] - 3  # the block just before is always there
+        assert any(b[0] < 12 for b in blocks[:-3])  # and a distant block that shows the subject
+    assert memory_frame_times(rng, torch.ones(90, 1, dtype=torch.bool), 8, 2, 3, 15) is None  # no return: none
+    x, times = training_batch(rng, 2, 8, 3, 0.5, 48, p_memory=1.0)
+    assert x.shape == (2, 24, 12, 16, 24) and bool((times.diff(dim=1) > 0).all())
+
+
+def test_subject_readout_reads_the_truth_and_not_the_background():
+    clip = make_clip(EVAL_SEED_BASE + 3, 90)
+    assert M.identity_readout_accuracy(clip.frames, clip.identity, clip.centre, clip.visible) > 0.9
+    assert M.identity_readout_accuracy(0.6 * clip.frames, clip.identity, clip.centre, clip.visible) > 0.9  # blur-proof
+    assert M.identity_readout_accuracy(torch.zeros_like(clip.frames), clip.identity, clip.centre, clip.visible) == 0.0
+    assert bool((M.subject_readout(clip.frames, clip.identity, clip.centre, clip.visible)[~clip.visible] == -1).all())
 
 
 def test_returning_pairs_and_identity_recall_against_ground_truth():

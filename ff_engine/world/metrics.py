@@ -14,6 +14,10 @@
 * ``identity_recall`` (against ground truth, for teacher-forced predictions): where the ground truth shows a
   subject, does the model's prediction of that frame show its colour; ``returning_pairs`` restricts this to the
   first frames after a subject was out of view for a long time.
+* ``subject_readout`` / ``identity_readout_accuracy`` (against ground truth, robust to blur): the mean colour of
+  the pixels where the ground truth draws a subject (its shape at its true position, clipped to the frame) is
+  classified as the nearest palette colour — the model's rendition of *that* subject, whether or not it is
+  saturated enough for the threshold detector above.
 * per-layer attention-output error: measured by ``benchmarks/quality.py`` (teacher-forced, see there).
 """
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ff_engine.world.procedural import PALETTE, SHAPES
+from ff_engine.world.procedural import PALETTE, SHAPES, SUBJECT_SIZE, _mask
 
 
 def detected_colours(frames: torch.Tensor, tol: float = 0.35, min_pixels: int = 6) -> torch.Tensor:
@@ -52,6 +56,7 @@ def returning_recall(prefix: torch.Tensor, continuation: torch.Tensor, identity:
     return float((back & seen).sum()) / float(seen.sum())
 
 
+READOUT_TOL = 0.6
 _PROJ = torch.randn(3 * 8 * 12, 64, generator=torch.Generator().manual_seed(1234)) / (3 * 8 * 12) ** 0.5
 
 
@@ -102,3 +107,40 @@ def identity_recall(frames: torch.Tensor, identity: torch.Tensor, pairs: torch.T
     colour = identity // len(SHAPES)  # [S]
     shown = det[:, colour]  # [T, S]
     return float(shown[pairs].float().mean())
+
+
+def subject_readout(frames: torch.Tensor, identity: torch.Tensor, centre: torch.Tensor,
+                    visible: torch.Tensor) -> torch.Tensor:
+    """long [T, S]: the palette colour (index) nearest to the mean colour of the pixels where the ground truth
+    draws subject s in frame t (its shape at ``centre``, clipped to the frame, as ``make_clip`` renders it);
+    -1 where the subject is not visible or that mean is no subject colour (max-channel distance to every
+    palette colour >= ``READOUT_TOL``: the background's 9 x 9 means are all >= 0.62 away, so a model that paints
+    background there is not credited with whatever palette colour happens to be nearest)."""
+    T, S = visible.shape
+    H, W = frames.shape[-2:]
+    out = torch.full((T, S), -1, dtype=torch.long)
+    masks = [_mask(int(i) % len(SHAPES), SUBJECT_SIZE) for i in identity]
+    for t in range(T):
+        for s in range(S):
+            if not visible[t, s]:
+                continue
+            fy, fx = float(centre[t, s, 0]), float(centre[t, s, 1])
+            x0, y0 = int(round(fx)) - SUBJECT_SIZE // 2, int(round(fy)) - SUBJECT_SIZE // 2
+            xs, ys, xe, ye = max(0, x0), max(0, y0), min(W, x0 + SUBJECT_SIZE), min(H, y0 + SUBJECT_SIZE)
+            m = masks[s][ys - y0:ye - y0, xs - x0:xe - x0]
+            mean = frames[t, :, ys:ye, xs:xe][:, m].float().mean(1)  # [3]
+            dist = (PALETTE - mean[None]).abs().amax(1)  # max-channel distance to each subject colour
+            if float(dist.min()) < READOUT_TOL:
+                out[t, s] = int(dist.argmin())
+    return out
+
+
+def identity_readout_accuracy(frames: torch.Tensor, identity: torch.Tensor, centre: torch.Tensor,
+                              pairs: torch.Tensor) -> float:
+    """Of the (frame, subject) pairs marked in ``pairs`` [T, S] (e.g. ``returning_pairs``), the share where
+    ``subject_readout`` gives the subject's true colour.  NaN when no pair is marked."""
+    if not pairs.any():
+        return float("nan")
+    read = subject_readout(frames, identity, centre, pairs)
+    colour = (identity // len(SHAPES))[None].expand_as(read)
+    return float((read[pairs] == colour[pairs]).float().mean())

@@ -37,6 +37,7 @@ from ff_engine.world.procedural import TRAIN_SEEDS, encode, make_clip
 from model_adapters.causal_wan import PRESETS, CausalWanModel, save_checkpoint
 
 ASSETS = Path(__file__).parent / "assets"
+N_TARGET = 2  # target blocks at the end of a memory clip
 
 
 class _TeacherForcingAttention:
@@ -77,14 +78,56 @@ def frame_times(rng: torch.Generator, n_blocks: int, fpb: int, p_sparse: float, 
     return old + list(range(k_old * fpb + gap, n_blocks * fpb + gap))
 
 
-def training_batch(rng: torch.Generator, batch: int, n_blocks: int, fpb: int, p_sparse: float, max_gap: int):
-    """(latents [B, F, C, H, W], frame times [B, F]) of clips drawn from training seeds at random start frames."""
+def memory_frame_times(rng: torch.Generator, visible: torch.Tensor, n_blocks: int, n_target: int, fpb: int,
+                       min_gap: int) -> list[int] | None:
+    """Frame indices of a *memory* clip cut from a long ground-truth history (``visible`` [L, S]): ``n_target``
+    target blocks where a subject comes back after at least ``min_gap`` frames out of view, the 1-3 blocks just
+    before them, and distant-past blocks (sorted, at their true positions) chosen mostly among those where that
+    subject was in view — the cache a memory-keeping policy would hold.  The subject's look at its return can
+    only come from those distant blocks, so this is the example that teaches retrieval (in plain clips it is a
+    few tokens in thousands).  None when the history has no such return."""
+    from ff_engine.world.metrics import returning_pairs
+
+    L = visible.shape[0]
+    back = returning_pairs(visible, min_gap=min_gap, window=fpb)  # [L, S]
+    events = [(int(t), int(s)) for t, s in back.nonzero() if t >= 2 * fpb and t + n_target * fpb <= L]
+    if not events:
+        return None
+    t, s = events[int(torch.randint(len(events), (1,), generator=rng))]
+    # t is one of the return's first fpb frames; the targets start up to fpb - 1 frames before it
+    t0 = t - int(torch.randint(0, fpb, (1,), generator=rng))
+    n_recent = int(torch.randint(1, 4, (1,), generator=rng))
+    n_old = n_blocks - n_target - n_recent
+    old_starts = list(range(t0 - (n_recent + 1) * fpb, -1, -fpb))  # block starts aligned to the targets
+    if n_old < 1 or len(old_starts) < n_old:
+        return None
+    seen = [b for b in old_starts if visible[b:b + fpb, s].any()]
+    chosen: list[int] = []
+    pool = list(old_starts)
+    for _ in range(n_old):  # each slot: a block showing the subject (p = 0.8) while any is left, else any block
+        src = [b for b in seen if b not in chosen] if float(torch.rand(1, generator=rng)) < 0.8 else []
+        src = src or [b for b in pool if b not in chosen]
+        chosen.append(src[int(torch.randint(len(src), (1,), generator=rng))])
+    starts = sorted(chosen) + [t0 - k * fpb for k in range(n_recent, 0, -1)] + [t0 + k * fpb for k in range(n_target)]
+    return [b + i for b in starts for i in range(fpb)]
+
+
+def training_batch(rng: torch.Generator, batch: int, n_blocks: int, fpb: int, p_sparse: float, max_gap: int,
+                   p_memory: float = 0.0, n_target: int = 2, history: int = 192, min_gap: int = 15):
+    """(latents [B, F, C, H, W], frame times [B, F]) of clips drawn from training seeds at random start frames:
+    memory clips with probability ``p_memory`` (see ``memory_frame_times``), else plain / sparse clips."""
     lat, times = [], []
-    for _ in range(batch):
+    while len(lat) < batch:
         seed = int(torch.randint(len(TRAIN_SEEDS), (1,), generator=rng))
         start = int(torch.randint(0, 240, (1,), generator=rng))
-        rel = frame_times(rng, n_blocks, fpb, p_sparse, max_gap)
-        clip = make_clip(TRAIN_SEEDS[seed], rel[-1] + 1, start=start)
+        if p_memory and float(torch.rand(1, generator=rng)) < p_memory:
+            clip = make_clip(TRAIN_SEEDS[seed], history, start=start)
+            rel = memory_frame_times(rng, clip.visible, n_blocks, n_target, fpb, min_gap)
+            if rel is None:
+                continue
+        else:
+            rel = frame_times(rng, n_blocks, fpb, p_sparse, max_gap)
+            clip = make_clip(TRAIN_SEEDS[seed], rel[-1] + 1, start=start)
         lat.append(encode(clip.frames[rel]))
         times.append(torch.tensor(rel) + start)
     return torch.stack(lat), torch.stack(times)
@@ -98,12 +141,22 @@ def sample_sigma(rng: torch.Generator, shape, shift: float) -> torch.Tensor:
 
 def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, seed: int = 0, shift: float = 2.0,
           p_sparse: float = 0.5, max_gap: int = 48, context_noise: float = 0.1, log_every: int = 50,
-          progress: bool = True, checkpoint=None, checkpoint_every: int = 0) -> tuple[CausalWanModel, list[dict]]:
+          progress: bool = True, checkpoint=None, checkpoint_every: int = 0, init: str | None = None,
+          p_memory: float = 0.0, target_weight: float = 1.0, min_gap: int = 15) -> tuple[CausalWanModel, list[dict]]:
+    """``init``: fine-tune this checkpoint instead of starting from random weights.  ``p_memory``: share of
+    memory clips (``memory_frame_times``); ``target_weight``: loss weight of every clip's last two blocks."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    cfg = PRESETS["world-tiny"]
-    model = CausalWanModel(cfg)
+    if init:
+        from model_adapters.causal_wan import load_causal_wan
+
+        model = load_causal_wan(init, preset="world-tiny")
+        cfg = model.cfg
+    else:
+        cfg = PRESETS["world-tiny"]
+        model = CausalWanModel(cfg)
+    model.train()
     g = model.geometry
     fpb = g.frames_per_block
     if clip_frames % fpb:
@@ -114,11 +167,13 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
     lr_at = lambda i: lr * min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))  # noqa: E731
     rng = torch.Generator().manual_seed(seed + 1)
     prompt = torch.zeros(1, cfg.text_dim)
+    block_weight = torch.ones(n_blocks)
+    block_weight[-N_TARGET:] = target_weight  # the memory clips' targets (the last blocks of every clip)
     curve = []
     t0 = time.perf_counter()
     bar = tqdm(range(steps), disable=not progress, desc="train world model")
     for i in bar:
-        x0, times = training_batch(rng, batch, n_blocks, fpb, p_sparse, max_gap)
+        x0, times = training_batch(rng, batch, n_blocks, fpb, p_sparse, max_gap, p_memory, N_TARGET, min_gap=min_gap)
         attn = _TeacherForcingAttention(batch, clip_frames, g.tokens_per_frame, fpb)
         prompts = [model.encode_prompt(prompt)] * batch
         # clean pass: the context as the cache holds it, lightly noised on half the blocks (robustness to
@@ -133,7 +188,8 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
         xt = (1 - sig[..., None, None, None]) * x0 + sig[..., None, None, None] * eps
         attn.noisy = True
         flow = model.forward(xt, sig * 1000, prompts, list(times), attn)
-        loss = F.mse_loss(flow, eps - x0)
+        per_block = (flow - (eps - x0)).pow(2).mean((2, 3, 4)).reshape(batch, n_blocks, fpb).mean(2)  # [B, blocks]
+        loss = (per_block * block_weight).sum(1).mean() / block_weight.sum()
         for group in opt.param_groups:
             group["lr"] = lr_at(i)
         opt.zero_grad(set_to_none=True)
@@ -158,6 +214,11 @@ def main(argv=None) -> int:
     ap.add_argument("--p-sparse", type=float, default=0.5, help="share of clips with a distant-past chunk")
     ap.add_argument("--max-gap", type=int, default=48, help="largest gap (frames) between past chunk and recent")
     ap.add_argument("--context-noise", type=float, default=0.1, help="largest noise level of context augmentation")
+    ap.add_argument("--p-memory", type=float, default=0.0, help="share of memory clips (a subject's return + "
+                    "distant blocks that show it)")
+    ap.add_argument("--min-gap", type=int, default=15, help="memory clips: frames the subject was out of view")
+    ap.add_argument("--target-weight", type=float, default=1.0, help="loss weight of each clip's last 2 blocks")
+    ap.add_argument("--init", default=None, help="fine-tune this checkpoint (its train.json is kept as 'init')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=250, help="write the checkpoint every N steps")
     ap.add_argument("--out", default=str(ASSETS / "world_model.safetensors"))
@@ -167,16 +228,24 @@ def main(argv=None) -> int:
     command = (f"ff-engine train-world --steps {a.steps} --batch {a.batch} --clip-frames {a.clip_frames} "
                f"--lr {a.lr} --shift {a.shift} --p-sparse {a.p_sparse} --max-gap {a.max_gap} "
                f"--context-noise {a.context_noise} --seed {a.seed}")
+    if a.p_memory or a.init:
+        command += f" --p-memory {a.p_memory} --min-gap {a.min_gap} --target-weight {a.target_weight}"
+    if a.init:
+        command += f" --init {a.init}"
+    init_meta = None
+    if a.init and Path(a.init).with_suffix(".train.json").exists():
+        init_meta = json.loads(Path(a.init).with_suffix(".train.json").read_text())
 
     def write(model, curve, step):
         model.cfg = model.cfg.with_(sample_shift=a.shift)
         save_checkpoint(model, out)
         meta = {"command": command, "step": step, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "curve": curve}
+                "curve": curve, "init": init_meta}
         out.with_suffix(".train.json").write_text(json.dumps(meta, indent=1))
 
     model, curve = train(a.steps, a.batch, a.clip_frames, a.lr, a.seed, a.shift, a.p_sparse, a.max_gap,
-                         a.context_noise, checkpoint=write, checkpoint_every=a.checkpoint_every)
+                         a.context_noise, checkpoint=write, checkpoint_every=a.checkpoint_every, init=a.init,
+                         p_memory=a.p_memory, target_weight=a.target_weight, min_gap=a.min_gap)
     write(model, curve, a.steps)
     try:
         import matplotlib
