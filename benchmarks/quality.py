@@ -83,11 +83,12 @@ class AttentionTap:
 
 
 def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, tap=None, teacher=None,
-            predict_every=0, predict_at=()):
+            predict_every=0, predict_at=(), predict=None):
     """Free rollout after a ground-truth prefix -> latents; or, with ``teacher``, a teacher-forced pass ->
     (attention outputs of the cache-writing passes if ``tap``, {frame: the model's prediction of the block
     starting there} every ``predict_every`` blocks and at the block starts in ``predict_at``; with only
-    ``predict_at`` the pass stops after the last of them)."""
+    ``predict_at`` the pass stops after the last of them).  ``predict(engine, session)`` replaces the default
+    prediction (the sampler's x0 of the block)."""
     g = model.geometry
     total = prefix + frames
     cfg = SessionConfig(prompt=torch.zeros(1, model.cfg.text_dim), num_frames=total, seed=seed, policy=policy,
@@ -104,7 +105,7 @@ def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, ta
             if every or s.start_frame in predict_at:  # what would the model make here?
                 if outs:
                     outs.active = False
-                preds[s.start_frame] = e.denoise([s])[0].float()
+                preds[s.start_frame] = predict(e, s) if predict else e.denoise([s])[0].float()
                 if outs:
                     outs.active = True
             if s.block == s.num_blocks - 1 or (last is not None and s.start_frame >= last):
@@ -119,47 +120,108 @@ def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, ta
     return torch.cat(s.latents)
 
 
+PROBE_TIMESTEPS = (900.0, 750.0, 500.0)  # one-step denoising levels of the memory probe
+PROBE_READOUT_T = 500.0
+
+
 def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, progress=True):
     """Does the policy keep what the model needs when a subject comes back?  For each held-out world seed
     (``history`` ground-truth frames), every moment a subject returns after >= ``min_gap`` frames out of view
     (longer than the budget under test, so a window has evicted it) is a probe: the policy's cache is fed the
-    ground truth up to that block, the model predicts the block from noise, and the subject's colour is read out
-    at its true position (``metrics.subject_readout``) in the block's frames from the return on.  Returns one row
-    per (policy, budget) with the read-out accuracy over all probes and its spread over seeds."""
+    ground truth up to that block, then at the block
+      * the model denoises the ground truth noised at each of ``PROBE_TIMESTEPS`` (fixed noise, the same for every
+        policy) in one step; ``returning_denoise_error`` is the pixel MSE of that x0 prediction on the subject's
+        ground-truth pixels (mean over levels), ``returning_readout_denoise`` the colour read-out
+        (``metrics.subject_readout``) of the prediction at ``PROBE_READOUT_T`` — the diffusion analogue of a
+        language model's perplexity under a compressed cache: how much the cache helps to recognise the subject;
+      * the sampler generates the block from pure noise; ``returning_readout_sampled`` is the colour read-out of
+        that — which also needs the model to guess *where* the subject re-enters.
+    Returns one row per (policy, budget) with means over all probes and the spread of per-seed means."""
     from tqdm import tqdm
 
     g = model.geometry
     fpb = g.frames_per_block
     specs = [("unbounded", None)] + [(name, b) for b in budgets for name in policies]
-    hits = {k: {} for k in [("ground-truth", None)] + specs}  # (policy, budget) -> {seed: [hit, ...]}
+    per = {k: {} for k in [("ground-truth", None)] + specs}  # (policy, budget) -> {seed: {metric: [values]}}
     for seed in tqdm(seeds, desc="memory probe", disable=not progress):
         clip = make_clip(seed, history)
         back = M.returning_pairs(clip.visible, min_gap=min_gap, window=fpb)  # first frames of each long-gap return
         starts = sorted({int(t) // fpb * fpb for t, _ in back.nonzero() if t >= 2 * fpb})
         if not starts:
             continue
-        frames_idx = [f for s0 in starts for f in range(s0, s0 + fpb)]
-        pairs = back[frames_idx]
+        idx = [f for s0 in starts for f in range(s0, s0 + fpb)]
+        pairs, centre, truth = back[idx], clip.centre[idx], clip.frames[idx]
+        colour = (clip.identity // len(SHAPES))[None].expand(len(idx), -1)
+
+        def hits(px):
+            return (M.subject_readout(px, clip.identity, centre, pairs)[pairs] == colour[pairs]).float().tolist()
+
+        per[("ground-truth", None)][seed] = {"returning_readout_sampled": hits(truth),
+                                             "returning_readout_denoise": hits(truth),
+                                             "returning_denoise_error": [0.0] * int(pairs.sum())}
         lat = encode(clip.frames)
-        truth = M.subject_readout(clip.frames[frames_idx], clip.identity, clip.centre[frames_idx], pairs)
-        colour = (clip.identity // len(SHAPES))[None].expand_as(truth)
-        hits[("ground-truth", None)][seed] = (truth[pairs] == colour[pairs]).tolist()  # the read-out's ceiling
+        noise = {s0: torch.randn(lat[s0:s0 + fpb].shape, generator=torch.Generator().manual_seed(seed * 1000 + s0))
+                 for s0 in starts}
+
+        def predict(e, s):
+            x0 = lat[s.start_frame:s.start_frame + fpb][None]
+            out = {"sampled": e.denoise([s])[0].float()}
+            for t in PROBE_TIMESTEPS:
+                tt = torch.full((1, fpb), t)
+                xt = e.schedule.add_noise(x0, noise[s.start_frame][None], tt)
+                out[t] = e.schedule.to_x0(xt, e.forward_block([s], xt, tt, write=False), tt)[0].float()
+            return out
+
         for name, budget in specs:
             pname, params = ("unbounded", {}) if budget is None else policy_specs(budget)[name]
             _, preds = rollout(model, lat, fpb, history - fpb, make_policy(pname, **params), budget, seed, page_size,
-                               teacher=lat, predict_at=set(starts))
-            px = decode(torch.cat([preds[s0] for s0 in starts]))
-            read = M.subject_readout(px, clip.identity, clip.centre[frames_idx], pairs)
-            hits[(name, budget)][seed] = (read[pairs] == colour[pairs]).tolist()
+                               teacher=lat, predict_at=set(starts), predict=predict)
+            px = {k: decode(torch.cat([preds[s0][k] for s0 in starts])) for k in ["sampled", *PROBE_TIMESTEPS]}
+            errs = [M.subject_error(px[t], truth, clip.identity, centre, pairs) for t in PROBE_TIMESTEPS]
+            per[(name, budget)][seed] = {"returning_readout_sampled": hits(px["sampled"]),
+                                         "returning_readout_denoise": hits(px[PROBE_READOUT_T]),
+                                         "returning_denoise_error": [sum(e) / len(e) for e in zip(*errs)]}
     rows = []
-    for (name, budget), per_seed in hits.items():
-        flat = [h for hs in per_seed.values() for h in hs]
-        seed_acc = [sum(hs) / len(hs) for hs in per_seed.values() if hs]
-        rows.append({"policy": name, "budget_frames": budget, "probes": len(flat),
-                     "returning_readout": sum(flat) / len(flat) if flat else float("nan"),
-                     "returning_readout_seed_std": statistics.pstdev(seed_acc) if len(seed_acc) > 1 else 0.0,
-                     "per_seed": {str(k): v for k, v in per_seed.items()}})
+    for (name, budget), by_seed in per.items():
+        row = {"policy": name, "budget_frames": budget,
+               "probes": sum(len(v["returning_denoise_error"]) for v in by_seed.values())}
+        for m in PROBE_METRICS:
+            flat = [x for v in by_seed.values() for x in v[m]]
+            seed_means = [sum(v[m]) / len(v[m]) for v in by_seed.values() if v[m]]
+            row[m] = sum(flat) / len(flat) if flat else float("nan")
+            row[m + "_seed_std"] = statistics.pstdev(seed_means) if len(seed_means) > 1 else 0.0
+        row["per_seed"] = {str(k): v for k, v in by_seed.items()}
+        rows.append(row)
     return rows
+
+
+PROBE_METRICS = ["returning_denoise_error", "returning_readout_denoise", "returning_readout_sampled"]
+
+
+def paired_differences(probe, reference="future-forcing", resamples=2000):
+    """Every policy minus ``reference`` on the same probes (same seeds, same returns, same noise): the mean
+    difference of each probe metric and a 90 % interval from a bootstrap over seeds (seeds resampled with their
+    probes, as the probes of one seed are not independent).  Policies are compared on identical probes, so this
+    is much tighter than the seed spread of each policy's own mean."""
+    ref = {r["budget_frames"]: r for r in probe if r["policy"] == reference}
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for r in probe:
+        base = ref.get(r["budget_frames"]) or next(iter(ref.values()), None)
+        if base is None or r is base or r["policy"] == "ground-truth":
+            continue
+        seeds = sorted(set(r["per_seed"]) & set(base["per_seed"]))
+        item = {"policy": r["policy"], "budget_frames": r["budget_frames"], "reference": reference}
+        for m in PROBE_METRICS:
+            diffs = [[a - b for a, b in zip(r["per_seed"][k][m], base["per_seed"][k][m])] for k in seeds]
+            sums = torch.tensor([sum(d) for d in diffs], dtype=torch.float64)
+            counts = torch.tensor([len(d) for d in diffs], dtype=torch.float64)
+            idx = torch.randint(len(seeds), (resamples, len(seeds)), generator=g)
+            boot = sums[idx].sum(1) / counts[idx].sum(1).clamp_min(1)
+            item[m] = float(sums.sum() / counts.sum())
+            item[m + "_ci90"] = [float(boot.quantile(0.05)), float(boot.quantile(0.95))]
+        out.append(item)
+    return out
 
 
 def layer_errors(outputs, ref_outputs, num_layers):
@@ -300,7 +362,7 @@ def main(argv=None):
         probe = memory_probe(model, probe_seeds, sorted({to_budget(f) for f in a.probe_fractions}), a.policies,
                              a.probe_history, a.probe_min_gap, a.page_size)
         print(f"memory probe done ({time.perf_counter() - t0:.0f}s)", flush=True)
-    out.update(partial=False, memory_probe=probe,
+    out.update(partial=False, memory_probe=probe, memory_probe_vs_future_forcing=paired_differences(probe),
                memory_probe_setup={"seeds": a.probe_seeds, "history": a.probe_history, "min_gap": a.probe_min_gap})
     summary = out["summary"]
     path.write_text(json.dumps(out, indent=1))
@@ -310,11 +372,16 @@ def main(argv=None):
                   path.with_name(path.stem + "_filmstrip.png"), policies=a.filmstrip_policies, every=a.filmstrip_every)
     print_table(summary)
     if probe:
-        print(f"memory probe (returning-subject colour read-out, {a.probe_seeds} seeds x {a.probe_history} frames, "
-              f"gap >= {a.probe_min_gap}):")
-        for r in sorted(probe, key=lambda r: (r["budget_frames"] or 1e9, -r["returning_readout"])):
-            print(f"  {r['policy']:22s} {str(r['budget_frames']):>5s} {r['returning_readout']:.3f} "
-                  f"(seed std {r['returning_readout_seed_std']:.3f}, {r['probes']} probes)")
+        print(f"memory probe ({a.probe_seeds} seeds x {a.probe_history} frames, returns after >= {a.probe_min_gap} "
+              f"frames out of view, {probe[0]['probes']} probes; mean ± seed spread):")
+        print(f"  {'policy':22s} {'budget':>6s} {'denoise-err':>11s} {'readout@500':>11s} {'readout-sampled':>15s}")
+        for r in sorted(probe, key=lambda r: (r["budget_frames"] or 1e9, r["returning_denoise_error"])):
+            print(f"  {r['policy']:22s} {str(r['budget_frames']):>6s} " + " ".join(
+                f"{r[m]:.3f}±{r[m + '_seed_std']:.3f}".rjust(w) for m, w in zip(PROBE_METRICS, (11, 11, 15))))
+        print("  minus future-forcing on the same probes (90 % seed-bootstrap interval):")
+        for r in sorted(out["memory_probe_vs_future_forcing"], key=lambda r: r["returning_denoise_error"]):
+            print(f"  {r['policy']:22s} {str(r['budget_frames']):>6s} " + " ".join(
+                f"{r[m]:+.3f} [{r[m + '_ci90'][0]:+.3f}, {r[m + '_ci90'][1]:+.3f}]" for m in PROBE_METRICS[:2]))
     print(f"wrote {path}")
 
 
@@ -384,10 +451,10 @@ def plot(summary, budgets, total, png, probe=()):
         labels = [r["policy"] + ("" if r["budget_frames"] is None else f" @{r['budget_frames']}") for r in rows]
         colours = ["0.6" if r["policy"] == "ground-truth" else "k" if r["policy"] == "unbounded" else "tab:red" if r["policy"].startswith(("future", "ff-"))
                    else "tab:blue" for r in rows]
-        ax.barh(labels, [r["returning_readout"] for r in rows], xerr=[r["returning_readout_seed_std"] for r in rows],
-                color=colours, capsize=2)
-        ax.set(xlabel="returning-subject colour read-out accuracy", xlim=(0, 1),
-               title=f"memory probe ({rows[0]['probes']} returns, gap > budget)")
+        ax.barh(labels, [r["returning_denoise_error"] for r in rows],
+                xerr=[r["returning_denoise_error_seed_std"] for r in rows], color=colours, capsize=2)
+        ax.set(xlabel="returning-subject denoising error (pixel MSE, lower is better)",
+               title=f"memory probe ({rows[0]['probes']} returning-subject frames, gap > budget)")
         ax.tick_params(axis="y", labelsize=7)
     else:
         ax.axis("off")

@@ -138,8 +138,9 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     assert out.with_suffix(".png").is_file() and (tmp_path / "q_filmstrip.png").is_file()
     probe = {r["policy"]: r for r in res["memory_probe"]}  # held-out seed 1001000 has a return at frame 42
     assert set(probe) == {"ground-truth", "unbounded", "window", "future-forcing"}
-    assert probe["ground-truth"]["returning_readout"] == 1.0 and probe["window"]["probes"] == 3
-    assert 0.0 <= probe["future-forcing"]["returning_readout"] <= 1.0
+    assert probe["ground-truth"]["returning_readout_denoise"] == 1.0 and probe["window"]["probes"] == 3
+    assert probe["ground-truth"]["returning_denoise_error"] == 0.0 and probe["window"]["returning_denoise_error"] > 0
+    assert all(0.0 <= probe[p][m] <= 1.0 for p in probe for m in ("returning_readout_denoise", "returning_readout_sampled"))
 
 
 def test_memory_clips_show_a_return_and_where_the_subject_was_seen():

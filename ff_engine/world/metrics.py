@@ -109,30 +109,41 @@ def identity_recall(frames: torch.Tensor, identity: torch.Tensor, pairs: torch.T
     return float(shown[pairs].float().mean())
 
 
+def subject_pixels(frame: torch.Tensor, identity: int, centre: torch.Tensor) -> torch.Tensor:
+    """[3, n]: the pixels of ``frame`` [3, H, W] where the ground truth draws the subject with this identity
+    centred at ``centre`` (y, x) — its shape clipped to the frame, as ``make_clip`` renders it."""
+    H, W = frame.shape[-2:]
+    fy, fx = float(centre[0]), float(centre[1])
+    x0, y0 = int(round(fx)) - SUBJECT_SIZE // 2, int(round(fy)) - SUBJECT_SIZE // 2
+    xs, ys, xe, ye = max(0, x0), max(0, y0), min(W, x0 + SUBJECT_SIZE), min(H, y0 + SUBJECT_SIZE)
+    m = _mask(int(identity) % len(SHAPES), SUBJECT_SIZE)[ys - y0:ye - y0, xs - x0:xe - x0]
+    return frame[:, ys:ye, xs:xe][:, m].float()
+
+
 def subject_readout(frames: torch.Tensor, identity: torch.Tensor, centre: torch.Tensor,
                     visible: torch.Tensor) -> torch.Tensor:
     """long [T, S]: the palette colour (index) nearest to the mean colour of the pixels where the ground truth
-    draws subject s in frame t (its shape at ``centre``, clipped to the frame, as ``make_clip`` renders it);
-    -1 where the subject is not visible or that mean is no subject colour (max-channel distance to every
-    palette colour >= ``READOUT_TOL``: the background's 9 x 9 means are all >= 0.62 away, so a model that paints
-    background there is not credited with whatever palette colour happens to be nearest)."""
+    draws subject s in frame t (``subject_pixels``); -1 where the subject is not visible or that mean is no
+    subject colour (max-channel distance to every palette colour >= ``READOUT_TOL``: the background's 9 x 9
+    means are all >= 0.62 away, so a model that paints background there is not credited with whatever palette
+    colour happens to be nearest)."""
     T, S = visible.shape
-    H, W = frames.shape[-2:]
     out = torch.full((T, S), -1, dtype=torch.long)
-    masks = [_mask(int(i) % len(SHAPES), SUBJECT_SIZE) for i in identity]
-    for t in range(T):
-        for s in range(S):
-            if not visible[t, s]:
-                continue
-            fy, fx = float(centre[t, s, 0]), float(centre[t, s, 1])
-            x0, y0 = int(round(fx)) - SUBJECT_SIZE // 2, int(round(fy)) - SUBJECT_SIZE // 2
-            xs, ys, xe, ye = max(0, x0), max(0, y0), min(W, x0 + SUBJECT_SIZE), min(H, y0 + SUBJECT_SIZE)
-            m = masks[s][ys - y0:ye - y0, xs - x0:xe - x0]
-            mean = frames[t, :, ys:ye, xs:xe][:, m].float().mean(1)  # [3]
-            dist = (PALETTE - mean[None]).abs().amax(1)  # max-channel distance to each subject colour
-            if float(dist.min()) < READOUT_TOL:
-                out[t, s] = int(dist.argmin())
+    for t, s in visible.nonzero().tolist():
+        mean = subject_pixels(frames[t], int(identity[s]), centre[t, s]).mean(1)  # [3]
+        dist = (PALETTE - mean[None]).abs().amax(1)  # max-channel distance to each subject colour
+        if float(dist.min()) < READOUT_TOL:
+            out[t, s] = int(dist.argmin())
     return out
+
+
+def subject_error(frames: torch.Tensor, truth: torch.Tensor, identity: torch.Tensor, centre: torch.Tensor,
+                  pairs: torch.Tensor) -> list[float]:
+    """Per marked (frame, subject) pair in ``pairs`` [T, S]: the mean squared pixel error of ``frames`` against
+    ``truth`` on that subject's ground-truth pixels (``subject_pixels``)."""
+    return [float((subject_pixels(frames[t], int(identity[s]), centre[t, s])
+                   - subject_pixels(truth[t], int(identity[s]), centre[t, s])).pow(2).mean())
+            for t, s in pairs.nonzero().tolist()]
 
 
 def identity_readout_accuracy(frames: torch.Tensor, identity: torch.Tensor, centre: torch.Tensor,
