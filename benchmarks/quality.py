@@ -366,7 +366,7 @@ def main(argv=None):
                memory_probe_setup={"seeds": a.probe_seeds, "history": a.probe_history, "min_gap": a.probe_min_gap})
     summary = out["summary"]
     path.write_text(json.dumps(out, indent=1))
-    plot(summary, budgets, total, path.with_suffix(".png"), probe)
+    plot(summary, budgets, total, path.with_suffix(".png"), probe, out["memory_probe_vs_future_forcing"])
     if not a.quick and a.filmstrip_policies:
         filmstrip(model, EVAL_SEED_BASE, a.prefix, a.frames, strip_budget, a.page_size,
                   path.with_name(path.stem + "_filmstrip.png"), policies=a.filmstrip_policies, every=a.filmstrip_every)
@@ -420,7 +420,7 @@ def print_table(summary):
         print(f"{s['policy']:22s} {str(s['budget_frames']):>6s} " + " ".join(f"{s[k]:{w}.{d}f}" for k, _, w, d in cols))
 
 
-def plot(summary, budgets, total, png, probe=()):
+def plot(summary, budgets, total, png, probe=(), paired=()):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -446,16 +446,20 @@ def plot(summary, budgets, total, png, probe=()):
         ax.set(xlabel="budget (fraction of the unbounded cache)", title=title)
     axes[0].legend(fontsize=7, ncol=2)
     ax = axes[-1]
-    if probe:  # the memory probe: one bar per (policy, budget), seed spread as the error bar
-        rows = sorted(probe, key=lambda r: (r["budget_frames"] or 0, r["policy"]))
-        labels = [r["policy"] + ("" if r["budget_frames"] is None else f" @{r['budget_frames']}") for r in rows]
-        colours = ["0.6" if r["policy"] == "ground-truth" else "k" if r["policy"] == "unbounded" else "tab:red" if r["policy"].startswith(("future", "ff-"))
-                   else "tab:blue" for r in rows]
-        ax.barh(labels, [r["returning_denoise_error"] for r in rows],
-                xerr=[r["returning_denoise_error_seed_std"] for r in rows], color=colours, capsize=2)
-        ax.set(xlabel="returning-subject denoising error (pixel MSE, lower is better)",
-               title=f"memory probe ({rows[0]['probes']} returning-subject frames, gap > budget)")
-        ax.tick_params(axis="y", labelsize=7)
+    if paired:  # the memory probe, paired against Future Forcing on the same probes
+        rows = sorted(paired, key=lambda r: r["returning_readout_denoise"])
+        absolute = {(r["policy"], r["budget_frames"]): r["returning_readout_denoise"] for r in probe}
+        y = list(range(len(rows)))
+        mid = [r["returning_readout_denoise"] for r in rows]
+        lo = [m - r["returning_readout_denoise_ci90"][0] for m, r in zip(mid, rows)]
+        hi = [r["returning_readout_denoise_ci90"][1] - m for m, r in zip(mid, rows)]
+        ax.errorbar(mid, y, xerr=[lo, hi], fmt="o", capsize=3)
+        ax.axvline(0, color="tab:red", lw=1)
+        ax.set_yticks(y, [f"{r['policy']}" + ("" if r["budget_frames"] is None else f" @{r['budget_frames']}")
+                          + f" ({absolute[(r['policy'], r['budget_frames'])]:.2f})" for r in rows], fontsize=7)
+        ff = next((r["returning_readout_denoise"] for r in probe if r["policy"] == "future-forcing"), float("nan"))
+        ax.set(xlabel=f"returning-subject read-out minus future-forcing ({ff:.2f}); 90 % CI",
+               title=f"memory probe ({probe[0]['probes']} returns)")
     else:
         ax.axis("off")
     fig.tight_layout()
