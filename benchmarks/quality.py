@@ -34,7 +34,7 @@ from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import make_policy
 from ff_engine.world import metrics as M
-from ff_engine.world.procedural import EVAL_SEED_BASE, SHAPES, decode, encode, make_clip
+from ff_engine.world.procedural import EVAL_SEED_BASE, SHAPES, TRAIN_SEEDS, decode, encode, make_clip
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "ff_engine" / "world" / "assets" / "world_model.safetensors"
@@ -56,6 +56,9 @@ def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
         "ff-no-value-norm": ("future-forcing", {"value_norm": False}),
         "ff-horizon-1": ("future-forcing", {"horizon": 1}),
         "ff-exact-scoring": ("future-forcing", {"page_candidates": False}),
+        "ff-max": ("future-forcing", {"aggregation": "max"}),
+        "ff-nocov-max": ("future-forcing", {"covariance": False, "aggregation": "max"}),
+        "ff-importance-split": ("future-forcing", {"budget_split": "importance"}),
         "random": ("random", {}),
         "key-norm": ("key-norm", {}),
     }
@@ -211,6 +214,8 @@ def paired_differences(probe, reference="future-forcing", resamples=2000):
         if base is None or r is base or r["policy"] == "ground-truth":
             continue
         seeds = sorted(set(r["per_seed"]) & set(base["per_seed"]))
+        if not seeds:  # no seed had a return to probe
+            continue
         item = {"policy": r["policy"], "budget_frames": r["budget_frames"], "reference": reference}
         for m in PROBE_METRICS:
             diffs = [[a - b for a, b in zip(r["per_seed"][k][m], base["per_seed"][k][m])] for k in seeds]
@@ -286,6 +291,10 @@ def main(argv=None):
                     help="memory probe: a return counts after this many frames out of view")
     ap.add_argument("--probe-fractions", type=float, nargs="+", default=[0.25],
                     help="memory probe: budgets (same frame budgets as the main run's fractions)")
+    ap.add_argument("--probe-only", action="store_true", help="run only the memory probe (no main seeds)")
+    ap.add_argument("--probe-on-training-seeds", action="store_true",
+                    help="probe training seeds (20000 + 613 i) instead of held-out ones: for studying policy "
+                         "settings without touching the evaluation seeds")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     ap.add_argument("--filmstrip-policies", nargs="*", default=["window", "sink-window", "future-forcing"],
                     help="policies shown in the filmstrip picture of the first seed (none: no picture)")
@@ -303,7 +312,13 @@ def main(argv=None):
     to_budget = lambda f: max(2 * g.frames_per_block, int(round(f * total / g.frames_per_block)) * g.frames_per_block)  # noqa: E731
     budgets = sorted({to_budget(f) for f in a.fractions})
     strip_budget = min(budgets, key=lambda b: abs(b / total - a.filmstrip_fraction))
+    if a.probe_only:
+        a.seeds = 0
     rows, t0 = [], time.perf_counter()
+    path = Path(a.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {"benchmark": "quality", "model": a.model, "quick": a.quick, "seeds": a.seeds, "prefix": a.prefix,
+           "frames": a.frames, "budgets": budgets, "rows": rows, "summary": [], "partial": True}
     for si in range(a.seeds):
         seed = EVAL_SEED_BASE + si
         clip = make_clip(seed, total)
@@ -351,23 +366,25 @@ def main(argv=None):
                                       a.page_size, tap=True, teacher=lat, predict_every=a.predict_every)
                 score(name, budget, lats, layer_errors(outs, ref_att, g.num_layers), preds)
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
-        out = {"benchmark": "quality", "model": a.model, "quick": a.quick, "seeds": a.seeds, "prefix": a.prefix,
-               "frames": a.frames, "budgets": budgets, "rows": rows, "summary": summarise(rows), "partial": True}
-        path = Path(a.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        out["summary"] = summarise(rows)
         path.write_text(json.dumps(out, indent=1))  # a long run that dies still leaves its finished seeds
     probe = []
     if a.probe_seeds:
-        probe_seeds = [EVAL_SEED_BASE + 1000 + i for i in range(a.probe_seeds)]
+        if a.probe_on_training_seeds:
+            probe_seeds = [TRAIN_SEEDS[20_000 + 613 * i] for i in range(a.probe_seeds)]
+        else:
+            probe_seeds = [EVAL_SEED_BASE + 1000 + i for i in range(a.probe_seeds)]
         probe = memory_probe(model, probe_seeds, sorted({to_budget(f) for f in a.probe_fractions}), a.policies,
                              a.probe_history, a.probe_min_gap, a.page_size)
         print(f"memory probe done ({time.perf_counter() - t0:.0f}s)", flush=True)
     out.update(partial=False, memory_probe=probe, memory_probe_vs_future_forcing=paired_differences(probe),
-               memory_probe_setup={"seeds": a.probe_seeds, "history": a.probe_history, "min_gap": a.probe_min_gap})
+               memory_probe_setup={"seeds": a.probe_seeds, "history": a.probe_history, "min_gap": a.probe_min_gap,
+                                   "training_seeds": a.probe_on_training_seeds})
     summary = out["summary"]
     path.write_text(json.dumps(out, indent=1))
-    plot(summary, budgets, total, path.with_suffix(".png"), probe, out["memory_probe_vs_future_forcing"])
-    if not a.quick and a.filmstrip_policies:
+    if summary:
+        plot(summary, budgets, total, path.with_suffix(".png"), probe, out["memory_probe_vs_future_forcing"])
+    if not a.quick and a.filmstrip_policies and a.seeds:
         filmstrip(model, EVAL_SEED_BASE, a.prefix, a.frames, strip_budget, a.page_size,
                   path.with_name(path.stem + "_filmstrip.png"), policies=a.filmstrip_policies, every=a.filmstrip_every)
     print_table(summary)

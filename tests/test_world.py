@@ -182,3 +182,23 @@ def test_returning_pairs_and_identity_recall_against_ground_truth():
     blank = torch.full_like(clip.frames, -0.2)
     assert M.identity_recall(blank, clip.identity, clip.visible) == 0.0
     assert M.identity_recall(clip.frames, clip.identity, torch.zeros_like(clip.visible)) != 0.0  # NaN: nothing to score
+
+
+def test_memory_probe_alone_and_without_returns(tmp_path):
+    """`--probe-only` skips the main seeds; a probe with no return in its history reports NaN, not a crash."""
+    import json
+
+    from ff_engine.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["bench", "quality", "--probe-only", "--probe-seeds", "2", "--probe-history", "48", "--probe-min-gap",
+                 "9", "--probe-fractions", "0.5", "--prefix", "6", "--frames", "6", "--policies", "window",
+                 "future-forcing", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["rows"] == [] and {r["policy"] for r in res["memory_probe"]} == {"ground-truth", "unbounded", "window",
+                                                                                "future-forcing"}
+    assert [r["policy"] for r in res["memory_probe_vs_future_forcing"]] == ["unbounded", "window"]
+    assert main(["bench", "quality", "--probe-only", "--probe-seeds", "1", "--probe-history", "12",
+                 "--prefix", "6", "--frames", "6", "--policies", "window", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert all(r["probes"] == 0 for r in res["memory_probe"]) and res["memory_probe_vs_future_forcing"] == []
