@@ -202,3 +202,16 @@ def test_memory_probe_alone_and_without_returns(tmp_path):
                  "--prefix", "6", "--frames", "6", "--policies", "window", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert all(r["probes"] == 0 for r in res["memory_probe"]) and res["memory_probe_vs_future_forcing"] == []
+
+
+def test_probe_picture_runs(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import probe_picture
+
+    png = tmp_path / "p.png"
+    probe_picture.main(["--probes", "1", "--history", "48", "--min-gap", "9", "--policies", "window",
+                        "--out", str(png)])
+    assert png.is_file() and png.stat().st_size > 1000
