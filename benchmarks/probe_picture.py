@@ -12,7 +12,6 @@ cache the model paints it back, without them it guesses.  Columns are crops arou
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -58,15 +57,11 @@ def main(argv=None):
             continue
         lat = encode(clip.frames)
         starts = {t // fpb * fpb for t, _ in events}
-        noise = {s0: torch.randn(lat[s0:s0 + fpb].shape, generator=torch.Generator().manual_seed(seed * 1000 + s0))
-                 for s0 in starts}  # the probe's noise (quality.memory_probe)
+        noise = quality.probe_noise(lat, seed, starts, fpb)  # the memory probe's noise
 
         def predict(e, s):
-            x0 = lat[s.start_frame:s.start_frame + fpb][None]
-            tt = torch.full((1, fpb), T_SHOWN)
-            xt = e.schedule.add_noise(x0, noise[s.start_frame][None], tt)
-            return {"input": xt[0].float(),
-                    "pred": e.schedule.to_x0(xt, e.forward_block([s], xt, tt, write=False), tt)[0].float()}
+            xt, pred = quality.one_step(e, s, lat[s.start_frame:s.start_frame + fpb], noise[s.start_frame], T_SHOWN)
+            return {"input": xt, "pred": pred}
 
         rows = {}
         for name in ["unbounded"] + a.policies:
@@ -83,29 +78,10 @@ def main(argv=None):
                 label = name if name == "unbounded" else f"{name} ({a.budget} fr)"
                 col[label] = crop(decode(preds[s0]["pred"])[t - s0], c)
             cols.append(col)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [k for k in cols[0] if k != "title"]
-    fig, axes = plt.subplots(len(labels), len(cols), figsize=(1.1 * len(cols) + 1.6, 1.1 * len(labels) + 0.6),
-                             squeeze=False)
-    for c, col in enumerate(cols):
-        for r, k in enumerate(labels):
-            ax = axes[r, c]
-            ax.imshow(((col[k].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(k, rotation=0, ha="right", va="center", fontsize=7)
-            if r == 0:
-                ax.set_title(col["title"], fontsize=6)
-    fig.suptitle(f"returning subjects (back after >= {a.min_gap} frames away): one-step predictions under each cache",
-                 fontsize=8)
-    fig.tight_layout()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.out, dpi=110)
+    quality.image_grid([[col[k] for col in cols] for k in labels], labels, [col["title"] for col in cols],
+                       f"returning subjects (back after >= {a.min_gap} frames away): one-step predictions under each "
+                       "cache", a.out, figsize=(1.1 * len(cols) + 1.6, 1.1 * len(labels) + 0.6))
     print(f"wrote {a.out} ({len(cols)} returns)")
 
 

@@ -34,7 +34,7 @@ from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import make_policy
 from ff_engine.world import metrics as M
-from ff_engine.world.procedural import EVAL_SEED_BASE, SHAPES, TRAIN_SEEDS, decode, encode, make_clip
+from ff_engine.world.procedural import EVAL_SEED_BASE, TRAIN_SEEDS, decode, encode, make_clip
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "ff_engine" / "world" / "assets" / "world_model.safetensors"
@@ -127,6 +127,22 @@ PROBE_TIMESTEPS = (900.0, 750.0, 500.0)  # one-step denoising levels of the memo
 PROBE_READOUT_T = 500.0
 
 
+def probe_noise(lat, seed, starts, fpb):
+    """{block start: noise} for the probed blocks of one seed: fixed per (seed, block), so every policy — and
+    ``probe_picture.py`` — sees the same noisy input."""
+    return {s0: torch.randn(lat[s0:s0 + fpb].shape, generator=torch.Generator().manual_seed(seed * 1000 + s0))
+            for s0 in starts}
+
+
+def one_step(engine, session, x0, noise, t):
+    """The ground truth ``x0`` [F, C, H, W] noised at timestep ``t`` and the model's one-step x0 prediction of it
+    from the session's cache (nothing written): (x_t [F, ...], prediction [F, ...]), float."""
+    tt = torch.full((1, x0.shape[0]), t)
+    xt = engine.schedule.add_noise(x0[None], noise[None], tt)
+    pred = engine.schedule.to_x0(xt, engine.forward_block([session], xt, tt, write=False), tt)
+    return xt[0].float(), pred[0].float()
+
+
 def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, progress=True):
     """Does the policy keep what the model needs when a subject comes back?  For each held-out world seed
     (``history`` ground-truth frames), every moment a subject returns after >= ``min_gap`` frames out of view
@@ -154,25 +170,22 @@ def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, p
             continue
         idx = [f for s0 in starts for f in range(s0, s0 + fpb)]
         pairs, centre, truth = back[idx], clip.centre[idx], clip.frames[idx]
-        colour = (clip.identity // len(SHAPES))[None].expand(len(idx), -1)
 
         def hits(px):
-            return (M.subject_readout(px, clip.identity, centre, pairs)[pairs] == colour[pairs]).float().tolist()
+            return M.readout_hits(px, clip.identity, centre, pairs).float().tolist()
 
-        per[("ground-truth", None)][seed] = {"returning_readout_sampled": hits(truth),
-                                             "returning_readout_denoise": hits(truth),
+        truth_hits = hits(truth)  # the read-out's ceiling
+        per[("ground-truth", None)][seed] = {"returning_readout_sampled": truth_hits,
+                                             "returning_readout_denoise": truth_hits,
                                              "returning_denoise_error": [0.0] * int(pairs.sum())}
         lat = encode(clip.frames)
-        noise = {s0: torch.randn(lat[s0:s0 + fpb].shape, generator=torch.Generator().manual_seed(seed * 1000 + s0))
-                 for s0 in starts}
+        noise = probe_noise(lat, seed, starts, fpb)
 
         def predict(e, s):
-            x0 = lat[s.start_frame:s.start_frame + fpb][None]
+            x0, eps = lat[s.start_frame:s.start_frame + fpb], noise[s.start_frame]
             out = {"sampled": e.denoise([s])[0].float()}
             for t in PROBE_TIMESTEPS:
-                tt = torch.full((1, fpb), t)
-                xt = e.schedule.add_noise(x0, noise[s.start_frame][None], tt)
-                out[t] = e.schedule.to_x0(xt, e.forward_block([s], xt, tt, write=False), tt)[0].float()
+                out[t] = one_step(e, s, x0, eps, t)[1]
             return out
 
         for name, budget in specs:
@@ -240,11 +253,6 @@ def filmstrip(model, seed, prefix, frames, budget, page_size, png, policies=("wi
               every=6):
     """One held-out seed as pictures: ground truth, the unbounded rollout and each policy at ``budget``, every
     ``every``-th frame (the prefix is ground truth in every row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     total = prefix + frames
     clip = make_clip(seed, total)
     lat = encode(clip.frames)
@@ -255,19 +263,34 @@ def filmstrip(model, seed, prefix, frames, budget, page_size, png, policies=("wi
         rows[f"{name} ({budget} fr)"] = decode(rollout(model, lat, prefix, frames, make_policy(pname, **params), budget,
                                                       seed, page_size))
     idx = list(range(0, total, every))
-    fig, axes = plt.subplots(len(rows), len(idx), figsize=(0.9 * len(idx), 0.75 * len(rows) + 0.4), squeeze=False)
-    for r, (name, px) in enumerate(rows.items()):
-        for c, t in enumerate(idx):
+    image_grid([[px[t] for t in idx] for px in rows.values()], list(rows),
+               [f"{t}" + (" (prefix)" if t < prefix else "") for t in idx],
+               f"held-out world seed {seed}: frames 0-{total - 1}, first {prefix} are the given prefix", png,
+               figsize=(0.9 * len(idx), 0.75 * len(rows) + 0.4))
+
+
+def image_grid(cells, row_labels, col_titles, title, png, figsize):
+    """Save a grid of [3, h, w] images in [-1, 1] (``cells[row][col]``), rows labelled on the left, columns
+    titled on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(cells), len(cells[0]), figsize=figsize, squeeze=False)
+    for r, row in enumerate(cells):
+        for c, img in enumerate(row):
             ax = axes[r, c]
-            ax.imshow(((px[t].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+            ax.imshow(((img.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=7)
             if r == 0:
-                ax.set_title(f"{t}" + (" (prefix)" if t < prefix else ""), fontsize=6)
-    fig.suptitle(f"held-out world seed {seed}: frames 0-{total - 1}, first {prefix} are the given prefix", fontsize=8)
+                ax.set_title(col_titles[c], fontsize=6)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
 

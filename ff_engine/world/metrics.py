@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ff_engine.world.procedural import PALETTE, SHAPES, SUBJECT_SIZE, _mask
+from ff_engine.world.procedural import PALETTE, SHAPES, subject_mask, subject_region
 
 
 def detected_colours(frames: torch.Tensor, tol: float = 0.35, min_pixels: int = 6) -> torch.Tensor:
@@ -112,12 +112,8 @@ def identity_recall(frames: torch.Tensor, identity: torch.Tensor, pairs: torch.T
 def subject_pixels(frame: torch.Tensor, identity: int, centre: torch.Tensor) -> torch.Tensor:
     """[3, n]: the pixels of ``frame`` [3, H, W] where the ground truth draws the subject with this identity
     centred at ``centre`` (y, x) — its shape clipped to the frame, as ``make_clip`` renders it."""
-    H, W = frame.shape[-2:]
-    fy, fx = float(centre[0]), float(centre[1])
-    x0, y0 = int(round(fx)) - SUBJECT_SIZE // 2, int(round(fy)) - SUBJECT_SIZE // 2
-    xs, ys, xe, ye = max(0, x0), max(0, y0), min(W, x0 + SUBJECT_SIZE), min(H, y0 + SUBJECT_SIZE)
-    m = _mask(int(identity) % len(SHAPES), SUBJECT_SIZE)[ys - y0:ye - y0, xs - x0:xe - x0]
-    return frame[:, ys:ye, xs:xe][:, m].float()
+    rows, cols, m = subject_region(subject_mask(int(identity) % len(SHAPES)), float(centre[0]), float(centre[1]))
+    return frame[:, rows, cols][:, m].float()
 
 
 def subject_readout(frames: torch.Tensor, identity: torch.Tensor, centre: torch.Tensor,
@@ -146,12 +142,19 @@ def subject_error(frames: torch.Tensor, truth: torch.Tensor, identity: torch.Ten
             for t, s in pairs.nonzero().tolist()]
 
 
+def readout_hits(frames: torch.Tensor, identity: torch.Tensor, centre: torch.Tensor,
+                 pairs: torch.Tensor) -> torch.Tensor:
+    """bool [n]: for each (frame, subject) pair marked in ``pairs`` [T, S] (row-major order), whether
+    ``subject_readout`` gives the subject's true colour."""
+    read = subject_readout(frames, identity, centre, pairs)
+    colour = (identity // len(SHAPES))[None].expand_as(read)
+    return read[pairs] == colour[pairs]
+
+
 def identity_readout_accuracy(frames: torch.Tensor, identity: torch.Tensor, centre: torch.Tensor,
                               pairs: torch.Tensor) -> float:
     """Of the (frame, subject) pairs marked in ``pairs`` [T, S] (e.g. ``returning_pairs``), the share where
     ``subject_readout`` gives the subject's true colour.  NaN when no pair is marked."""
     if not pairs.any():
         return float("nan")
-    read = subject_readout(frames, identity, centre, pairs)
-    colour = (identity // len(SHAPES))[None].expand_as(read)
-    return float((read[pairs] == colour[pairs]).float().mean())
+    return float(readout_hits(frames, identity, centre, pairs).float().mean())

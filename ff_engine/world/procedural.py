@@ -41,7 +41,7 @@ def identity_of(colour: int, shape: int) -> int:
     return colour * len(SHAPES) + shape
 
 
-def _mask(shape: int, size: int) -> torch.Tensor:
+def subject_mask(shape: int, size: int = SUBJECT_SIZE) -> torch.Tensor:
     r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     yy, xx = torch.meshgrid(r, r, indexing="ij")
     half = size / 2
@@ -50,6 +50,18 @@ def _mask(shape: int, size: int) -> torch.Tensor:
     if SHAPES[shape] == "disc":
         return yy**2 + xx**2 <= half**2
     return yy.abs() + xx.abs() <= half
+
+
+def subject_region(mask: torch.Tensor, fy: float, fx: float) -> tuple[slice, slice, torch.Tensor]:
+    """Where a subject with this ``subject_mask`` centred at (fy, fx) lands in the frame: (rows, cols, the part
+    of the mask inside the frame; meaningful only when both ranges are non-empty — a subject entirely out of
+    view gives empty or reversed ranges).  ``make_clip`` draws subjects here and the metrics read them back here,
+    so a read-out always looks at exactly the pixels that were drawn."""
+    size = mask.shape[0]
+    x0, y0 = int(round(fx)) - size // 2, int(round(fy)) - size // 2
+    xs, ys = max(0, x0), max(0, y0)
+    xe, ye = min(W, x0 + size), min(H, y0 + size)
+    return slice(ys, ye), slice(xs, xe), mask[ys - y0:ye - y0, xs - x0:xe - x0]
 
 
 def _panorama(g: torch.Generator) -> torch.Tensor:
@@ -88,7 +100,7 @@ def make_clip(seed: int, num_frames: int, num_subjects: int = 2, start: int = 0)
     frames = torch.empty(num_frames, 3, H, W)
     centre = torch.empty(num_frames, num_subjects, 2)
     visible = torch.zeros(num_frames, num_subjects, dtype=torch.bool)
-    masks = [_mask(int(s), SUBJECT_SIZE) for s in shapes]
+    masks = [subject_mask(int(s)) for s in shapes]
     for j, t in enumerate(range(start, start + num_frames)):
         cam = (PANORAMA_W - W) / 2 * (1 + math.sin(2 * math.pi * t / cam_period + cam_phase))
         c0 = int(round(cam))
@@ -98,12 +110,9 @@ def make_clip(seed: int, num_frames: int, num_subjects: int = 2, start: int = 0)
             wx = wx % PANORAMA_W
             fx, fy = wx - c0, float(base_y[i]) + 3 * math.sin(t / 5 + i)
             centre[j, i] = torch.tensor([fy, fx])
-            x0, y0 = int(round(fx)) - SUBJECT_SIZE // 2, int(round(fy)) - SUBJECT_SIZE // 2
-            xs, ys = max(0, x0), max(0, y0)
-            xe, ye = min(W, x0 + SUBJECT_SIZE), min(H, y0 + SUBJECT_SIZE)
-            if xe - xs >= 3 and ye - ys >= 3:  # at least a 3 x 3 piece in view
-                m = masks[i][ys - y0:ye - y0, xs - x0:xe - x0]
-                patch = img[:, ys:ye, xs:xe]
+            rows, cols, m = subject_region(masks[i], fy, fx)
+            if rows.stop - rows.start >= 3 and cols.stop - cols.start >= 3:  # at least a 3 x 3 piece in view
+                patch = img[:, rows, cols]
                 patch[:, m] = PALETTE[colours[i]][:, None]
                 visible[j, i] = True
         frames[j] = img

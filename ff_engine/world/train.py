@@ -113,7 +113,7 @@ def memory_frame_times(rng: torch.Generator, visible: torch.Tensor, n_blocks: in
 
 
 def training_batch(rng: torch.Generator, batch: int, n_blocks: int, fpb: int, p_sparse: float, max_gap: int,
-                   p_memory: float = 0.0, n_target: int = 2, history: int = 192, min_gap: int = 15):
+                   p_memory: float = 0.0, n_target: int = N_TARGET, history: int = 192, min_gap: int = 15):
     """(latents [B, F, C, H, W], frame times [B, F]) of clips drawn from training seeds at random start frames:
     memory clips with probability ``p_memory`` (see ``memory_frame_times``), else plain / sparse clips."""
     lat, times = [], []
