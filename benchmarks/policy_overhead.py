@@ -7,7 +7,7 @@ query statistics), then one whole block is generated (4 denoising passes + the c
 policy's compression) and the time inside the policy (``observe`` + ``compress``) is divided by the block time.
 Overhead is per layer on both sides, so one layer measures the same ratio as thirty.
 
-    python benchmarks/policy_overhead.py           # Wan shapes (~5 min on 2 cores)
+    python benchmarks/policy_overhead.py           # Wan shapes (~6 min on 2 cores)
     python benchmarks/policy_overhead.py --quick   # 1/10 of the grid, for CI smoke
 """
 
@@ -30,7 +30,8 @@ SPECS = [
     ("window", {}),
     ("expected-attention", {}),
     ("future-forcing", {}),
-    ("future-forcing", {"page_candidates": False}),
+    ("future-forcing", {"page_candidates": True}),
+    ("future-forcing", {"page_candidates": True, "page_rank": "bound"}),
     ("future-forcing", {"merge": "affine"}),
     ("future-forcing", {"form": "exact", "samples": 8}),
 ]

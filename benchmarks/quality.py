@@ -55,7 +55,10 @@ def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
         "ff-no-covariance": ("future-forcing", {"covariance": False}),
         "ff-no-value-norm": ("future-forcing", {"value_norm": False}),
         "ff-horizon-1": ("future-forcing", {"horizon": 1}),
-        "ff-exact-scoring": ("future-forcing", {"page_candidates": False}),
+        "ff-page-candidates": ("future-forcing", {"page_candidates": True}),
+        "ff-page-bound": ("future-forcing", {"page_candidates": True, "page_rank": "bound"}),
+        "ff-moment": ("future-forcing", {"form": "moment"}),
+        "ff-exact-form": ("future-forcing", {"form": "exact"}),
         "ff-max": ("future-forcing", {"aggregation": "max"}),
         "ff-nocov-max": ("future-forcing", {"covariance": False, "aggregation": "max"}),
         "ff-importance-split": ("future-forcing", {"budget_split": "importance"}),
@@ -65,7 +68,8 @@ def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
 
 
 DEFAULT_POLICIES = ["window", "sink-window", "deep-sink", "h2o", "snapkv", "expected-attention", "future-forcing",
-                    "ff-no-merge", "ff-affine-merge", "ff-no-covariance", "ff-no-value-norm", "ff-horizon-1"]
+                    "ff-no-merge", "ff-affine-merge", "ff-no-covariance", "ff-no-value-norm", "ff-horizon-1",
+                    "ff-page-candidates"]
 
 
 class AttentionTap:
@@ -177,13 +181,30 @@ def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, p
         truth_hits = hits(truth)  # the read-out's ceiling
         per[("ground-truth", None)][seed] = {"returning_readout_sampled": truth_hits,
                                              "returning_readout_denoise": truth_hits,
-                                             "returning_denoise_error": [0.0] * int(pairs.sum())}
+                                             "returning_denoise_error": [0.0] * int(pairs.sum()),
+                                             "returning_tokens_kept": []}
         lat = encode(clip.frames)
         noise = probe_noise(lat, seed, starts, fpb)
+        tokens = [M.subject_tokens(int(clip.identity[k]), clip.centre[:, k], clip.visible[:, k], g.token_grid)
+                  for k in range(clip.identity.numel())]
+
+        def kept(e, s):
+            """Per subject returning in this block: the share of its tokens in earlier frames that the cache
+            still holds (mean over layers) — what the policy kept, independent of what the model makes of it."""
+            s0, share = s.start_frame, []
+            for k in back[s0:s0 + fpb].any(0).nonzero().flatten().tolist():
+                total = int(tokens[k][:s0].sum())
+                per_layer = []
+                for layer in range(g.num_layers):
+                    pos = e.cache.positions.view(-1, 3)[e.cache.slots(s.id, layer)].long()
+                    pos = pos[pos[:, 0] < s0]
+                    per_layer.append(int(tokens[k][pos[:, 0], pos[:, 1], pos[:, 2]].sum()) / max(total, 1))
+                share.append(sum(per_layer) / len(per_layer))
+            return share
 
         def predict(e, s):
             x0, eps = lat[s.start_frame:s.start_frame + fpb], noise[s.start_frame]
-            out = {"sampled": e.denoise([s])[0].float()}
+            out = {"sampled": e.denoise([s])[0].float(), "kept": kept(e, s)}
             for t in PROBE_TIMESTEPS:
                 out[t] = one_step(e, s, x0, eps, t)[1]
             return out
@@ -193,10 +214,12 @@ def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, p
             _, preds = rollout(model, lat, fpb, history - fpb, make_policy(pname, **params), budget, seed, page_size,
                                teacher=lat, predict_at=set(starts), predict=predict)
             px = {k: decode(torch.cat([preds[s0][k] for s0 in starts])) for k in ["sampled", *PROBE_TIMESTEPS]}
+            kept_share = [x for s0 in starts for x in preds[s0]["kept"]]
             errs = [M.subject_error(px[t], truth, clip.identity, centre, pairs) for t in PROBE_TIMESTEPS]
             per[(name, budget)][seed] = {"returning_readout_sampled": hits(px["sampled"]),
                                          "returning_readout_denoise": hits(px[PROBE_READOUT_T]),
-                                         "returning_denoise_error": [sum(e) / len(e) for e in zip(*errs)]}
+                                         "returning_denoise_error": [sum(e) / len(e) for e in zip(*errs)],
+                                         "returning_tokens_kept": kept_share}
     rows = []
     for (name, budget), by_seed in per.items():
         row = {"policy": name, "budget_frames": budget,
@@ -211,7 +234,8 @@ def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, p
     return rows
 
 
-PROBE_METRICS = ["returning_denoise_error", "returning_readout_denoise", "returning_readout_sampled"]
+PROBE_METRICS = ["returning_denoise_error", "returning_readout_denoise", "returning_readout_sampled",
+                 "returning_tokens_kept"]
 
 
 def paired_differences(probe, reference="future-forcing", resamples=2000):
@@ -414,14 +438,15 @@ def main(argv=None):
     if probe:
         print(f"memory probe ({a.probe_seeds} seeds x {a.probe_history} frames, returns after >= {a.probe_min_gap} "
               f"frames out of view, {probe[0]['probes']} probes; mean ± seed spread):")
-        print(f"  {'policy':22s} {'budget':>6s} {'denoise-err':>11s} {'readout@500':>11s} {'readout-sampled':>15s}")
+        print(f"  {'policy':22s} {'budget':>6s} {'denoise-err':>11s} {'readout@500':>11s} {'readout-sampled':>15s} "
+              f"{'tokens-kept':>11s}")
         for r in sorted(probe, key=lambda r: (r["budget_frames"] or 1e9, r["returning_denoise_error"])):
             print(f"  {r['policy']:22s} {str(r['budget_frames']):>6s} " + " ".join(
-                f"{r[m]:.3f}±{r[m + '_seed_std']:.3f}".rjust(w) for m, w in zip(PROBE_METRICS, (11, 11, 15))))
+                f"{r[m]:.3f}±{r[m + '_seed_std']:.3f}".rjust(w) for m, w in zip(PROBE_METRICS, (11, 11, 15, 11))))
         print("  minus future-forcing on the same probes (90 % seed-bootstrap interval):")
         for r in sorted(out["memory_probe_vs_future_forcing"], key=lambda r: r["returning_denoise_error"]):
             print(f"  {r['policy']:22s} {str(r['budget_frames']):>6s} " + " ".join(
-                f"{r[m]:+.3f} [{r[m + '_ci90'][0]:+.3f}, {r[m + '_ci90'][1]:+.3f}]" for m in PROBE_METRICS[:2]))
+                f"{r[m]:+.3f} [{r[m + '_ci90'][0]:+.3f}, {r[m + '_ci90'][1]:+.3f}]" for m in (*PROBE_METRICS[:2], PROBE_METRICS[3])))
     print(f"wrote {path}")
 
 

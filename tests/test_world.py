@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from ff_engine.world import metrics as M
@@ -141,6 +142,10 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     assert probe["ground-truth"]["returning_readout_denoise"] == 1.0 and probe["window"]["probes"] == 3
     assert probe["ground-truth"]["returning_denoise_error"] == 0.0 and probe["window"]["returning_denoise_error"] > 0
     assert all(0.0 <= probe[p][m] <= 1.0 for p in probe for m in ("returning_readout_denoise", "returning_readout_sampled"))
+    # what the caches held when the subject came back: all of it (unbounded), none of it (a window shorter than
+    # the gap), something in between for Future Forcing
+    assert probe["unbounded"]["returning_tokens_kept"] == 1.0 and probe["window"]["returning_tokens_kept"] == 0.0
+    assert 0.0 <= probe["future-forcing"]["returning_tokens_kept"] <= 1.0
 
 
 def test_memory_clips_show_a_return_and_where_the_subject_was_seen():
@@ -215,3 +220,18 @@ def test_probe_picture_runs(tmp_path):
     probe_picture.main(["--probes", "1", "--history", "48", "--min-gap", "9", "--policies", "window",
                         "--out", str(png)])
     assert png.is_file() and png.stat().st_size > 1000
+
+
+def test_subject_tokens_mark_the_cells_the_subject_covers():
+    from ff_engine.world.metrics import subject_tokens
+
+    centre = torch.tensor([[16.0, 24.0], [2.0, 2.0], [16.0, 24.0]])
+    visible = torch.tensor([True, True, False])
+    tok = subject_tokens(0, centre, visible, (8, 12))  # identity 0: a 9 x 9 square; 4 x 4 pixel cells
+    assert tok.shape == (3, 8, 12) and not tok[2].any()
+    # the square spans rows 12..20, cols 20..28: cells 3..4 x 5..6 fully, the next row / column of cells by 1/4
+    # (marked), the corner cell (5, 7) by 1/16 (not)
+    assert tok[0].nonzero().tolist() == [[r, c] for r in range(3, 6) for c in range(5, 8) if (r, c) != (5, 7)]
+    assert tok[1, 0, 0] and tok[1].sum() >= 1  # clipped at the frame's corner, still marked
+    with pytest.raises(ValueError, match="does not tile"):
+        subject_tokens(0, centre, visible, (5, 12))

@@ -113,6 +113,9 @@ class PagedKVCache:
         self.page_valid = torch.zeros(num_pages + 1, dtype=torch.int32, device=self.device)
         self.page_log_mass = torch.full((num_pages + 1,), float("-inf"), dtype=torch.float32, device=self.device)
         self.page_centroid = torch.zeros((num_pages + 1, num_kv_heads, head_dim), dtype=torch.float32, device=self.device)
+        # Largest distance of a valid key from its page's centroid, per kv head: with the centroid it bounds every
+        # key of the page (a policy can rank pages by the most any of their tokens could score, not the average).
+        self.page_radius = torch.zeros((num_pages + 1, num_kv_heads), dtype=torch.float32, device=self.device)
         # Importance under a policy's query proxy: (max, sum) and the proxy version it was computed for (-1: stale).
         self.page_importance = torch.zeros((num_pages + 1, 2), dtype=torch.float32, device=self.device)
         self.page_importance_version = torch.full((num_pages + 1,), -1, dtype=torch.int64, device=self.device)
@@ -294,6 +297,7 @@ class PagedKVCache:
         self.page_valid[idx] = 0
         self.page_log_mass[idx] = float("-inf")
         self.page_centroid[idx] = 0
+        self.page_radius[idx] = 0
         self.page_importance[idx] = 0
         self.page_importance_version[idx] = -1
 
@@ -310,32 +314,39 @@ class PagedKVCache:
         k = self.key_cache[ids].float() * mask[:, :, None, None]
         self.page_valid[ids] = valid
         self.page_centroid[ids] = k.sum(1) / valid.clamp_min(1)[:, None, None].float()
+        dist = (self.key_cache[ids].float() - self.page_centroid[ids][:, None]).norm(dim=-1)  # [pages, page, Hkv]
+        self.page_radius[ids] = dist.masked_fill(~mask[:, :, None], 0.0).amax(1)
         lm = self.log_mass[ids].masked_fill(~mask, float("-inf"))
         self.page_log_mass[ids] = torch.logsumexp(lm, dim=1)
         self.page_importance_version[ids] = -1  # contents changed: any cached importance is stale
 
     def page_summaries(self, session_id: str, layer: int) -> dict[str, torch.Tensor]:
-        """Summaries of one layer's pages in table order: valid count, log total mass, key centroid per head."""
+        """Summaries of one layer's pages in table order: valid count, log total mass, key centroid and radius
+        (largest key distance from the centroid) per kv head, cached importance."""
         ids = torch.tensor(self.table(session_id, layer).pages, dtype=torch.int64, device=self.device)
         return {"pages": ids, "valid": self.page_valid[ids], "log_mass": self.page_log_mass[ids],
-                "centroid": self.page_centroid[ids], "importance": self.page_importance[ids],
+                "centroid": self.page_centroid[ids], "radius": self.page_radius[ids],
+                "importance": self.page_importance[ids],
                 "importance_version": self.page_importance_version[ids]}
 
     def recompute_page_summaries(self, session_id: str, layer: int) -> dict[str, torch.Tensor]:
         """From-scratch recomputation (the oracle the incremental summaries are tested against)."""
         t = self.table(session_id, layer)
         g = self.gather(session_id, layer)
-        out = {"valid": [], "log_mass": [], "centroid": []}
+        out = {"valid": [], "log_mass": [], "centroid": [], "radius": []}
         for j in range(len(t.pages)):
             sl = slice(j * self.page_size, min((j + 1) * self.page_size, t.num_tokens))
+            k = g["k"][sl].float()
             out["valid"].append(sl.stop - sl.start)
             out["log_mass"].append(torch.logsumexp(g["log_mass"][sl], 0))
-            out["centroid"].append(g["k"][sl].float().mean(0))
+            out["centroid"].append(k.mean(0))
+            out["radius"].append((k - k.mean(0)).norm(dim=-1).amax(0))
         if not t.pages:
             return {"valid": torch.zeros(0, dtype=torch.int32), "log_mass": torch.zeros(0),
-                    "centroid": torch.zeros(0, self.num_kv_heads, self.head_dim)}
+                    "centroid": torch.zeros(0, self.num_kv_heads, self.head_dim),
+                    "radius": torch.zeros(0, self.num_kv_heads)}
         return {"valid": torch.tensor(out["valid"], dtype=torch.int32), "log_mass": torch.stack(out["log_mass"]),
-                "centroid": torch.stack(out["centroid"])}
+                "centroid": torch.stack(out["centroid"]), "radius": torch.stack(out["radius"])}
 
     # ---- reads ----------------------------------------------------------------------------------
     def gather(self, session_id: str, layer: int) -> dict[str, torch.Tensor]:

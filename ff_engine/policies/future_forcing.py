@@ -10,10 +10,13 @@
 3. A cached post-RoPE key k with log-mass log m scores ``z = k.mu_f / sqrt(d) + k^T Sigma_f k / (2 d) + log m``,
    the log of the expected ``exp(q.k / sqrt d)`` under a Gaussian query; importance ``softmax(z) * ||v||``
    (value norm optional), aggregated over heads (mean or max).
-4. Pages are ranked by their summaries (key centroid, mass) first; tokens are scored exactly only inside the
-   lowest-ranked candidate pages.  The lowest-importance candidates are merged into their nearest surviving
-   candidate in the proxy's affine subspace (span of mu_f and the top eigenvectors of Sigma_f) when keys and
-   values are close, or evicted when nothing is close.  Merge modes: ``log-mass`` (mass-weighted mean, log-mass
+4. Every unprotected token is scored exactly (default), or, with ``page_candidates``, pages are ranked by their
+   summaries first — by the centroid's score, or by an upper bound of what any of their tokens could score
+   (centroid and radius) — and tokens are scored exactly only inside the lowest-ranked candidate pages: O(cache)
+   -> O(candidates) per compression, at a measured cost in what is kept (README, "Page candidates").
+5. The lowest-importance tokens are merged into their nearest partner among the next-lowest survivors (as many
+   as ``candidate_oversample`` x removed) in the proxy's affine subspace (span of mu_f and the top eigenvectors
+   of Sigma_f) when keys and values are close, or evicted when nothing is close.  Merge modes: ``log-mass`` (mass-weighted mean, log-mass
    adds, attention applies it as a per-key bias) and ``affine`` (the merged key is projected onto the hyperplane
    whose proxy logit preserves the group's attention mass; no bias, so every attention kernel serves it).
 Every choice is a named parameter; ``benchmarks/quality.py`` measures the ablations.
@@ -42,13 +45,29 @@ def pair_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def rotation_average(angles: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``mean_p R_p M R_p^T`` for the RoPE rotations of angles [P, D/2] and matrices m [..., D, D], in
+    O(P D^2 + D^2) instead of P dense products: each 2x2 rotation is ``cos I + sin J`` (J the quarter turn), so
+    block (i, j) of the mean is ``E[c_i c_j] M_ij - E[c_i s_j] M_ij J + E[s_i c_j] J M_ij - E[s_i s_j] J M_ij J``
+    and only the four [D/2, D/2] products of cosines and sines over positions are needed."""
+    c, s = torch.cos(angles).double(), torch.sin(angles).double()
+    n = angles.shape[0]
+    up = lambda x: x.repeat_interleave(2, 0).repeat_interleave(2, 1)  # noqa: E731  [D/2, D/2] -> [D, D]
+    cc, cs, sc, ss = (up(a.T @ b / n) for a, b in ((c, c), (c, s), (s, c), (s, s)))
+    j = pair_matrix(torch.zeros(c.shape[1], dtype=torch.float64), torch.ones(c.shape[1], dtype=torch.float64))
+    m = m.double()
+    return cc * m - cs * (m @ j) + sc * (j @ m) - ss * (j @ m @ j)
+
+
 @dataclass
 class FutureQueryProxy:
     """Per-layer pre-RoPE query moments and their projection onto future positions.
 
     horizon: future frames whose positions the proxy covers (>= 1).  decay: weight of the past per block in
     [0, 1) (0: latest block only).  window: keep exactly the last ``window`` blocks instead (overrides decay).
-    form: ``cheap`` (mean rotation) or ``exact`` (``samples`` sampled future positions).  covariance: use
+    form: ``cheap`` (mean rotation applied to mu and Sigma), ``moment`` (the mean and covariance of the future
+    query mixture over positions: ``mu_f = Rbar mu``, ``Sigma_f = mean_p R_p (Sigma + mu mu^T) R_p^T - mu_f
+    mu_f^T``, which keeps the spread the rotations add) or ``exact`` (``samples`` sampled future positions).  covariance: use
     Sigma (False: mean only).  rotate: False skips the rotation (ExpectedAttention on post-RoPE queries).
     """
 
@@ -70,8 +89,8 @@ class FutureQueryProxy:
             raise ConfigError(f"decay must be in [0, 1), got {self.decay}")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ConfigError(f"window must be None or an integer >= 1 (blocks), got {self.window!r}")
-        if self.form not in ("cheap", "exact"):
-            raise ConfigError(f"form must be 'cheap' or 'exact', got {self.form!r}")
+        if self.form not in ("cheap", "moment", "exact"):
+            raise ConfigError(f"form must be 'cheap', 'moment' or 'exact', got {self.form!r}")
         if self.samples < 1:
             raise ConfigError(f"samples must be >= 1, got {self.samples}")
 
@@ -114,6 +133,13 @@ class FutureQueryProxy:
         if not self.rotate or rope is None:
             return mu[None], sigma[None]
         angles = rope.phases(self.future_positions(newest_frame, token_grid))  # [M, D/2]
+        if self.form == "moment":
+            mbar = pair_matrix(torch.cos(angles).mean(0), torch.sin(angles).mean(0))
+            mu_f = torch.einsum("de,he->hd", mbar, mu)
+            if not self.covariance:
+                return mu_f[None], torch.zeros_like(sigma)[None]
+            second = rotation_average(angles, sigma + torch.einsum("hd,he->hde", mu, mu))
+            return mu_f[None], (second - torch.einsum("hd,he->hde", mu_f, mu_f))[None]
         if self.form == "cheap":
             mats = pair_matrix(torch.cos(angles).mean(0), torch.sin(angles).mean(0))[None]
         else:
@@ -153,6 +179,28 @@ class FutureQueryProxy:
         return (torch.logsumexp(z, 0) - math.log(z.shape[0])).float()
 
 
+def log_expected_exp_bound(centre: torch.Tensor, radius: torch.Tensor, mu_f: torch.Tensor, sigma_f: torch.Tensor,
+                           cov_rank: int | None = None) -> torch.Tensor:
+    """[H, P] upper bound of ``log_expected_exp`` over every key within ``radius`` [P, Hkv] of ``centre``
+    [P, Hkv, D] (a page's centroid and key radius): for ||k - c|| <= r, Cauchy-Schwarz gives
+    ``k.mu <= c.mu + r ||mu||`` and ``sqrt(k^T Sigma k) <= sqrt(c^T Sigma c) + r sqrt(lambda_max)``, so
+    ``z(k) <= z_lin(c) + r ||mu|| / sqrt d + (sqrt(2 d z_quad(c)) + r sqrt(lambda_max))^2 / (2 d)`` per (mu, Sigma)
+    — the Quest idea (bound a page's best score from a summary) for the Gaussian expected-attention score."""
+    n, hkv, d = centre.shape
+    h = mu_f.shape[1]
+    r = radius.float().repeat_interleave(h // hkv, dim=1).T  # [H, P]
+    zs = []
+    for p in range(mu_f.shape[0]):
+        lin = FutureQueryProxy.log_expected_exp(centre, mu_f[p:p + 1], torch.zeros_like(sigma_f[p:p + 1]))
+        quad = (FutureQueryProxy.log_expected_exp(centre, mu_f[p:p + 1], sigma_f[p:p + 1], cov_rank) - lin)
+        lam = torch.linalg.eigvalsh(sigma_f[p])[:, -1].clamp_min(0).float()[:, None]  # [H, 1]
+        mu_norm = mu_f[p].norm(dim=-1).float()[:, None]
+        zs.append(lin + r * mu_norm / math.sqrt(d)
+                  + (torch.sqrt(2 * d * quad.clamp_min(0)) + r * lam.sqrt()).pow(2) / (2 * d))
+    z = torch.stack(zs)
+    return (torch.logsumexp(z, 0) - math.log(z.shape[0])).float()
+
+
 def _nearest(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest row of b for every row of a (distance, index), in chunks of a to bound memory."""
     ds, ix = [], []
@@ -183,7 +231,8 @@ class FutureForcing(CachePolicy):
     merge_key_tol: float = 0.5
     merge_value_tol: float = 1.0
     budget_split: str = "uniform"
-    page_candidates: bool = True
+    page_candidates: bool = False
+    page_rank: str = "centroid"
     candidate_oversample: float = 2.0
     proxy: FutureQueryProxy = field(init=False, repr=False)
     stats: dict = field(default_factory=lambda: {"merged": 0, "evicted": 0, "candidates": 0, "tokens": 0},
@@ -202,6 +251,8 @@ class FutureForcing(CachePolicy):
             raise ConfigError(f"cov_rank must be None (full) or >= 1, got {self.cov_rank}")
         if self.merge_rank < 0 or self.merge_key_tol < 0 or self.merge_value_tol < 0:
             raise ConfigError("merge_rank, merge_key_tol and merge_value_tol must be >= 0")
+        if self.page_rank not in ("bound", "centroid"):
+            raise ConfigError(f"page_rank must be 'bound' or 'centroid', got {self.page_rank!r}")
         if self.candidate_oversample < 1.0:
             raise ConfigError(f"candidate_oversample must be >= 1, got {self.candidate_oversample}")
         self.proxy = self._make_proxy()
@@ -242,32 +293,42 @@ class FutureForcing(CachePolicy):
 
     # page candidates ------------------------------------------------------------------------------------
     def page_estimates(self, ctx: CompressContext, mu_f, sigma_f) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-page estimated per-token log importance [H, P] from the key centroid, refreshed lazily: pages
-        whose stored importance carries the current proxy version are not recomputed.  Also returns the
-        per-head log normaliser estimated over all pages (each page weighted by its total mass)."""
+        """Per-page rank [P] for candidate selection, refreshed lazily (pages whose stored importance carries the
+        current proxy version are not recomputed): with ``page_rank="bound"`` the most any token of the page
+        could score (``log_expected_exp_bound`` from centroid and radius), so a page holding one important
+        token among unimportant ones is not picked for eviction; with ``"centroid"`` the score of the page's
+        mean key, which averages such a token away.  Also returns each page's estimated log attention mass per
+        head [H, P] (its centroid's score plus its log total mass), for the normaliser of pages not scored."""
         cache = ctx.cache
         summ = cache.page_summaries(ctx.session_id, ctx.layer)
         ids = summ["pages"]
         z = FutureQueryProxy.log_expected_exp(summ["centroid"], mu_f, sigma_f, self.cov_rank)  # [H, P] at centroids
-        lse = torch.logsumexp(z + summ["log_mass"][None], 1)
+        page_mass = z + summ["log_mass"][None]
+        lse = torch.logsumexp(page_mass, 1)
+        if self.page_rank == "bound":
+            z = log_expected_exp_bound(summ["centroid"], summ["radius"], mu_f, sigma_f, self.cov_rank)
         version = self.proxy.version.get(ctx.layer, 0)
         agg = self.aggregate(z, lse)
         stale = summ["importance_version"] != version
         cache.page_importance[ids[stale], 0] = agg[stale]
         cache.page_importance[ids[stale], 1] = agg[stale] * summ["valid"][stale].float()
         cache.page_importance_version[ids[stale]] = version
-        return cache.page_importance[ids, 0], lse
+        return cache.page_importance[ids, 0], page_mass
 
     def candidates(self, ctx: CompressContext, protected: torch.Tensor, n_remove: int, mu_f, sigma_f,
                    use_pages: bool | None = None):
         """Token indices to score exactly: all unprotected tokens of the lowest-ranked pages, enough to hold
         ``candidate_oversample * n_remove`` of them (every unprotected token when page candidates are off).
-        Returns (indices, per-head log normaliser or None)."""
+        Returns (indices, per-head log attention mass of the unprotected pages *not* chosen, estimated from their
+        summaries, or None).  The caller normalises each head over the candidates' exact scores plus that
+        estimate: normalising over page estimates alone (centroids, which by Jensen underestimate a page's
+        mass, the more so the more its keys spread) reweights the heads and, on the world model, cost
+        more of the returning subjects' tokens than the candidate choice itself."""
         ps = ctx.cache.page_size
         n = protected.numel()
         if not (self.page_candidates if use_pages is None else use_pages):
             return (~protected).nonzero().flatten(), None
-        est, lse = self.page_estimates(ctx, mu_f, sigma_f)
+        est, page_mass = self.page_estimates(ctx, mu_f, sigma_f)
         free_per_page = torch.zeros(est.numel(), dtype=torch.long)
         page_of = torch.arange(n) // ps
         free_per_page.index_add_(0, page_of, (~protected).long())
@@ -279,7 +340,8 @@ class FutureForcing(CachePolicy):
         chosen = torch.zeros(est.numel(), dtype=torch.bool)
         chosen[order[:take]] = True
         cand = (chosen[page_of] & ~protected).nonzero().flatten()
-        return cand, lse
+        rest = ~chosen & (free_per_page > 0)
+        return cand, torch.logsumexp(page_mass[:, rest], 1) if rest.any() else None
 
     # merging ---------------------------------------------------------------------------------------------
     def _subspace(self, mu_f, sigma_f, hkv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,13 +423,14 @@ class FutureForcing(CachePolicy):
         slots = cache.slots(ctx.session_id, ctx.layer)
         protected = self.protected(cache.positions.view(-1, 3)[slots], ctx)
         mu_f, sigma_f = self._proxy(ctx)
-        cand, lse = self.candidates(ctx, protected, ctx.num_tokens - ctx.budget_tokens, mu_f, sigma_f, use_pages)
+        cand, rest = self.candidates(ctx, protected, ctx.num_tokens - ctx.budget_tokens, mu_f, sigma_f, use_pages)
         s = slots[cand]
         hkv, d = cache.num_kv_heads, cache.head_dim
         k, v = cache.key_cache.view(-1, hkv, d)[s], cache.value_cache.view(-1, hkv, d)[s]
         lm = cache.log_mass.view(-1)[s]
         logits = self.head_logits(k, v, lm, mu_f, sigma_f)
-        imp = self.aggregate(logits, torch.logsumexp(logits, 1) if lse is None else lse)
+        lse_cand = torch.logsumexp(logits, 1)
+        imp = self.aggregate(logits, lse_cand if rest is None else torch.logaddexp(lse_cand, rest))
         return cand, k, v, lm, imp, protected, mu_f, sigma_f
 
     def victims(self, ctx: CompressContext, use_pages: bool) -> torch.Tensor:
@@ -383,6 +446,16 @@ class FutureForcing(CachePolicy):
             return 1.0
         return len(exact & set(self.victims(ctx, use_pages=True).tolist())) / len(exact)
 
+    def candidate_regret(self, ctx: CompressContext) -> float:
+        """Importance (exact scores) of the tokens page-candidate selection removes over that of the tokens exact
+        scoring removes: 1 is as good as exact, 2 removes twice the attention the future queries would pay.
+        Recall counts a near-tie miss like a disaster; this weighs what is lost."""
+        cand, _, _, _, imp, *_ = self._rank(ctx, use_pages=False)
+        full = torch.zeros(ctx.num_tokens)
+        full[cand] = imp
+        exact = full[self.victims(ctx, use_pages=False)].sum()
+        return float(full[self.victims(ctx, use_pages=True)].sum() / exact.clamp_min(1e-30))
+
     def compress(self, ctx: CompressContext) -> None:
         cache, n = ctx.cache, ctx.num_tokens
         n_remove = n - ctx.budget_tokens
@@ -397,7 +470,11 @@ class FutureForcing(CachePolicy):
             raise ConfigError(f"budget {ctx.budget_tokens} tokens is below the protected size {self._min_tokens}")
         self._layer_spread[layer] = float(torch.exp(-(imp / imp.sum() * torch.log(imp / imp.sum() + 1e-30)).sum()))
         order = torch.argsort(imp)
-        victims_local, survivors_local = order[:n_remove], order[n_remove:]
+        # merge partners: the next-lowest survivors, as many as page candidates would offer; merging into a
+        # low-importance token perturbs little that the future queries need, and the nearest-partner search stays
+        # O(removed^2) instead of O(removed x cache) when every token is scored
+        partners = math.ceil(self.candidate_oversample * n_remove)
+        victims_local, survivors_local = order[:n_remove], order[n_remove:max(partners, n_remove + 1)]
         assign, merged = self._merge(k, v, lm, victims_local, survivors_local, mu_f, sigma_f)
         self.stats["candidates"] += int(cand.numel())
         self.stats["tokens"] += n

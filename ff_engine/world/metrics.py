@@ -158,3 +158,23 @@ def identity_readout_accuracy(frames: torch.Tensor, identity: torch.Tensor, cent
     if not pairs.any():
         return float("nan")
     return float(readout_hits(frames, identity, centre, pairs).float().mean())
+
+
+def subject_tokens(identity: int, centre: torch.Tensor, visible: torch.Tensor, token_grid: tuple[int, int],
+                   min_cover: float = 0.25) -> torch.Tensor:
+    """bool [T, gh, gw]: the latent tokens that show this subject in each frame — those whose pixel cell (the
+    frame split into the model's ``token_grid``) the drawn subject covers by at least ``min_cover``.  For
+    asking a cache policy what it kept of a subject (ground truth about the cache, not about the model)."""
+    from ff_engine.world.procedural import H, W
+
+    gh, gw = token_grid
+    if H % gh or W % gw:
+        raise ValueError(f"token grid {token_grid} does not tile the {H}x{W} frame")
+    mask = subject_mask(int(identity) % len(SHAPES))
+    out = torch.zeros(len(visible), gh, gw, dtype=torch.bool)
+    for t in visible.nonzero().flatten().tolist():
+        px = torch.zeros(H, W)
+        rows, cols, m = subject_region(mask, float(centre[t, 0]), float(centre[t, 1]))
+        px[rows, cols] = m.float()
+        out[t] = px.reshape(gh, H // gh, gw, W // gw).mean((1, 3)) >= min_cover
+    return out
