@@ -251,9 +251,9 @@ def _recall_run(model, prompt, page_size, oversample, budget=21, frames=48):
 
 def test_page_candidate_recall_on_the_reference_model():
     """Measured (README): on the golden-trace model (random weights, 24 tokens/frame, budget 21 frames, 1/7 of
-    the unprotected tokens removed per block) centroid-ranked candidates at 2x oversampling catch ~44 % of the
-    exact victims (random pages: ~29 %) and remove 1.14x the importance exact scoring removes; at 3x 58 % / 1.08x;
-    oversample >= unprotected/removed is exact."""
+    the unprotected tokens removed per block; benchmarks/page_candidates.py) centroid-ranked candidates at 2x
+    oversampling catch ~48 % of the exact victims (random pages: ~29 %) and remove 1.09x the importance exact
+    scoring removes; at 3x 63 % / 1.05x; oversample >= unprotected/removed is exact."""
     from model_adapters.causal_wan import load_causal_wan
     from test_causal_wan_golden import FIX
 
