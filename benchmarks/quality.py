@@ -191,15 +191,15 @@ def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, p
         def kept(e, s):
             """Per subject returning in this block: the share of its tokens in earlier frames that the cache
             still holds (mean over layers) — what the policy kept, independent of what the model makes of it."""
-            s0, share = s.start_frame, []
+            s0 = s.start_frame
+            cached = []  # per layer: positions of the cached tokens from earlier frames
+            for layer in range(g.num_layers):
+                pos = e.cache.positions.view(-1, 3)[e.cache.slots(s.id, layer)].long()
+                cached.append(pos[pos[:, 0] < s0])
+            share = []
             for k in back[s0:s0 + fpb].any(0).nonzero().flatten().tolist():
-                total = int(tokens[k][:s0].sum())
-                per_layer = []
-                for layer in range(g.num_layers):
-                    pos = e.cache.positions.view(-1, 3)[e.cache.slots(s.id, layer)].long()
-                    pos = pos[pos[:, 0] < s0]
-                    per_layer.append(int(tokens[k][pos[:, 0], pos[:, 1], pos[:, 2]].sum()) / max(total, 1))
-                share.append(sum(per_layer) / len(per_layer))
+                total = max(int(tokens[k][:s0].sum()), 1)
+                share.append(sum(int(tokens[k][p[:, 0], p[:, 1], p[:, 2]].sum()) / total for p in cached) / len(cached))
             return share
 
         def predict(e, s):

@@ -303,11 +303,13 @@ def test_page_bound_is_at_least_every_token_score_and_tight_for_a_single_key(for
     summ = c.page_summaries("s", 0)
     ref = c.recompute_page_summaries("s", 0)
     assert torch.allclose(summ["radius"], ref["radius"], atol=1e-5)
-    bound = log_expected_exp_bound(summ["centroid"], summ["radius"], mu_f, sigma_f, cov_rank)  # [H, pages]
+    terms = FutureQueryProxy.score_terms(summ["centroid"], mu_f, sigma_f, cov_rank)
+    bound = log_expected_exp_bound(*terms, summ["radius"], mu_f, sigma_f)  # [H, pages]
     z = FutureQueryProxy.log_expected_exp(k, mu_f, sigma_f, cov_rank)  # [H, 40]
     page_max = z.reshape(z.shape[0], 5, 8).amax(-1)
     assert (bound >= page_max - 1e-4).all()
-    one = log_expected_exp_bound(k[:3], torch.zeros(3, 1), mu_f, sigma_f, cov_rank)
+    one = log_expected_exp_bound(*FutureQueryProxy.score_terms(k[:3], mu_f, sigma_f, cov_rank), torch.zeros(3, 1),
+                                 mu_f, sigma_f)
     assert torch.allclose(one, z[:, :3], atol=1e-4)
 
 

@@ -16,8 +16,8 @@
    -> O(candidates) per compression, at a measured cost in what is kept (README, "Page candidates").
 5. The lowest-importance tokens are merged into their nearest partner among the next-lowest survivors (as many
    as ``candidate_oversample`` x removed) in the proxy's affine subspace (span of mu_f and the top eigenvectors
-   of Sigma_f) when keys and values are close, or evicted when nothing is close.  Merge modes: ``log-mass`` (mass-weighted mean, log-mass
-   adds, attention applies it as a per-key bias) and ``affine`` (the merged key is projected onto the hyperplane
+   of Sigma_f) when keys and values are close, or evicted when nothing is close.  Merge modes: ``log-mass``
+   (mass-weighted mean, log-mass adds, attention applies it as a per-key bias) and ``affine`` (the merged key is projected onto the hyperplane
    whose proxy logit preserves the group's attention mass; no bias, so every attention kernel serves it).
 Every choice is a named parameter; ``benchmarks/quality.py`` measures the ablations.
 """
@@ -67,8 +67,8 @@ class FutureQueryProxy:
     [0, 1) (0: latest block only).  window: keep exactly the last ``window`` blocks instead (overrides decay).
     form: ``cheap`` (mean rotation applied to mu and Sigma), ``moment`` (the mean and covariance of the future
     query mixture over positions: ``mu_f = Rbar mu``, ``Sigma_f = mean_p R_p (Sigma + mu mu^T) R_p^T - mu_f
-    mu_f^T``, which keeps the spread the rotations add) or ``exact`` (``samples`` sampled future positions).  covariance: use
-    Sigma (False: mean only).  rotate: False skips the rotation (ExpectedAttention on post-RoPE queries).
+    mu_f^T``, which keeps the spread the rotations add) or ``exact`` (``samples`` sampled future positions).
+    covariance: use Sigma (False: mean only).  rotate: False skips the rotation (ExpectedAttention on post-RoPE queries).
     """
 
     horizon: int = 6
@@ -133,27 +133,32 @@ class FutureQueryProxy:
         if not self.rotate or rope is None:
             return mu[None], sigma[None]
         angles = rope.phases(self.future_positions(newest_frame, token_grid))  # [M, D/2]
-        if self.form == "moment":
-            mbar = pair_matrix(torch.cos(angles).mean(0), torch.sin(angles).mean(0))
-            mu_f = torch.einsum("de,he->hd", mbar, mu)
-            if not self.covariance:
-                return mu_f[None], torch.zeros_like(sigma)[None]
-            second = rotation_average(angles, sigma + torch.einsum("hd,he->hde", mu, mu))
-            return mu_f[None], (second - torch.einsum("hd,he->hde", mu_f, mu_f))[None]
-        if self.form == "cheap":
+        if self.form in ("cheap", "moment"):  # the mean rotation Rbar
             mats = pair_matrix(torch.cos(angles).mean(0), torch.sin(angles).mean(0))[None]
         else:
             g = torch.Generator().manual_seed(self.seed + 7919 * newest_frame)
             pick = torch.randperm(angles.shape[0], generator=g)[: self.samples]
             mats = torch.stack([pair_matrix(torch.cos(a), torch.sin(a)) for a in angles[pick]])
         mu_f = torch.einsum("pde,he->phd", mats, mu)
-        sigma_f = torch.einsum("pde,hef,pgf->phdg", mats, sigma, mats)
-        return mu_f, sigma_f
+        if self.form != "moment":
+            return mu_f, torch.einsum("pde,hef,pgf->phdg", mats, sigma, mats)
+        if not self.covariance:
+            return mu_f, torch.zeros_like(sigma)[None]
+        second = rotation_average(angles, sigma + torch.einsum("hd,he->hde", mu, mu))
+        return mu_f, (second - torch.einsum("hd,he->hde", mu_f[0], mu_f[0]))[None]
 
     @staticmethod
     def log_expected_exp(k: torch.Tensor, mu_f: torch.Tensor, sigma_f: torch.Tensor,
                          cov_rank: int | None = None) -> torch.Tensor:
-        """z [H, N] = log mean_p E_q[exp(q.k / sqrt d)] for keys k [N, Hkv, D] (GQA-aware).
+        """z [H, N] = log mean_p E_q[exp(q.k / sqrt d)] for keys k [N, Hkv, D] (GQA-aware)."""
+        lin, quad = FutureQueryProxy.score_terms(k, mu_f, sigma_f, cov_rank)
+        return log_mean_exp(lin + quad)
+
+    @staticmethod
+    def score_terms(k: torch.Tensor, mu_f: torch.Tensor, sigma_f: torch.Tensor,
+                    cov_rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear ``k.mu / sqrt d`` and quadratic ``k^T Sigma k / (2 d)`` terms [P, H, N] of
+        ``log E_q[exp(q.k / sqrt d)]`` for each of the P (mu, Sigma) of the proxy, keys k [N, Hkv, D].
 
         ``cov_rank`` r keeps the top r eigenpairs of Sigma_f for the quadratic term: O(N H D r) instead of
         O(N H D^2) (None: exact)."""
@@ -161,7 +166,7 @@ class FutureQueryProxy:
         h, rep = mu_f.shape[1], mu_f.shape[1] // hkv
         # float32 over the keys (the O(N) part), float64 only for the small per-head statistics
         kk = k.float().transpose(0, 1)  # [Hkv, N, D]; query head j reads kv head j // rep
-        zs = []
+        lins, quads = [], []
         for p in range(mu_f.shape[0]):  # one (mu, Sigma) at a time keeps memory at O(N H D)
             mu = mu_f[p].float().reshape(hkv, rep, d)
             lin = torch.matmul(kk, mu.transpose(1, 2)).permute(0, 2, 1).reshape(h, n) / math.sqrt(d)
@@ -174,31 +179,30 @@ class FutureQueryProxy:
                 u = evecs[..., -cov_rank:].float().reshape(hkv, rep, d, cov_rank)
                 proj = torch.matmul(kk[:, None], u)  # [Hkv, rep, N, r]
                 quad = (proj.pow(2) * lam).sum(-1).reshape(h, n) / (2 * d)
-            zs.append(lin + quad)
-        z = torch.stack(zs)
-        return (torch.logsumexp(z, 0) - math.log(z.shape[0])).float()
+            lins.append(lin)
+            quads.append(quad)
+        return torch.stack(lins), torch.stack(quads)
 
 
-def log_expected_exp_bound(centre: torch.Tensor, radius: torch.Tensor, mu_f: torch.Tensor, sigma_f: torch.Tensor,
-                           cov_rank: int | None = None) -> torch.Tensor:
-    """[H, P] upper bound of ``log_expected_exp`` over every key within ``radius`` [P, Hkv] of ``centre``
-    [P, Hkv, D] (a page's centroid and key radius): for ||k - c|| <= r, Cauchy-Schwarz gives
-    ``k.mu <= c.mu + r ||mu||`` and ``sqrt(k^T Sigma k) <= sqrt(c^T Sigma c) + r sqrt(lambda_max)``, so
-    ``z(k) <= z_lin(c) + r ||mu|| / sqrt d + (sqrt(2 d z_quad(c)) + r sqrt(lambda_max))^2 / (2 d)`` per (mu, Sigma)
-    — the Quest idea (bound a page's best score from a summary) for the Gaussian expected-attention score."""
-    n, hkv, d = centre.shape
-    h = mu_f.shape[1]
-    r = radius.float().repeat_interleave(h // hkv, dim=1).T  # [H, P]
-    zs = []
-    for p in range(mu_f.shape[0]):
-        lin = FutureQueryProxy.log_expected_exp(centre, mu_f[p:p + 1], torch.zeros_like(sigma_f[p:p + 1]))
-        quad = (FutureQueryProxy.log_expected_exp(centre, mu_f[p:p + 1], sigma_f[p:p + 1], cov_rank) - lin)
-        lam = torch.linalg.eigvalsh(sigma_f[p])[:, -1].clamp_min(0).float()[:, None]  # [H, 1]
-        mu_norm = mu_f[p].norm(dim=-1).float()[:, None]
-        zs.append(lin + r * mu_norm / math.sqrt(d)
-                  + (torch.sqrt(2 * d * quad.clamp_min(0)) + r * lam.sqrt()).pow(2) / (2 * d))
-    z = torch.stack(zs)
+def log_mean_exp(z: torch.Tensor) -> torch.Tensor:
+    """log of the mean of exp(z) over the proxy's P positions (dim 0), float32."""
     return (torch.logsumexp(z, 0) - math.log(z.shape[0])).float()
+
+
+def log_expected_exp_bound(lin: torch.Tensor, quad: torch.Tensor, radius: torch.Tensor, mu_f: torch.Tensor,
+                           sigma_f: torch.Tensor) -> torch.Tensor:
+    """[H, N] upper bound of ``log_expected_exp`` over every key within ``radius`` [N, Hkv] of a centre (N pages:
+    each page's centroid and key radius), from the centre's ``score_terms`` (lin, quad [P, H, N]): for
+    ||k - c|| <= r, Cauchy-Schwarz gives ``k.mu <= c.mu + r ||mu||`` and ``sqrt(k^T Sigma k) <= sqrt(c^T Sigma c)
+    + r sqrt(lambda_max)``, so ``z(k) <= lin(c) + r ||mu|| / sqrt d + (sqrt(2 d quad(c)) + r sqrt(lambda_max))^2
+    / (2 d)`` per (mu, Sigma) — the Quest idea (bound a page's best score from a summary) for the Gaussian
+    expected-attention score."""
+    h, d = mu_f.shape[1], mu_f.shape[2]
+    r = radius.float().repeat_interleave(h // radius.shape[1], dim=1).T  # [H, N]
+    lam = torch.linalg.eigvalsh(sigma_f)[..., -1].clamp_min(0).float()[..., None]  # [P, H, 1]
+    mu_norm = mu_f.norm(dim=-1).float()[..., None]  # [P, H, 1]
+    return log_mean_exp(lin + r * mu_norm / math.sqrt(d)
+                        + (torch.sqrt(2 * d * quad.clamp_min(0)) + r * lam.sqrt()).pow(2) / (2 * d))
 
 
 def _nearest(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,11 +306,12 @@ class FutureForcing(CachePolicy):
         cache = ctx.cache
         summ = cache.page_summaries(ctx.session_id, ctx.layer)
         ids = summ["pages"]
-        z = FutureQueryProxy.log_expected_exp(summ["centroid"], mu_f, sigma_f, self.cov_rank)  # [H, P] at centroids
+        lin, quad = FutureQueryProxy.score_terms(summ["centroid"], mu_f, sigma_f, self.cov_rank)
+        z = log_mean_exp(lin + quad)  # [H, P] at centroids
         page_mass = z + summ["log_mass"][None]
         lse = torch.logsumexp(page_mass, 1)
         if self.page_rank == "bound":
-            z = log_expected_exp_bound(summ["centroid"], summ["radius"], mu_f, sigma_f, self.cov_rank)
+            z = log_expected_exp_bound(lin, quad, summ["radius"], mu_f, sigma_f)
         version = self.proxy.version.get(ctx.layer, 0)
         agg = self.aggregate(z, lse)
         stale = summ["importance_version"] != version
@@ -437,6 +442,11 @@ class FutureForcing(CachePolicy):
         """Token indices this policy would remove now (merge or evict), without touching the cache: with page
         candidates, or by exact scoring of every unprotected token.  ``candidate_recall`` compares the two."""
         cand, _, _, _, imp, *_ = self._rank(ctx, use_pages)
+        return self._lowest(cand, imp, ctx)
+
+    @staticmethod
+    def _lowest(cand, imp, ctx: CompressContext) -> torch.Tensor:
+        """The ``num_tokens - budget_tokens`` candidates of lowest importance, sorted by index."""
         return torch.sort(cand[torch.argsort(imp)[: ctx.num_tokens - ctx.budget_tokens]]).values
 
     def candidate_recall(self, ctx: CompressContext) -> float:
@@ -453,7 +463,7 @@ class FutureForcing(CachePolicy):
         cand, _, _, _, imp, *_ = self._rank(ctx, use_pages=False)
         full = torch.zeros(ctx.num_tokens)
         full[cand] = imp
-        exact = full[self.victims(ctx, use_pages=False)].sum()
+        exact = full[self._lowest(cand, imp, ctx)].sum()
         return float(full[self.victims(ctx, use_pages=True)].sum() / exact.clamp_min(1e-30))
 
     def compress(self, ctx: CompressContext) -> None:

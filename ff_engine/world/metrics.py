@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ff_engine.world.procedural import PALETTE, SHAPES, subject_mask, subject_region
+from ff_engine.world.procedural import PALETTE, SHAPES, H, W, subject_mask, subject_region
 
 
 def detected_colours(frames: torch.Tensor, tol: float = 0.35, min_pixels: int = 6) -> torch.Tensor:
@@ -165,8 +165,6 @@ def subject_tokens(identity: int, centre: torch.Tensor, visible: torch.Tensor, t
     """bool [T, gh, gw]: the latent tokens that show this subject in each frame — those whose pixel cell (the
     frame split into the model's ``token_grid``) the drawn subject covers by at least ``min_cover``.  For
     asking a cache policy what it kept of a subject (ground truth about the cache, not about the model)."""
-    from ff_engine.world.procedural import H, W
-
     gh, gw = token_grid
     if H % gh or W % gw:
         raise ValueError(f"token grid {token_grid} does not tile the {H}x{W} frame")
