@@ -15,7 +15,6 @@ Ratios (paged / contiguous, vllm / torch) are what we report; absolute times dep
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -29,6 +28,7 @@ from ff_engine.attention import AttentionBatch
 from ff_engine.attention.torch_ref import TorchReferenceBackend, _sdpa
 from ff_engine.attention.vllm_cpu import VllmCpuBackend
 from ff_engine.cache import PagedKVCache
+from ff_engine.cli import OneLineParser, int_arg
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -66,12 +66,12 @@ def build(frames, tpf, heads, hd, ps, dtype, scatter, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--frames", type=int, nargs="+", default=[3, 9, 21])
-    ap.add_argument("--page-size", type=int, default=32)
+    ap.add_argument("--frames", type=int_arg(1), nargs="+", default=[3, 9, 21])
+    ap.add_argument("--page-size", type=int_arg(1), default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int_arg(1), default=3)
     ap.add_argument("--out", default=str(RESULTS / "attention.json"))
     a = ap.parse_args(argv)
     dtype = getattr(torch, a.dtype)

@@ -17,12 +17,12 @@ cache evolves under the default exact scoring in both, so every ranking is asked
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
+from ff_engine.cli import OneLineParser, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import FutureForcing
@@ -60,17 +60,17 @@ def measure(engine, session, teacher=None):
             engine.step([session.id])
     else:
         while session.block < session.num_blocks - 1:
-            engine.write_context([session], teacher[session.start_frame:session.start_frame + fpb][None])
-            engine.compress(session)
-            session.block += 1
+            if err := engine.commit_block([session], teacher[session.start_frame:session.start_frame + fpb][None],
+                                          record=False):
+                raise RuntimeError(f"teacher-forced block failed: {err}")
         engine.cancel(session.id)
     return {v: (sum(r) / len(r), sum(g) / len(g), len(r)) for v, (r, g) in acc.items()}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=2, help="world-model training seeds")
-    ap.add_argument("--frames", type=int, default=96)
+    ap = OneLineParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int_arg(1), default=2, help="world-model training seeds")
+    ap.add_argument("--frames", type=int_arg(1), default=96)
     ap.add_argument("--out", default=str(RESULTS / "page_candidates.json"))
     a = ap.parse_args(argv)
     rows = []

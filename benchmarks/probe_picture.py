@@ -11,10 +11,10 @@ cache the model paints it back, without them it guesses.  Columns are crops arou
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
+from ff_engine.cli import OneLineParser, int_arg
 from ff_engine.policies import make_policy
 from ff_engine.world import metrics as M
 from ff_engine.world.procedural import EVAL_SEED_BASE, H, W, decode, encode, make_clip
@@ -32,13 +32,13 @@ def crop(frame: torch.Tensor, centre: torch.Tensor, size: int = 16) -> torch.Ten
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(quality.DEFAULT_MODEL))
-    ap.add_argument("--probes", type=int, default=8)
-    ap.add_argument("--budget", type=int, default=30, help="budget in frames (30 = 25 %% of the main run's cache)")
+    ap.add_argument("--probes", type=int_arg(1), default=8)
+    ap.add_argument("--budget", type=int_arg(1), default=30, help="budget in frames (30 = 25 %% of the main run's cache)")
     ap.add_argument("--policies", nargs="*", default=["window", "sink-window", "expected-attention", "future-forcing"])
-    ap.add_argument("--history", type=int, default=192)
-    ap.add_argument("--min-gap", type=int, default=30)
+    ap.add_argument("--history", type=int_arg(1), default=192)
+    ap.add_argument("--min-gap", type=int_arg(0), default=30)
     ap.add_argument("--out", default=str(quality.RESULTS / "quality_probe_picture.png"))
     a = ap.parse_args(argv)
     from model_adapters.causal_wan import load_causal_wan

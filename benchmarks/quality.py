@@ -21,7 +21,6 @@ The in-distribution length (the training clip, 24 frames) is scored on the first
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ff_engine.cli import OneLineParser, fraction, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import make_policy
@@ -117,9 +117,9 @@ def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, ta
                     outs.active = True
             if s.block == s.num_blocks - 1 or (last is not None and s.start_frame >= last):
                 break
-            e.write_context([s], teacher[s.start_frame:s.start_frame + g.frames_per_block][None])
-            e.compress(s)
-            s.block += 1
+            if err := e.commit_block([s], teacher[s.start_frame:s.start_frame + g.frames_per_block][None],
+                                     record=False):
+                raise RuntimeError(f"teacher-forced block failed: {err}")
         e.cancel(s.id)
         return (outs.outputs if outs else None), preds
     while s.id in e.sessions:
@@ -320,23 +320,23 @@ def image_grid(cells, row_labels, col_titles, title, png, figsize):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--prefix", type=int, default=24, help="ground-truth frames written into the cache first")
-    ap.add_argument("--frames", type=int, default=96, help="generated frames (4x the training clip)")
-    ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5])
-    ap.add_argument("--policies", nargs="*", default=DEFAULT_POLICIES)
-    ap.add_argument("--filmstrip-fraction", type=float, default=0.25, help="budget fraction shown in the filmstrip")
-    ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--predict-every", type=int, default=2,
+    ap.add_argument("--seeds", type=int_arg(1), default=5)
+    ap.add_argument("--prefix", type=int_arg(1), default=24, help="ground-truth frames written into the cache first")
+    ap.add_argument("--frames", type=int_arg(1), default=96, help="generated frames (4x the training clip)")
+    ap.add_argument("--fractions", type=fraction, nargs="+", default=[0.125, 0.25, 0.5])
+    ap.add_argument("--policies", nargs="*", default=DEFAULT_POLICIES, choices=list(policy_specs(0)))
+    ap.add_argument("--filmstrip-fraction", type=fraction, default=0.25, help="budget fraction shown in the filmstrip")
+    ap.add_argument("--page-size", type=int_arg(1), default=16)
+    ap.add_argument("--predict-every", type=int_arg(1), default=2,
                     help="teacher-forced pass: predict every n-th block from the policy's ground-truth cache")
-    ap.add_argument("--probe-seeds", type=int, default=16, help="memory probe: held-out seeds (0: no probe)")
-    ap.add_argument("--probe-history", type=int, default=192, help="memory probe: ground-truth frames per seed")
-    ap.add_argument("--probe-min-gap", type=int, default=30,
+    ap.add_argument("--probe-seeds", type=int_arg(0), default=16, help="memory probe: held-out seeds (0: no probe)")
+    ap.add_argument("--probe-history", type=int_arg(1), default=192, help="memory probe: ground-truth frames per seed")
+    ap.add_argument("--probe-min-gap", type=int_arg(0), default=30,
                     help="memory probe: a return counts after this many frames out of view")
-    ap.add_argument("--probe-fractions", type=float, nargs="+", default=[0.25],
+    ap.add_argument("--probe-fractions", type=fraction, nargs="+", default=[0.25],
                     help="memory probe: budgets (same frame budgets as the main run's fractions)")
     ap.add_argument("--probe-only", action="store_true", help="run only the memory probe (no main seeds)")
     ap.add_argument("--probe-on-training-seeds", action="store_true",
@@ -344,8 +344,9 @@ def main(argv=None):
                          "settings without touching the evaluation seeds")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     ap.add_argument("--filmstrip-policies", nargs="*", default=["window", "sink-window", "future-forcing"],
+                    choices=list(policy_specs(0)),
                     help="policies shown in the filmstrip picture of the first seed (none: no picture)")
-    ap.add_argument("--filmstrip-every", type=int, default=6, help="show every n-th frame in the filmstrip")
+    ap.add_argument("--filmstrip-every", type=int_arg(1), default=6, help="show every n-th frame in the filmstrip")
     a = ap.parse_args(argv)
     from model_adapters.causal_wan import load_causal_wan
 

@@ -19,7 +19,6 @@ does not depend on them).  Attention backend: the CPU default (vLLM's CPU op).  
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ff_engine.cli import OneLineParser, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.engine.scheduler import Scheduler
@@ -81,15 +81,15 @@ def video_fps(model, latent_frames_total, wall):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--frames", type=int, default=240)
-    ap.add_argument("--budget-frames", type=int, default=21)
-    ap.add_argument("--batch-streams", type=int, default=8)
-    ap.add_argument("--sweep-frames", type=int, default=24)
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--max-streams", type=int, default=16, help="cap on concurrent bounded streams in C")
+    ap.add_argument("--layers", type=int_arg(1), default=1)
+    ap.add_argument("--frames", type=int_arg(1), default=240)
+    ap.add_argument("--budget-frames", type=int_arg(1), default=21)
+    ap.add_argument("--batch-streams", type=int_arg(1), default=8)
+    ap.add_argument("--sweep-frames", type=int_arg(1), default=24)
+    ap.add_argument("--streams", type=int_arg(1), nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--max-streams", type=int_arg(1), default=16, help="cap on concurrent bounded streams in C")
     ap.add_argument("--only", nargs="+", choices=list("ABCD"), default=list("ABCD"),
                     help="run only these experiments; the others are kept from an existing --out file")
     ap.add_argument("--out", default=str(RESULTS / "throughput.json"))

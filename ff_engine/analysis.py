@@ -10,12 +10,14 @@ them, pre- and post-RoPE.  JSON + a plot.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ff_engine.engine import Engine, SessionConfig
+from ff_engine.outputs import temporary_beside
 from ff_engine.policies import Window
 
 
@@ -80,12 +82,23 @@ def plot_drift(result: dict, png: str | Path, title: str = "") -> None:
         x.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
+    fig.savefig(png, dpi=90, format="png")
+    plt.close(fig)
 
 
 def write(result: dict, out_dir: str | Path, title: str = "") -> Path:
+    """``query_drift.json`` and ``query_drift.png`` in ``out_dir`` (created if missing): both are rendered under
+    temporary names first and renamed only when both are complete, so a failure leaves neither half-written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "query_drift.json").write_text(json.dumps(result, indent=1, default=str))
-    plot_drift(result, out / "query_drift.png", title)
-    return out / "query_drift.json"
+    final = [out / "query_drift.json", out / "query_drift.png"]
+    tmp = [temporary_beside(p) for p in final]
+    try:
+        tmp[0].write_text(json.dumps(result, indent=1, default=str))
+        plot_drift(result, tmp[1], title)
+        for t, p in zip(tmp, final):
+            os.replace(t, p)
+    finally:
+        for t in tmp:
+            t.unlink(missing_ok=True)
+    return final[0]

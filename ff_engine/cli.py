@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import runpy
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ff_engine.errors import ConfigError, FFEngineError
+from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "world" / "assets" / "world_model.safetensors"
@@ -19,65 +22,160 @@ EMBEDDED_MODEL = Path(__file__).resolve().parent / "world" / "assets" / "world_m
 DEFAULT_MODEL = str(EMBEDDED_MODEL)
 
 
-def _positive_float(name):
+def positive_float(s: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
+def fraction(s: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    v = positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {s}")
+    return v
+
+
+def int_arg(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi] (argparse names the flag in its one-line error)."""
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
     def parse(s):
         try:
-            v = float(s)
+            v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
-        if not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {s}")
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {s}")
         return v
     return parse
 
 
 def requested_frames(args, geometry) -> int:
-    """--frames as given, or --seconds in the model's latent frames."""
-    if args.frames is not None and args.frames <= 0:
-        raise ConfigError(f"--frames must be > 0, got {args.frames}")
-    return args.frames or geometry.latent_frames(args.seconds)
+    """--frames as given, or --seconds in the model's latent frames; either within the model's RoPE table (checked
+    in float arithmetic first, so 1e308 seconds is an error, not an OverflowError)."""
+    g = geometry
+    longest = g.max_frames // g.frames_per_block * g.frames_per_block  # whole blocks inside the RoPE table
+    if args.frames is not None:
+        if args.frames <= 0:
+            raise ConfigError(f"--frames must be > 0, got {args.frames}")
+        if math.ceil(args.frames / g.frames_per_block) * g.frames_per_block > longest:
+            raise ConfigError(f"--frames {args.frames} exceeds the model's RoPE table: at most {longest} latent frames")
+        return args.frames
+    if args.seconds * g.fps / g.vae_stride[0] > longest:
+        raise ConfigError(f"--seconds {args.seconds:g} exceeds the model's RoPE table of {g.max_frames} latent frames: "
+                          f"at most {longest * g.vae_stride[0] / g.fps:g} s")
+    return g.latent_frames(args.seconds)
 
 
-def build_model(args):
-    from model_adapters.causal_wan import PRESETS, CausalWanModel, load_causal_wan
+def resolve_model(args):
+    """(config, state_dict or None) of --model without building it, through the model registry (any architecture):
+    a preset's config, or a checkpoint of any supported layout read and checked (every defect of the file is one
+    ``CheckpointError``); a checkpoint's recorded config wins over --preset.  The reference-setting overrides
+    (--num-frame-per-block, --context-noise) apply to either."""
+    from model_adapters import registry
 
-    if args.model in PRESETS:
-        if not args.random_weights:
-            raise ConfigError(
-                f"--model {args.model} is a preset without weights; pass --random-weights or a checkpoint path"
-            )
-        torch.manual_seed(args.seed)
-        model = CausalWanModel(PRESETS[args.model]).eval()
-        with torch.no_grad():  # Wan zero-inits nothing we rely on, but give the head a signal to preview
-            model.head.head.weight.normal_(0, 0.02)
-        return model
-    path = Path(args.model)
-    if not path.exists():
-        raise ConfigError(f"--model: {args.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
-    return load_causal_wan(path, preset=args.preset)  # a checkpoint's recorded config wins over the preset
+    cfg, ckpt = registry.resolve(args.model, getattr(args, "preset", None), getattr(args, "random_weights", False),
+                                 lora=getattr(args, "lora", None))
+    noise = getattr(args, "context_noise", None)
+    if noise is not None and not (math.isfinite(noise) and 0 <= noise <= 1000):
+        raise ConfigError(f"--context-noise must be a timestep in [0, 1000], got {noise:g}")
+    overrides = {k: v for k, v in (("frames_per_block", getattr(args, "num_frame_per_block", None)),
+                                   ("context_noise", noise)) if v is not None}
+    return (cfg.with_(**overrides) if overrides else cfg), (ckpt.state_dict if ckpt else None)
+
+
+def build_model(args, resolved=None):
+    """The model of --model: random weights for a preset (seeded by --seed), or the checkpoint's."""
+    from model_adapters import registry
+
+    cfg, sd = resolved or resolve_model(args)
+    return registry.build(cfg, seed=args.seed) if sd is None else registry.from_weights(cfg, sd)
+
+
+def reference_flags(args) -> None:
+    """Self-Forcing / LongLive names onto ff-engine's (``ff_engine.policies.reference``): --sink-size is
+    --sink-frames (and turns the default rolling window into the sink window, the reference's own policy);
+    --local-attn-size sets --budget-frames once the block size is known (``prepare``)."""
+    from ff_engine.policies.reference import ReferenceSettings
+
+    if args.sink_size is not None:
+        if args.sink_frames is not None and args.sink_frames != args.sink_size:
+            raise ConfigError(f"--sink-size {args.sink_size} and --sink-frames {args.sink_frames} disagree; give one")
+        args.sink_frames = args.sink_size
+        if args.sink_size and args.policy == "window":
+            args.policy = "sink-window"
+    if args.local_attn_size is not None:  # checked here for the flags alone, with the block size once it is known
+        ReferenceSettings(args.local_attn_size, args.sink_size or 0, args.num_frame_per_block or 1,
+                          args.context_noise or 0.0)
+
+
+def reference_budget(args, policy, frames_per_block: int) -> None:
+    """--local-attn-size L -> --budget-frames L - frames_per_block (exactly the reference's window)."""
+    from ff_engine.policies.reference import ReferenceSettings
+
+    if getattr(args, "local_attn_size", None) is None:
+        return
+    ref = ReferenceSettings(args.local_attn_size, args.sink_size or 0, frames_per_block, args.context_noise or 0.0)
+    ref.policy(policy)  # global attention needs the unbounded policy and a window a bounded one: one line if not
+    if ref.bounded:
+        args.budget_frames = ref.budget_frames
+
+
+def _read_prompt_file(p: Path):
+    """The tensor a prompt file holds (its 'prompt_embeds' entry, or its first tensor), else a description of
+    what it holds instead."""
+    if p.stat().st_size == 0:
+        return "an empty file"
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        t = load_file(str(p))
+    else:
+        t = torch.load(str(p), map_location="cpu", weights_only=True)
+    if isinstance(t, dict):
+        t = t.get("prompt_embeds", next((v for v in t.values() if isinstance(v, torch.Tensor)), "a dict without tensors"))
+    return t if isinstance(t, (torch.Tensor, str)) else f"a {type(t).__name__}"
 
 
 def load_prompt(args, model):
-    cfg = model.cfg
+    """--prompt-embeds (or a seeded random prompt) as [L, text_dim], checked against the model's text config
+    (``model`` is a model or anything with its ``cfg``, or the config itself)."""
+    cfg = getattr(model, "cfg", model)
     if not cfg.conditional:
         if args.prompt_embeds is not None:
             raise ConfigError("--prompt-embeds: this model was trained without text conditioning")
         return torch.zeros(1, cfg.text_dim)
+    text_len = getattr(cfg, "text_len", None)
     if args.prompt_embeds is None:
         g = torch.Generator().manual_seed(args.seed)
-        return torch.randn(min(16, cfg.text_len), cfg.text_dim, generator=g)
+        return torch.randn(min(16, text_len or 16), cfg.text_dim, generator=g)
     p = Path(args.prompt_embeds)
     if not p.is_file():
         raise ConfigError(f"--prompt-embeds: file not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        t = next(iter(load_file(str(p)).values()))
-    else:
-        t = torch.load(str(p), map_location="cpu", weights_only=True)
-        if isinstance(t, dict):
-            t = t.get("prompt_embeds", next(iter(t.values())))
-    return t[0] if t.dim() == 3 else t
+    try:
+        t = _read_prompt_file(p)
+    except Exception as exc:  # noqa: BLE001 - empty, corrupt or pickled files raise many types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--prompt-embeds: cannot read {p} as a tensor file (.pt with weights only, or "
+                          f".safetensors): {reason[:200]}") from None
+    if not isinstance(t, torch.Tensor):
+        raise ConfigError(f"--prompt-embeds: {p} must hold a tensor [L, {cfg.text_dim}] (or a dict with "
+                          f"'prompt_embeds'), got {t}")
+    if t.dim() == 3 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 2 or t.shape[1] != cfg.text_dim or not 1 <= t.shape[0] <= (text_len or t.shape[0]) \
+            or not t.is_floating_point():
+        raise ConfigError(f"--prompt-embeds: {p} must be a float tensor [L, {cfg.text_dim}] with 1 <= L"
+                          f"{f' <= {text_len}' if text_len else ''}, got {t.dtype} {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ConfigError(f"--prompt-embeds: {p} contains NaN or inf")
+    return t
 
 
 _FF_FLAGS = {"ff_horizon": "horizon", "ff_form": "form", "ff_merge": "merge", "ff_decay": "decay",
@@ -121,59 +219,165 @@ def policy_args(args) -> dict:
     return {k: _coerce(k, known[k], v) if k in known else v for k, v in raw.items()}
 
 
+class RunFailed(RuntimeError):
+    """A run that started on valid inputs and failed (exit code 1, not 2)."""
+
+
+@dataclass
+class Prepared:
+    """Everything ``generate`` / ``analyze`` checked before any heavy work: the model's config (and checkpoint
+    tensors), the length, prompt, attention backend and pool size, all within the model's limits and memory."""
+
+    cfg: Any
+    state_dict: dict | None
+    frames: int
+    budget_frames: int | None
+    prompt: torch.Tensor
+    backend: Any
+    num_pages: int
+
+    @property
+    def geometry(self):
+        return self.cfg.geometry()
+
+
+def prepare(args, policy) -> Prepared:
+    """Validate every model-dependent input of ``generate`` / ``analyze`` cheaply, in the order a user fixes
+    them: model, length, budget, prompt, backend and page size, pool size, memory."""
+    from ff_engine.attention import get_backend
+    from ff_engine.engine.engine import stream_pages
+
+    cfg, sd = resolve_model(args)
+    g = cfg.geometry()
+    frames = requested_frames(args, g)
+    reference_budget(args, policy, g.frames_per_block)
+    budget = args.budget_frames if policy.bounded else None
+    if budget is not None and budget > g.max_frames:
+        raise ConfigError(f"--budget-frames {budget} exceeds the model's RoPE table of {g.max_frames} latent frames "
+                          f"(no stream can be longer)")
+    policy.validate(budget, g.frames_per_block)
+    prompt = load_prompt(args, cfg)
+    need = stream_pages(g, args.page_size, frames, budget)
+    num_pages = getattr(args, "num_pages", None) or need
+    if num_pages < need:
+        raise BudgetError(f"--num-pages {num_pages} is below this stream's reservation of {need} pages "
+                          f"({'budget + one block' if budget is not None else 'its whole length'} per layer)")
+    prep = Prepared(cfg, sd, frames, budget, prompt, None, num_pages)
+    check_memory(args, prep, least_budget=policy.sink_frames)  # before importing vLLM
+    prep.backend = get_backend(args.backend)
+    prep.backend.validate(args.page_size, MODEL_DTYPE, g.head_dim)
+    return prep
+
+
+#: ``CausalWanModel`` keeps its weights, activations and KV cache in float32 (checkpoints are converted on load)
+MODEL_DTYPE = torch.float32
+
+
+def _largest(ok, lo: int, hi: int) -> int:
+    """The largest x in [lo, hi] with ok(x), for ok true up to some point and false after it; lo - 1 if none."""
+    if not ok(lo):
+        return lo - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def check_memory(args, prep: Prepared, least_budget: int) -> None:
+    """Weights plus the page pool must fit in the host's usable memory (``ff_engine.memory``); otherwise one
+    ``BudgetError`` saying how large the setting the user chose may be."""
+    from ff_engine.engine.engine import stream_pages
+    from ff_engine.memory import cache_page_bytes, format_bytes, usable_bytes
+    from model_adapters import registry
+
+    g, ps, budget, frames = prep.geometry, args.page_size, prep.budget_frames, prep.frames
+    elt = torch.empty((), dtype=MODEL_DTYPE).element_size()
+
+    mirrored = args.backend in ("auto", "vllm-cpu")  # on CPU, "auto" is vLLM's CPU op where it is installed
+
+    def page_bytes(page_size):  # vLLM's CPU op keeps a packed mirror: a second copy of every page's K/V
+        mirror = 2 * page_size * g.num_kv_heads * g.head_dim * elt if mirrored else 0
+        return cache_page_bytes(page_size, g.num_kv_heads, g.head_dim, MODEL_DTYPE) + mirror
+
+    if prep.state_dict is not None:
+        weights = sum(t.numel() for t in prep.state_dict.values()) * elt
+    else:
+        weights = registry.param_count(prep.cfg) * elt
+    usable = usable_bytes("cpu")
+    page = page_bytes(ps)
+    need = weights + (prep.num_pages + 1) * page  # + vLLM's null page
+    if need <= usable:
+        return
+    fit = max(0, (usable - weights) // page - 1)
+    if getattr(args, "num_pages", None):
+        hint = f"at most --num-pages {fit} fits"
+    elif fit < g.num_layers:
+        best = _largest(lambda p: weights + (g.num_layers + 1) * page_bytes(p) <= usable, 1, ps)
+        hint = f"at most --page-size {best} fits" if best >= 1 else "the weights alone do not fit"
+    elif budget is not None:
+        best = _largest(lambda b: stream_pages(g, ps, frames, b) <= fit, 0, budget)
+        hint = f"at most --budget-frames {best} fits" if best >= least_budget else "not even the smallest budget fits"
+    else:
+        fpb = g.frames_per_block
+        best = _largest(lambda f: stream_pages(g, ps, f * fpb, None) <= fit, 1, math.ceil(frames / fpb)) * fpb
+        hint = f"unbounded, at most --frames {best} fits (a bounded policy needs far less)"
+    raise BudgetError(f"this stream needs {format_bytes(need)} ({prep.num_pages} pages of {ps} tokens, "
+                      f"{format_bytes(page)} each, + {format_bytes(weights)} of weights) but the host has "
+                      f"{format_bytes(usable)} usable: {hint}")
+
+
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from ff_engine.engine import Engine, SessionConfig
-    from ff_engine.engine.engine import reservation_pages
     from ff_engine.policies import make_policy
-    from ff_engine.video import LatentPreviewDecoder, Mp4Writer, WanVAEDecoder, WorldDecoder
+    from ff_engine.video import Mp4Writer, WanVAEDecoder, check_output_file
+    from model_adapters import registry
 
+    check_output_file(args.out, "--out")
+    reference_flags(args)
     policy = make_policy(args.policy, **policy_args(args))
-    model = build_model(args)
-    g = model.geometry
-    frames = requested_frames(args, g)
-    prompt = load_prompt(args, model)
-    cfg = SessionConfig(prompt=prompt, num_frames=frames, seed=args.seed, policy=policy,
-                        budget_frames=args.budget_frames if policy.bounded else None)
-    policy.validate(cfg.budget_frames, g.frames_per_block)
-    if args.vae:
-        decoder = WanVAEDecoder(args.vae)
-    elif model.cfg.decoder == "world-codec":
-        decoder = WorldDecoder()
-    else:
-        decoder = LatentPreviewDecoder(g.vae_stride[1], g.vae_stride[0])
-    # Size the pool for exactly this stream unless told otherwise: admission then proves the budget holds.
-    num_pages = args.num_pages or reservation_pages(g, args.page_size, cfg)
-    engine = Engine(model, num_pages=num_pages, page_size=args.page_size, backend=args.backend)
-    writer = Mp4Writer(args.out, fps=g.fps)
-    session = engine.add_session(cfg)
-    reserved = engine.cache.pool.reserved(session.id)
-    t0, video_frames = time.perf_counter(), 0
-    bar = tqdm(total=session.num_blocks, unit="block", desc=f"{policy.name}", disable=args.quiet)
+    prep = prepare(args, policy)
+    g = prep.geometry
+    vae = WanVAEDecoder(args.vae, latent_channels=g.latent_channels) if args.vae else None
+    cfg = SessionConfig(prompt=prep.prompt, num_frames=prep.frames, seed=args.seed, policy=policy,
+                        budget_frames=prep.budget_frames)
+    writer = Mp4Writer(args.out, fps=g.fps, what="--out")  # folder + temporary file: writability proven now
     try:
-        while session.id in engine.sessions:
-            for r in engine.step([session.id]):
-                if r.error:
-                    raise FFEngineError(f"generation failed at block {r.block}: {r.error}")
-                held = engine.cache.pages_held(session.id) if session.id in engine.sessions else 0
-                if decoder.streaming:
-                    px = decoder.decode(r.latents)
-                    writer.write(px)
-                    video_frames += len(px)
-                bar.update(1)
-                bar.set_postfix(fps=f"{g.video_frames(session.block * g.frames_per_block) / (time.perf_counter() - t0):.2f}",
-                                pages=f"{held}/{reserved}")
-        if not decoder.streaming:
-            px = decoder.decode(torch.cat(session.latents))
-            writer.write(px)
-            video_frames = len(px)
-    finally:
-        bar.close()
-        writer.close()
-        engine.cancel(session.id)
+        model = build_model(args, (prep.cfg, prep.state_dict))
+        decoder = vae or registry.make_decoder(model)
+        # Size the pool for exactly this stream unless told otherwise: admission then proves the budget holds.
+        engine = Engine(model, num_pages=prep.num_pages, page_size=args.page_size, backend=prep.backend)
+        session = engine.add_session(cfg)
+        reserved = engine.cache.pool.reserved(session.id)
+        t0, video_frames = time.perf_counter(), 0
+        bar = tqdm(total=session.num_blocks, unit="block", desc=f"{policy.name}", disable=args.quiet)
+        try:
+            while session.id in engine.sessions:
+                for r in engine.step([session.id]):
+                    if r.error:
+                        raise RunFailed(f"generation failed at block {r.block}: {r.error}")
+                    held = engine.cache.pages_held(session.id) if session.id in engine.sessions else 0
+                    if decoder.streaming:
+                        px = decoder.decode(r.latents)
+                        writer.write(px)
+                        video_frames += len(px)
+                    bar.update(1)
+                    fps = g.video_frames(session.block * g.frames_per_block) / (time.perf_counter() - t0)
+                    bar.set_postfix(fps=f"{fps:.2f}", pages=f"{held}/{reserved}")
+            if not decoder.streaming:
+                px = decoder.decode(torch.cat(session.latents))
+                writer.write(px)
+                video_frames = len(px)
+        finally:
+            bar.close()
+            engine.cancel(session.id)
+        writer.close()  # complete: the temporary file becomes --out
+    except BaseException:
+        writer.abort()  # failure or Ctrl-C: no partial video under --out, no folder this run created
+        raise
     dt = time.perf_counter() - t0
-    print(f"wrote {args.out}: {video_frames} frames ({frames} latent) in {dt:.1f}s, policy {policy.name}, "
+    print(f"wrote {args.out}: {video_frames} frames ({prep.frames} latent) in {dt:.1f}s, policy {policy.name}, "
           f"budget {cfg.budget_frames} frames, {reserved} pages reserved x {engine.cache.bytes_per_page()} B")
     return 0
 
@@ -182,12 +386,10 @@ def cmd_plan(args) -> int:
     import json
 
     from ff_engine.plan import parse_bytes, plan
-    from model_adapters.causal_wan import PRESETS
+    from model_adapters import registry
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
-    cfg = PRESETS[args.preset]
-    weights = 0 if args.no_weights else sum(_param_count(cfg)) * args.dtype_bytes
+    cfg = registry.get_preset(args.preset)
+    weights = 0 if args.no_weights else registry.param_count(cfg) * args.dtype_bytes
     r = plan(cfg.geometry(), gpu_mem_bytes=parse_bytes(args.gpu_mem), budget_frames=args.budget_frames,
              seconds=args.seconds, page_size=args.page_size, dtype_bytes=args.dtype_bytes, weights_bytes=weights)
     r["weights_bytes"] = weights
@@ -205,22 +407,39 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _param_count(cfg):
-    """Parameter counts of the causal-Wan model, from its config (no allocation)."""
-    d, f, L = cfg.dim, cfg.ffn_dim, cfg.num_layers
-    per_block = 8 * (d * d + d) + 4 * d + 2 * d + (d * f + f + f * d + d) + 6 * d
-    yield L * per_block
-    yield cfg.in_dim * d * 4 + d + cfg.text_dim * d + d + d * d + d + cfg.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d
-    yield d * 4 * cfg.out_dim + 4 * cfg.out_dim + 2 * d
+def cmd_convert(args) -> int:
+    """Any supported checkpoint layout -> one clean safetensors file in the model's own names, config inside."""
+    from model_adapters import registry
+
+    ckpt = registry.convert(args.input, args.output, args.preset, lora=args.lora, lora_scale=args.lora_scale)
+    g = ckpt.config.geometry()
+    print(f"wrote {args.output}: {ckpt.architecture.name}, {len(ckpt.state_dict)} tensors, "
+          f"{ckpt.num_params / 1e6:.1f}M parameters, {g.num_layers} layers x {g.num_heads} heads x {g.head_dim}")
+    for note in ckpt.notes or ["the keys were already clean"]:
+        print(f"  {note}")
+    return 0
 
 
 def cmd_analyze(args) -> int:
-    from ff_engine.analysis import analyze_queries, write
+    from ff_engine import analysis
+    from ff_engine.outputs import OutputFolder, check_folder_target
 
-    model = build_model(args)
-    result = analyze_queries(model, load_prompt(args, model), requested_frames(args, model.geometry), args.budget_frames, args.seed, args.page_size,
-                             args.backend)
-    path = write(result, args.out_dir, f"{args.model}: query drift over {result['blocks']} blocks")
+    check_folder_target(args.out_dir, "--out-dir")
+    recorder = analysis.QueryRecorder()
+    prep = prepare(args, recorder)
+    g = prep.geometry
+    if math.ceil(prep.frames / g.frames_per_block) < 2:
+        raise ConfigError(f"analyze queries needs at least 2 blocks ({2 * g.frames_per_block} latent frames) to "
+                          f"compare, got {prep.frames}")
+    folder = OutputFolder(args.out_dir, "--out-dir")  # created and proven writable before the compute
+    try:
+        model = build_model(args, (prep.cfg, prep.state_dict))
+        result = analysis.analyze_queries(model, prep.prompt, prep.frames, prep.budget_frames, args.seed,
+                                          args.page_size, prep.backend)
+        path = analysis.write(result, folder.path, f"{args.model}: query drift over {result['blocks']} blocks")
+    except BaseException:
+        folder.discard()
+        raise
     sm = result["summary"]
     print(f"wrote {path} (+ .png): mean relative drift of the query mean at the last block: "
           f"pre-RoPE {sm['pre_rope_final_drift']:.3f}, post-RoPE {sm['post_rope_final_drift']:.3f}")
@@ -228,97 +447,157 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_bench(args, rest) -> int:
-    script = REPO / "benchmarks" / f"{args.which}.py"
+    script = REPO / "benchmarks" / f"{ {'kernels': 'kernel_bench'}.get(args.which, args.which)}.py"
     if not script.is_file():
         raise ConfigError(f"benchmark {args.which!r} not found at {script} (run from a source checkout)")
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
+    argv, sys.argv = sys.argv, [str(script), *rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump), exit code 2."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump), exit code 2 (the benchmarks use it too)."""
 
     def error(self, message):
-        self.exit(2, f"ff-engine: error: {message}\n")
+        self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
+
+
+_Parser = OneLineParser
 
 
 def _model_args(seconds: float, page_size: int) -> argparse.ArgumentParser:
     """What generate and analyze share: model, prompt, length, engine (a fresh parser per command, so their
     defaults stay separate)."""
+    from ff_engine.engine.engine import MAX_SEED
+    from model_adapters import registry
+
     model_args = _Parser(add_help=False)
     model_args.add_argument("--model", default=DEFAULT_MODEL,
                             help="checkpoint path or preset name (with --random-weights)")
-    model_args.add_argument("--preset", default="wan-1.3b",
-                            help="geometry defaults for a checkpoint (num_heads, text_len, grid)")
+    model_args.add_argument("--preset", default=None, choices=registry.preset_names(),
+                            help="geometry defaults for a checkpoint (num_heads, text_len, grid); default: the "
+                                 "checkpoint's architecture's")
+    model_args.add_argument("--lora", default=None, help="a separate PEFT LoRA file merged at load (LongLive)")
     model_args.add_argument("--random-weights", action="store_true", help="random weights for a preset (smoke runs)")
     model_args.add_argument("--prompt-embeds", default=None, help="[L, text_dim] tensor file (.pt / .safetensors)")
     length = model_args.add_mutually_exclusive_group()
-    length.add_argument("--seconds", type=_positive_float("--seconds"), default=seconds)
-    length.add_argument("--frames", type=int, default=None, help="latent frames (instead of --seconds)")
-    model_args.add_argument("--budget-frames", type=int, default=6, help="latent frames of past KV kept per layer")
-    model_args.add_argument("--seed", type=int, default=0)
-    model_args.add_argument("--page-size", type=int, default=page_size)
+    length.add_argument("--seconds", type=positive_float, default=seconds)
+    length.add_argument("--frames", type=int_arg(1), default=None, help="latent frames (instead of --seconds)")
+    model_args.add_argument("--budget-frames", type=int_arg(0), default=6,
+                            help="latent frames of past KV kept per layer")
+    model_args.add_argument("--seed", type=int_arg(0, MAX_SEED), default=0)
+    model_args.add_argument("--page-size", type=int_arg(1), default=page_size)
     model_args.add_argument("--backend", default="auto")
+    ref = model_args.add_argument_group("reference settings (Self-Forcing / LongLive names; docs/reference_settings.md)")
+    ref.add_argument("--local-attn-size", type=int_arg(-1), default=None,
+                     help="frames a block attends, itself included (-1: global); sets --budget-frames")
+    ref.add_argument("--sink-size", type=int_arg(0), default=None, help="first frames that never roll (--sink-frames)")
+    ref.add_argument("--num-frame-per-block", type=int_arg(1, 64), default=None,
+                     help="latent frames per block (the model's frames_per_block)")
+    ref.add_argument("--context-noise", type=float, default=None,
+                     help="timestep in [0, 1000] of the cache-writing pass")
     return model_args
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from model_adapters import registry
+
     ap = _Parser(prog="ff-engine", description="Long AR video generation under a bounded paged KV cache")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate one video to an MP4", parents=[_model_args(5.0, 32)])
     g.add_argument("--policy", default="window")
-    g.add_argument("--sink-frames", type=int, default=None)
+    g.add_argument("--sink-frames", type=int_arg(0), default=None)
     g.add_argument("--ff-horizon", type=int, default=None, help="future-forcing: future frames of the query proxy")
-    g.add_argument("--ff-form", choices=["cheap", "exact"], default=None)
+    g.add_argument("--ff-form", choices=["cheap", "moment", "exact"], default=None)
     g.add_argument("--ff-merge", choices=["none", "log-mass", "affine"], default=None)
     g.add_argument("--ff-decay", type=float, default=None)
     g.add_argument("--ff-aggregation", choices=["mean", "max"], default=None)
     g.add_argument("--policy-arg", action="append", metavar="KEY=VALUE", help="any policy parameter (repeatable)")
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder (else a latent preview)")
-    g.add_argument("--num-pages", type=int, default=None, help="pool size (default: exactly this stream's reservation)")
-    g.add_argument("--out", default="out/video.mp4")
+    g.add_argument("--num-pages", type=int_arg(1), default=None,
+                   help="pool size (default: exactly this stream's reservation)")
+    g.add_argument("--out", default="out/video.mp4", help="the MP4 (written under a temporary name until complete)")
     g.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
-    b.add_argument("which", choices=["attention", "policy_overhead", "throughput", "quality"])
+    b.add_argument("which", choices=["attention", "policy_overhead", "throughput", "quality", "cluster", "load",
+                                     "kernels"])
     an = sub.add_parser("analyze", help="analyze queries: pre- vs post-RoPE query drift across blocks",
                         parents=[_model_args(10.0, 16)])
     an.add_argument("what", choices=["queries"])
     an.add_argument("--out-dir", default="out/analysis")
     sub.add_parser("train-world", help="train the in-repo world model (see ff_engine/world/train.py)")
+    sub.add_parser("serve", help="serve streams over HTTP / WebSocket / a live viewer (serve --help)")
     pl = sub.add_parser("plan", help="KV bytes and streams per GPU, bounded vs unbounded")
-    pl.add_argument("--preset", default="wan-1.3b")
+    pl.add_argument("--preset", default="wan-1.3b", choices=registry.preset_names())
     pl.add_argument("--gpu-mem", default="80GiB")
-    pl.add_argument("--budget-frames", type=int, default=21)
-    pl.add_argument("--seconds", type=_positive_float("--seconds"), default=60.0)
-    pl.add_argument("--page-size", type=int, default=32)
+    pl.add_argument("--budget-frames", type=int_arg(1), default=21)
+    pl.add_argument("--seconds", type=positive_float, default=60.0)
+    pl.add_argument("--page-size", type=int_arg(1), default=32)
     pl.add_argument("--dtype-bytes", type=int, default=2, choices=[1, 2, 4])
     pl.add_argument("--no-weights", action="store_true", help="do not subtract the model weights")
     pl.add_argument("--json", action="store_true")
+    cv = sub.add_parser("convert", help="write any supported checkpoint layout as one clean safetensors file")
+    cv.add_argument("input", help="checkpoint file or diffusers folder (Self-Forcing, CausVid, LongLive, Wan, "
+                                  "SkyReels-V2...)")
+    cv.add_argument("output", help="the .safetensors file to write")
+    cv.add_argument("--preset", default=None, choices=registry.preset_names(),
+                    help="what the tensors cannot tell (heads, text length, grid); default: the architecture's")
+    cv.add_argument("--lora", default=None, help="a separate PEFT LoRA file to merge (LongLive's lora.pt)")
+    cv.add_argument("--lora-scale", type=float, default=1.0, help="lora_alpha / rank (LongLive: 256 / 256 = 1)")
     return ap
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-world"]:  # its own argparse (ff_engine.world.train) takes the rest
-        from ff_engine.world.train import main as train_main
+def quiet_vllm_triton_probe() -> None:
+    """vLLM logs at import whether *its own* Triton kernels can run ("Triton is installed, but doesn't include CPU
+    backend. Disabling Triton."): ff-engine never calls vLLM's Triton paths (it uses vLLM's block pool, its C++
+    CPU attention op and flash-attn), so for the CLI the line says nothing and breaks the one-line error
+    contract.  Only that module's logger is raised to ERROR; every other vLLM warning still shows."""
+    logging.getLogger("vllm.triton_utils").setLevel(logging.ERROR)
 
-        return train_main(argv[1:])
-    ap = make_parser()
-    args, rest = ap.parse_known_args(argv)
-    if rest and args.cmd != "bench":
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+
+def _error_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 bad input (one line on stderr, before any heavy work, nothing written), 1 a failure
+    while running (one line; no partial output under the final name), 130 interrupted (Ctrl-C, same cleanup)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_vllm_triton_probe()
     try:
+        if argv[:1] == ["train-world"]:  # its own argparse (ff_engine.world.train) takes the rest
+            from ff_engine.world.train import main as train_main
+
+            return train_main(argv[1:])
+        if argv[:1] == ["serve"]:  # its own argparse (ff_engine.server.__main__) takes the rest
+            from ff_engine.server.__main__ import main as serve_main
+
+            return serve_main(argv[1:])
+        ap = make_parser()
+        args, rest = ap.parse_known_args(argv)
+        if rest and args.cmd != "bench":
+            ap.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.cmd == "generate":
             return cmd_generate(args)
         if args.cmd == "plan":
             return cmd_plan(args)
         if args.cmd == "analyze":
             return cmd_analyze(args)
+        if args.cmd == "convert":
+            return cmd_convert(args)
         return cmd_bench(args, rest)
     except (FFEngineError, FileNotFoundError) as exc:
-        print(f"ff-engine: error: {exc}".splitlines()[0], file=sys.stderr)
+        print(f"ff-engine: error: {_error_line(exc)}", file=sys.stderr)
         return 2
+    except (RunFailed, OSError) as exc:  # a block failed, the disk filled up: not the input's fault, one line too
+        print(f"ff-engine: error: {_error_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ff-engine: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,3 +15,7 @@ class BudgetError(FFEngineError):
 
 class CheckpointError(FFEngineError):
     """A checkpoint whose keys or shapes do not match the model."""
+
+
+class SnapshotError(FFEngineError):
+    """A session snapshot that is malformed, of another format version, or of another model geometry."""

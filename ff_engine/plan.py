@@ -11,10 +11,12 @@ _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 
 
 def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"--gpu-mem must look like 80GiB, 141GB or 8e9 bytes, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """'80GiB', '141GB', '8e9', '1.5 TiB' -> bytes (> 0 and finite)."""
+    m = re.fullmatch(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()] if m and m.group(2).lower() in _UNITS else None
+    if value is None or not 1 <= value < 2**80:
+        raise ConfigError(f"--gpu-mem must look like 80GiB, 141GB or 8e9 bytes (at least 1 byte), got {text!r}")
+    return int(value)
 
 
 def plan(geometry, *, gpu_mem_bytes: int, budget_frames: int, seconds: float, page_size: int = 32,
@@ -22,11 +24,20 @@ def plan(geometry, *, gpu_mem_bytes: int, budget_frames: int, seconds: float, pa
     """KV bytes of one stream (pages rounded up per layer) and how many streams fit in what the GPU has left
     after weights and a ``reserve_fraction`` of activations/workspace."""
     g = geometry
-    if seconds <= 0:
-        raise ConfigError(f"seconds must be > 0, got {seconds}")
+    if not isinstance(page_size, int) or page_size < 1:
+        raise ConfigError(f"page_size must be an integer >= 1, got {page_size!r}")
+    longest = g.max_frames // g.frames_per_block * g.frames_per_block
+    if not 0 < seconds <= longest * g.vae_stride[0] / g.fps:  # float math first: 1e308 s is not an OverflowError
+        raise ConfigError(f"seconds must be in (0, {longest * g.vae_stride[0] / g.fps:g}] (the model's RoPE table of "
+                          f"{g.max_frames} latent frames), got {seconds:g}")
     if budget_frames < g.frames_per_block:
         raise ConfigError(f"budget_frames must be >= {g.frames_per_block} (one block), got {budget_frames}")
     frames = g.latent_frames(seconds)
+    if budget_frames + g.frames_per_block >= frames:
+        fix = (f"use a budget below {frames - g.frames_per_block}" if frames - g.frames_per_block > g.frames_per_block
+               else "plan a longer video")
+        raise ConfigError(f"budget_frames {budget_frames} plus one block ({g.frames_per_block}) holds the whole "
+                          f"{frames}-frame video: a bounded cache saves nothing; {fix}")
     page_bytes = 2 * page_size * g.num_kv_heads * g.head_dim * dtype_bytes
     unbounded = stream_pages(g, page_size, frames, None) * page_bytes
     bounded = stream_pages(g, page_size, frames, budget_frames) * page_bytes

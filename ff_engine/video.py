@@ -5,11 +5,14 @@
   time; per-block decoding without its feature cache would seam).
 * ``LatentPreviewDecoder``: no VAE available (random-weight models, CI): a fixed, honest *preview* that maps
   three latent channels to RGB and upsamples by the VAE stride; it is not a decode.
-* ``Mp4Writer``: PyAV (libx264, yuv420p), frames appended as blocks finish.
+* ``Mp4Writer``: PyAV (libx264, yuv420p), frames appended as blocks finish, into a temporary file that becomes
+  the output only when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ff_engine.errors import ConfigError
+from ff_engine.outputs import OutputFolder, check_folder_target, create_exclusive, temporary_beside
 
 # Wan2.1 VAE latent normalisation (per channel mean / std of the 16 latent channels).
 WAN_LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -47,13 +51,26 @@ class LatentPreviewDecoder:
 class WanVAEDecoder:
     streaming = False
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, latent_channels: int | None = None):
+        """Load the VAE (any failure is one ``ConfigError``); with ``latent_channels``, also refuse a VAE whose
+        latent channels differ from the model's, before anything is generated."""
         path = Path(path)
-        if not path.exists():
+        if not path.is_dir():
             raise ConfigError(f"VAE path not found: {path} (--vae expects a local diffusers AutoencoderKLWan folder)")
-        from diffusers import AutoencoderKLWan
-
-        self.vae = AutoencoderKLWan.from_pretrained(str(path), local_files_only=True).eval()
+        try:
+            from diffusers import AutoencoderKLWan
+            from diffusers.utils import is_accelerate_available
+        except ImportError:
+            raise ConfigError("--vae needs diffusers: pip install 'ff-engine[vae]'") from None
+        try:  # low_cpu_mem_usage needs accelerate; asking for it without accelerate only logs a warning
+            self.vae = AutoencoderKLWan.from_pretrained(str(path), local_files_only=True,
+                                                        low_cpu_mem_usage=is_accelerate_available()).eval()
+        except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, JSON and torch errors here
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"--vae {str(path)!r} is not a diffusers AutoencoderKLWan folder: {reason}") from None
+        z_dim = getattr(self.vae.config, "z_dim", None)
+        if latent_channels is not None and z_dim != latent_channels:
+            raise ConfigError(f"--vae {str(path)!r} decodes {z_dim} latent channels, the model makes {latent_channels}")
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -78,21 +95,62 @@ class WorldDecoder:
         return (px.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
 
 
+def make_decoder(model, vae: str | Path | None = None):
+    """The decoder ``generate`` and ``serve`` use for a model: Wan's VAE when a folder is given, the world model's
+    own codec when its config says so, else the latent preview (one place, so a served stream and a generated
+    file decode the same latents to the same pixels)."""
+    if vae:
+        return WanVAEDecoder(vae)
+    if getattr(model.cfg, "decoder", None) == "world-codec":
+        return WorldDecoder()
+    g = model.geometry
+    return LatentPreviewDecoder(g.vae_stride[1], g.vae_stride[0])
+
+
+def check_output_file(path: str | Path, what: str = "output") -> Path:
+    """Refuse, without creating anything, an output path that can never become the video: an existing folder or
+    non-regular file (``/dev/full``), a suffix other than ``.mp4``, a file where a parent folder must be.
+    Writability is proven by ``Mp4Writer`` creating its temporary file (``os.access`` is wrong for root and
+    read-only mounts alike)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is an existing folder; give a file name ending in .mp4")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} exists and is not a regular file")
+    if path.suffix.lower() != ".mp4":
+        raise ConfigError(f"{what} {str(path)!r} must end in .mp4 (the writer makes H.264 MP4)")
+    check_folder_target(path.absolute().parent, what)
+    return path
+
+
 class Mp4Writer:
-    def __init__(self, path: str | Path, fps: int = 16):
+    """H.264 MP4 through PyAV, written to a hidden temporary file beside ``path`` and renamed to ``path`` by
+    ``close()`` once complete (atomic within a filesystem): a failed or interrupted run never leaves a playable
+    partial video under the final name.  ``abort()`` discards the temporary file and the folders this writer
+    created.  Folders and the temporary file are created in ``__init__``, so an unwritable destination fails
+    before any frame is computed."""
+
+    def __init__(self, path: str | Path, fps: int = 16, what: str = "output"):
+        """``what`` names the path in errors (the CLI passes its flag)."""
         import av
 
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = check_output_file(path, what)
         self.fps = fps
         self._av = av
         self.container = None
         self.frames = 0
+        self._folder = OutputFolder(self.path.absolute().parent, f"{what} folder")
+        self.tmp = temporary_beside(self.path.absolute())
+        try:
+            create_exclusive(self.tmp)
+        except OSError as exc:
+            self._folder.discard()
+            raise ConfigError(f"{what} {str(self.path)!r}: cannot create a file there: {exc.strerror or exc}") from None
 
     def write(self, frames: np.ndarray) -> None:
         if self.container is None:
             h, w = frames.shape[1:3]
-            self.container = self._av.open(str(self.path), mode="w")
+            self.container = self._av.open(str(self.tmp), mode="w", format="mp4")
             self.stream = self.container.add_stream("libx264", rate=self.fps)
             self.stream.width, self.stream.height = w - w % 2, h - h % 2
             self.stream.pix_fmt = "yuv420p"
@@ -104,8 +162,27 @@ class Mp4Writer:
             self.frames += 1
 
     def close(self) -> None:
+        """Finish the container and move it to ``path`` (nothing is written when no frame was); idempotent.  If
+        finishing fails (a full disk), the temporary file is discarded and the error raised."""
+        try:
+            if self.container is not None:
+                for packet in self.stream.encode():
+                    self.container.mux(packet)
+                self.container.close()
+                self.container = None
+            if self.tmp.exists() and self.frames:
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        if not self.frames:
+            self.abort()
+
+    def abort(self) -> None:
+        """Discard what was written: the temporary file and any folder this writer created; idempotent."""
         if self.container is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-            self.container.close()
+            with contextlib.suppress(Exception):  # a broken container is being thrown away anyway
+                self.container.close()
             self.container = None
+        self.tmp.unlink(missing_ok=True)
+        self._folder.discard()

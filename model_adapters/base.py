@@ -75,16 +75,58 @@ class SelfAttentionFn(Protocol):
         """
 
 
+class RotaryPhases(Protocol):
+    """The model's positional encoding as policies see it (Future Forcing rotates its query statistics with it)."""
+
+    def phases(self, positions: torch.Tensor) -> torch.Tensor:
+        """Integer positions [N, 3] (latent frame, row, column) -> rotation angles [N, head_dim / 2] float64: pair
+        ``i`` of a post-RoPE query or key is the pre-RoPE pair ``(x[2i], x[2i+1])`` rotated by ``angles[:, i]``
+        (adjacent pairs).  Must describe exactly the rotation of the K/V the adapter hands to the engine (the
+        conformance test checks ``rotate(q_pre_rope, phases(positions)) == q``)."""
+
+
+class ModelConfig(Protocol):
+    """The fields of ``model.cfg`` that ff-engine reads besides the geometry (every adapter's config has them)."""
+
+    text_dim: int  # width of the prompt embeddings ``encode_prompt`` takes: [L, text_dim]
+    text_len: int  # most prompt tokens (L <= text_len)
+    conditional: bool  # False: trained without text; callers feed a zero prompt [1, text_dim]
+    sample_steps: tuple[int, ...]  # denoising timesteps in (0, 1000] before the shift warp (FlowMatchSchedule)
+    sample_shift: float  # flow-matching shift of the timestep table (> 0)
+    sample_stochastic: bool  # re-noise with fresh noise between steps (Self-Forcing) or take the Euler step
+    context_noise: float  # timestep in [0, 1000] at which finished blocks are written to the cache (0 = clean)
+    decoder: str  # how ``ff_engine.video.make_decoder`` turns latents into pixels: "wan-vae" or "world-codec"
+
+    def geometry(self) -> VideoGeometry:
+        """The geometry of a model built from this config (the same object as ``model.geometry``)."""
+
+
 class ARVideoAdapter(Protocol):
-    """What the engine calls.  See ``model_adapters/causal_wan`` for the reference implementation."""
+    """Everything the engine, the CLI and the server use of a model: a ``torch.nn.Module`` with these members.
+
+    ``model_adapters/causal_wan`` (Self-Forcing / CausVid / LongLive) and ``model_adapters/skyreels_v2``
+    (SkyReels-V2 diffusion forcing through diffusers) implement it; ``tests/test_adapters_conformance.py`` checks
+    an adapter against it and ``docs/adapters.md`` walks through adding one.  Invariants:
+
+    * Self-attention of every layer goes through the ``attention`` callable with post-RoPE q/k of the block's
+      tokens only; the adapter keeps no K/V between calls (the engine's pages are the only cache).
+    * Token order inside a block is frame-major then row-major (``positions`` says which token is where), and
+      ``geometry.tokens_per_frame`` tokens per frame.
+    * Sequences of a batch are independent: ``forward`` of S sequences equals S separate calls.
+    * Bad input (shapes, NaN prompts) raises ``ff_engine.errors.ConfigError`` with one line.
+    """
 
     geometry: VideoGeometry
-    #: the positional encoding as policies see it: ``rope.phases(positions [N, 3]) -> angles [N, head_dim/2]``
-    #: (adjacent-pair rotation).  Future Forcing rotates its query statistics to future positions with it.
-    rope: Any
+    cfg: ModelConfig
+    rope: RotaryPhases
+
+    def parameters(self):
+        """``torch.nn.Module.parameters``: the engine takes the dtype (and device) of the first parameter as the
+        dtype of the KV cache and of the latents it feeds in."""
 
     def encode_prompt(self, text_embeds: torch.Tensor) -> Any:
-        """Per-prompt state computed once (e.g. cross-attention K/V of every layer)."""
+        """text_embeds [L, text_dim] (L <= text_len; [1, L, text_dim] accepted) -> per-prompt state computed once
+        (e.g. cross-attention K/V of every layer), opaque to the engine and passed back in ``forward``."""
 
     def forward(
         self,
@@ -94,5 +136,16 @@ class ARVideoAdapter(Protocol):
         start_frames: list[int],
         attention: SelfAttentionFn,
     ) -> torch.Tensor:
-        """latents [S, F, C, H, W] of one block per sequence, per-frame timesteps [S, F], one prompt state and
-        absolute start frame per sequence -> flow prediction [S, F, C, H, W]."""
+        """latents [S, F, C, H, W] of one block per sequence (C = ``geometry.latent_channels``, (H, W) =
+        ``geometry.latent_hw``, any F >= 1), per-frame timesteps [S, F] in [0, 1000], one prompt state and
+        absolute start frame per sequence -> flow prediction [S, F, C, H, W] (x0 = x_t - sigma(t) * flow).  Calls
+        ``attention(layer, ...)`` once per layer, in layer order, with S * F * tokens_per_frame tokens."""
+
+
+def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D] with adjacent pairs rotated by angles [N, D/2] (float64 math, x's dtype out): the rotation
+    ``RotaryPhases.phases`` describes, for tests and policies that need to apply it."""
+    xd = x.to(torch.float64).reshape(*x.shape[:-1], -1, 2)
+    cos, sin = torch.cos(angles)[:, None], torch.sin(angles)[:, None]
+    re, im = xd[..., 0], xd[..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)

@@ -44,8 +44,8 @@ def test_replay_every_model_call(model, prompt, name, backend, page_size):
         assert (flow - c["flow_pred"]).abs().max() <= 1e-4, (c["index"], c["kind"])
         assert (x0 - c["x0"]).abs().max() <= 1e-4, c["index"]
         if write:
-            e.compress(s)
-            s.block += 1
+            e.compress(s)  # the trace supplies the write pass itself; then the engine's own advance
+            e.advance(s, None)
             # the cache holds what the reference's rolling cache attends to next: min(all, budget) frames
             kept = 24 * (s.start_frame if budget is None else min(s.start_frame, budget))
             assert all(e.cache.num_tokens(s.id, layer) == kept for layer in range(2))

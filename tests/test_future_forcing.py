@@ -216,8 +216,8 @@ def test_invalid_parameters_fail_at_construction(kwargs, needle):
 
 
 def test_budget_below_protected_size_and_unknown_parameters():
-    with pytest.raises(ConfigError, match="below one block"):
-        FutureForcing(sink_frames=2).validate(budget_frames=4, frames_per_block=3)
+    with pytest.raises(ConfigError, match="below the 2 sink frames"):
+        FutureForcing(sink_frames=2).validate(budget_frames=1, frames_per_block=3)
     with pytest.raises(ConfigError, match="no parameter"):
         make_policy("future-forcing", horizn=3)
     assert set(POLICIES) >= {"unbounded", "window", "sink-window", "deep-sink", "h2o", "snapkv",

@@ -90,6 +90,8 @@ def test_a_bad_request_is_rejected_without_stopping_the_others():
     bad.prompt = torch.full((3, 256), float("nan"))
     sched.submit(bad)
     sched.submit(cfg(2))
-    sched.run()
-    assert sched.stats.finished == 2 and len(sched.rejected) == 1 and "NaN" in sched.rejected[0][1]
+    failures = []
+    sched.run(lambda r: failures.append(r) if r.error else None)
+    assert sched.stats.finished == 2 and sched.stats.rejected == 1
+    assert [(r.session_id, r.done) for r in failures] == [("s1", True)] and "NaN" in failures[0].error
     assert e.cache.pool.num_free == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ff_engine.attention.cuda_backends import FlashAttnBackend, VllmFlashAttnBackend, XformersBackend
+from ff_engine.attention.flex import FlexAttentionBackend
 from ff_engine.attention.interface import AttentionBackend, AttentionBatch
 from ff_engine.attention.torch_ref import TorchReferenceBackend
 from ff_engine.attention.vllm_cpu import VllmCpuBackend
@@ -12,6 +13,7 @@ from ff_engine.errors import ConfigError
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
     "torch": TorchReferenceBackend,
+    "flex": FlexAttentionBackend,
     "vllm-cpu": VllmCpuBackend,
     "vllm-flash-attn": VllmFlashAttnBackend,
     "flash-attn": FlashAttnBackend,
@@ -20,9 +22,11 @@ BACKENDS: dict[str, type[AttentionBackend]] = {
 
 
 def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> AttentionBackend:
-    """``auto``: vLLM's flash-attn on CUDA, vLLM's CPU op on CPU, falling back to the torch reference."""
+    """``auto``: on CUDA vLLM's flash-attn, or FlexAttention where vLLM is absent (flash-attn serves merged tokens
+    through FlexAttention too); on CPU vLLM's CPU op; else the torch reference.  flash-attn and xformers are
+    chosen by name only."""
     if name == "auto":
-        order = ["vllm-flash-attn", "flash-attn", "xformers"] if torch.device(device).type == "cuda" else ["vllm-cpu"]
+        order = ["vllm-flash-attn", "flex"] if torch.device(device).type == "cuda" else ["vllm-cpu"]
         for n in order:
             if BACKENDS[n].available():
                 return BACKENDS[n]()
@@ -35,9 +39,15 @@ def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> Atten
     return cls()
 
 
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends that run on ``device``'s type and are usable on this machine."""
+    kind = torch.device(device).type
+    return [n for n, cls in BACKENDS.items() if kind in cls.devices and cls.available()]
+
+
 def attend(batch: AttentionBatch, backend: AttentionBackend | None = None) -> torch.Tensor:
     """Queries of each sequence attend to its cache pages and its own block K/V (no mask)."""
     return (backend or TorchReferenceBackend()).forward(batch)
 
 
-__all__ = ["AttentionBatch", "AttentionBackend", "attend", "get_backend", "BACKENDS"]
+__all__ = ["AttentionBatch", "AttentionBackend", "attend", "available_backends", "get_backend", "BACKENDS"]

@@ -3,8 +3,12 @@
 Paged flash-attn reads the canonical ``[pages, page_size, kv_heads, head_dim]`` cache directly through the
 int32 block table.  The block's own K/V are a second (contiguous, varlen) flash-attn call; the two partial
 results are combined exactly by their LSE.  flash-attn has no per-key bias: when the cache holds merged
-tokens (log-mass != 0) the batch is served by xformers (which takes an additive bias) or, without xformers,
-by the torch reference; ``fallbacks`` counts those batches.
+tokens (log-mass != 0) the batch is served by the FlexAttention backend (per-key bias through ``score_mod``, same
+page table); ``fallbacks`` counts those batches.
+
+Isolation: the paged call may load the last page of a sequence whole, past ``seqused_k``.  flash-attn masks those
+keys before the softmax, and ``PagedKVCache`` keeps every slot that holds no live token at zero (its isolation
+invariant), so nothing another stream wrote can be read there; xformers gathers live slots only.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import importlib
 
 import torch
 
+from ff_engine.attention.flex import FlexAttentionBackend
 from ff_engine.attention.interface import AttentionBackend, AttentionBatch
-from ff_engine.attention.torch_ref import TorchReferenceBackend
 from kernels.attention_ref import combine_lse
 
 
@@ -34,6 +38,7 @@ def _lse_to_rows(lse: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _FlashBase(AttentionBackend):
+    devices = ("cuda",)
     supports_bias = False
     module = ""  # where flash_attn_varlen_func lives
 
@@ -43,7 +48,7 @@ class _FlashBase(AttentionBackend):
 
     def __init__(self):
         self.fallbacks = 0
-        self._bias_backend = XformersBackend() if XformersBackend.available() else TorchReferenceBackend()
+        self._bias_backend = FlexAttentionBackend()
 
     def _varlen(self):  # pragma: no cover - CUDA only
         return _cuda_module(self.module).flash_attn_varlen_func
@@ -95,6 +100,7 @@ class XformersBackend(AttentionBackend):
     """xformers ``memory_efficient_attention`` over gathered K/V with the log-mass as an additive bias."""
 
     name = "xformers"
+    devices = ("cuda",)
     page_multiple = 1
     supports_bias = True
 

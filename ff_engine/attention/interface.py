@@ -65,6 +65,8 @@ class AttentionBackend:
     """Base class: ``name``, ``available()``, ``validate(...)`` and ``forward(batch) -> out [N, H, D]``."""
 
     name = "base"
+    #: device types (``torch.device.type``) the backend runs on
+    devices: tuple[str, ...] = ("cpu", "cuda")
     #: page sizes must be a multiple of this
     page_multiple = 1
     supports_bias = True

@@ -21,7 +21,8 @@ def _sdpa(q, k, v, scale, bias):
 def _gather_with_block(view, i, k, v):
     """[cache tokens of sequence i ; block tokens] as contiguous K, V and the log-mass bias (None if all 0).
 
-    Gathers whole pages (one memcpy per page rather than per token) straight into the output buffers.
+    Gathers whole pages (one memcpy per page rather than per token) straight into the output buffers, but keeps
+    only the first ``n`` slots before any arithmetic: a slot past ``seq_len`` never reaches the math (isolation).
     """
     n, nb = int(view.seq_lens[i]), k.shape[0]
     pages = view.block_table[i, : view.cache.pages_for(n)].to(torch.int64)

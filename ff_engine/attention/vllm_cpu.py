@@ -12,9 +12,22 @@ so policies cannot read or rewrite keys there.  How the two coexist:
   region of the mirror, after the sequence's cached tokens: the op then sees [cache ; block] as one paged
   sequence with ``causal=False``, which is exactly the video attention.  The op returns no LSE, so this is
   the only exact way to include the block.
+
 * The op has no per-key bias: a batch whose cache holds merged tokens (log-mass != 0) is served by the torch
   reference instead, and ``fallbacks`` counts it.  Merges that need no bias (the affine-hyperplane merge)
   keep this fast path.
+Isolation (why one stream's data can never reach another's attention).  vLLM's CPU kernel reads the last
+page it is shown *whole*, past ``seq_len``, and a NaN/inf there reaches every output row of the sequence
+(masking after a multiply: ``NaN * 0 = NaN``; tests/test_isolation.py).  Before this rule, the stale tail
+of the last scratch page (another stream's block from an earlier call) and the stale packed bytes of reused
+pages did exactly that.  The rule, enforced in ``forward`` by construction: for each sequence the op is
+shown exactly ``pages_for(seq_len)`` pages (the block table ends in the all-zero null page 0), and every slot
+of them is either one of that sequence's live cached tokens (kept equal to the canonical cache by
+``on_write``) or was written *in this call, for this sequence*: its block K/V, then zeros up to the end of
+its last page.  Scratch pages are private to one sequence within a call and sessions in one batch are
+distinct, so no two sequences share a written slot.  Independently, pages freed by the cache are cleared here
+too (``on_free``), so the mirror never holds a page of a stream that no longer owns it
+(``check_invariants``).
 """
 
 from __future__ import annotations
@@ -86,9 +99,19 @@ class PackedKVMirror:
         self.pack(k, v, slots)
         self.packed_tokens += int(slots.numel())
 
+    def on_free(self, cache, pages: list[int]) -> None:
+        self.storage.index_fill_(0, torch.as_tensor(pages, dtype=torch.int64), 0)
+
+    def check_invariants(self, cache) -> None:
+        """Rows of pages no table holds (the null page 0 included) are all-zero."""
+        held = cache.live_slots().any(1)  # a held page holds >= 1 live token
+        stale = (self.storage[: self.scratch_start][~held] != 0).flatten(1).any(-1)
+        assert not bool(stale.any()), f"packed mirror: {int(stale.sum())} pages held by no table are not zero"
+
 
 class VllmCpuBackend(AttentionBackend):
     name = "vllm-cpu"
+    devices = ("cpu",)
     page_multiple = 16
     supports_bias = False
 
@@ -132,24 +155,33 @@ class VllmCpuBackend(AttentionBackend):
         n_seq, (_, h, d), hkv = batch.num_seqs, q.shape, k.shape[1]
         if view is None:
             raise ConfigError("the vllm-cpu backend needs a paged cache view (cache=None given)")
+        if len(set(view.session_ids)) != n_seq:
+            raise ConfigError(f"a batch must hold each session once, got {view.session_ids}")
         cache, ps = view.cache, view.page_size
         m = self.mirror(cache)
         # Lay each sequence's block tokens after its cached tokens: fill the tail of its last page (mirror
-        # only, canonical storage is untouched) and continue in scratch pages.
-        tables, slot_chunks, seq_lens, scratch_next = [], [], [], m.scratch_start
+        # only, canonical storage is untouched) and continue in scratch pages private to it in this call;
+        # then zeros up to the end of its last page, so every slot the op reads was written for it (module doc).
+        tables, block_slots, pad_slots, seq_lens, scratch_next = [], [], [], [], m.scratch_start
         for i in range(n_seq):
             n_cache, n_new = int(view.seq_lens[i]), batch.seq(i).stop - batch.seq(i).start
             pages = view.block_table[i, : cache.pages_for(n_cache)].tolist()
             n_scratch = cache.pages_for(n_cache + n_new) - len(pages)
             pages += list(range(scratch_next, scratch_next + n_scratch))
             scratch_next += n_scratch
-            pos = torch.arange(n_cache, n_cache + n_new)
-            slot_chunks.append(torch.tensor(pages, dtype=torch.int64)[pos // ps] * ps + pos % ps)
+            pos = torch.arange(n_cache, len(pages) * ps)  # this call's slots: the block, then the padding
+            slots = torch.tensor(pages, dtype=torch.int64)[pos // ps] * ps + pos % ps
+            block_slots.append(slots[:n_new])
+            pad_slots.append(slots[n_new:])
             tables.append(pages)
             seq_lens.append(n_cache + n_new)
         m.ensure_scratch(scratch_next - m.scratch_start)
-        m.pack(k.contiguous(), v.contiguous(), torch.cat(slot_chunks))
-        bt = torch.zeros((n_seq, max(len(t) for t in tables)), dtype=torch.int32)
+        m.pack(k.contiguous(), v.contiguous(), torch.cat(block_slots))
+        pad = torch.cat(pad_slots)
+        if pad.numel():
+            zeros = k.new_zeros((pad.numel(), hkv, d))
+            m.pack(zeros, zeros, pad)
+        bt = torch.zeros((n_seq, max(len(t) for t in tables) + 1), dtype=torch.int32)  # every row ends in page 0
         for i, t in enumerate(tables):
             bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)

@@ -12,10 +12,13 @@ Invariants (checked by ``check_invariants`` and the property tests):
   * a page id is held by at most one session, with ref_cnt 1 in vLLM's pool.
   * ``capacity - sum(held) == BlockPool.get_num_free_blocks()``.
 Page id 0 is vLLM's null block and is never handed out.
+The pool sees page ids, never their bytes: ``PagedKVCache`` scrubs a page (storage, summaries, derived layouts)
+before it frees it here, so every page ``allocate`` hands out is all-zero whoever held it before (isolation).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ff_engine.errors import BudgetError
@@ -25,6 +28,10 @@ def _make_block_pool(num_blocks: int):
     try:
         from vllm.v1.core.block_pool import BlockPool
     except ImportError as exc:  # pragma: no cover - exercised only without vLLM
+        if os.environ.get("FF_ENGINE_BLOCK_POOL") == "fallback":  # vLLM-less verification machines only (docs/gpu.md)
+            from ff_engine.cache.fallback_block_pool import FallbackBlockPool
+
+            return FallbackBlockPool(num_blocks)
         raise ImportError(
             "ff-engine needs vLLM's block pool: pip install 'ff-engine[cpu]' (CPU) or 'ff-engine[cuda]'"
         ) from exc

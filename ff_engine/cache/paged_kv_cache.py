@@ -19,6 +19,14 @@ Invariants of every ``LayerPageTable`` (checked by ``check_invariants``):
     permute survivors (it fills holes from the tail); a token's latent frame is in ``positions``.
 Every write into physical storage is reported to registered ``StorageListener``s (e.g. the packed mirror of
 vLLM's CPU attention op), so derived layouts never go stale.
+
+Isolation between streams (enforced here, checked by ``check_invariants``): every slot of physical storage that
+holds no live token is all-zero (keys, values, positions, log-mass), the null page 0 included.  Pages are
+scrubbed in ``_free_pages``, the one place a page leaves a table, *before* they go back to vLLM's pool, and the
+listeners are told (``on_free``) so derived copies forget them too; compaction zeroes the slots it vacates in a
+kept page.  So a page reaches its next owner in one defined state whatever its last owner wrote (NaN included),
+and a kernel that reads a whole page or tile past ``seq_len`` and masks afterwards (``NaN * 0 = NaN``) only
+ever sees finite zeros there.  Summaries mask by selection, never by multiplication, for the same reason.
 """
 
 from __future__ import annotations
@@ -31,11 +39,18 @@ import torch
 
 from ff_engine.cache.page_pool import PagePool
 from ff_engine.errors import BudgetError, ConfigError
+from ff_engine.memory import check_cache_fits
 
 
 class StorageListener(Protocol):
     def on_write(self, cache: "PagedKVCache", slots: torch.Tensor) -> None:
         """``slots`` (int64, flat ``page * page_size + offset``) were (re)written in the canonical storage."""
+
+    def on_free(self, cache: "PagedKVCache", pages: list[int]) -> None:
+        """``pages`` were scrubbed to zero and are going back to the pool: derived copies must clear them."""
+
+    def check_invariants(self, cache: "PagedKVCache") -> None:
+        """Assert the derived layout holds nothing of pages that no table holds (called by the cache's check)."""
 
 
 @dataclass
@@ -103,6 +118,7 @@ class PagedKVCache:
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, torch.device(device)
+        check_cache_fits(num_pages, page_size, num_kv_heads, head_dim, dtype, self.device)  # before allocating
         self.pool = PagePool(num_pages)
         shape = (num_pages + 1, page_size, num_kv_heads, head_dim)
         self.key_cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -143,8 +159,9 @@ class PagedKVCache:
         tables = self._tables.pop(session_id, None)
         if tables:
             held = [p for t in tables for p in t.pages]
+            assert len(held) == self.pool.held(session_id), f"{session_id}: tables and pool disagree"
             if held:
-                self._clear_pages(held)
+                self._free_pages(held)
         self.pool.release(session_id)
 
     def has_session(self, session_id: str) -> bool:
@@ -280,20 +297,51 @@ class PagedKVCache:
             for listener in self.listeners:
                 listener.on_write(self, dst)
             order[holes] = movers
-        n_pages = self.pages_for(n_keep)
+        n_pages, n_before = self.pages_for(n_keep), t.num_tokens
         freed = t.pages[n_pages:]
         del t.pages[n_pages:]
         t.num_tokens = n_keep
+        if n_keep < n_before and n_keep % self.page_size:  # the tail of the last kept page (its vacated slots)
+            tail = torch.arange(n_keep % self.page_size, self.page_size, device=self.device)
+            self._zero_slots(t.pages[-1] * self.page_size + tail)
         if freed:
-            self._clear_pages(freed)
+            self._free_pages(freed)
             self.pool.free(session_id, freed)
         changed = set((holes // self.page_size).tolist()) | {n_pages - 1}
         self._refresh_pages(t, sorted(changed))
         return order
 
+    def truncate(self, session_id: str, layer: int, num_tokens: int) -> None:
+        """Drop the layer's tokens from index ``num_tokens`` on (undoes appends: nothing below it moves)."""
+        n = self.table(session_id, layer).num_tokens
+        if not 0 <= num_tokens <= n:
+            raise ConfigError(f"num_tokens must lie in [0, {n}], got {num_tokens}")
+        if num_tokens < n:
+            self.compact(session_id, layer, torch.arange(num_tokens, device=self.device))
+
+    # ---- scrubbing (the isolation invariant) ----------------------------------------------------
+    def _zero_slots(self, slots: torch.Tensor) -> None:
+        """Vacated slots of a kept page back to zero (reported like any write)."""
+        h, d = self.num_kv_heads, self.head_dim
+        self.key_cache.view(-1, h, d)[slots] = 0
+        self.value_cache.view(-1, h, d)[slots] = 0
+        self.positions.view(-1, 3)[slots] = 0
+        self.log_mass.view(-1)[slots] = 0.0
+        for listener in self.listeners:
+            listener.on_write(self, slots)
+
+    def _free_pages(self, pages) -> None:
+        """Scrub pages that are leaving their table (storage, summaries, listeners) before the pool gets them."""
+        idx = torch.as_tensor(list(pages), dtype=torch.int64, device=self.device)
+        for storage in (self.key_cache, self.value_cache, self.positions, self.log_mass):
+            storage.index_fill_(0, idx, 0)
+        for listener in self.listeners:
+            listener.on_free(self, idx.tolist())
+        self._clear_pages(idx)
+
     # ---- per-page summaries ---------------------------------------------------------------------
     def _clear_pages(self, pages) -> None:
-        idx = torch.as_tensor(list(pages), dtype=torch.int64, device=self.device)
+        idx = torch.as_tensor(pages, dtype=torch.int64, device=self.device)
         self.page_valid[idx] = 0
         self.page_log_mass[idx] = float("-inf")
         self.page_centroid[idx] = 0
@@ -311,10 +359,13 @@ class PagedKVCache:
         valid = torch.tensor([min(self.page_size, t.num_tokens - j * self.page_size) for j in pos],
                              dtype=torch.int32, device=self.device)
         mask = torch.arange(self.page_size, device=self.device)[None, :] < valid[:, None]
-        k = self.key_cache[ids].float() * mask[:, :, None, None]
+        k = self.key_cache[ids].float()
+        partial = (valid < self.page_size).nonzero().flatten()  # only a table's last page can be partial
+        if partial.numel():  # select, never multiply by the mask: NaN * 0 is NaN
+            k[partial] = k[partial].masked_fill(~mask[partial][:, :, None, None], 0.0)
         self.page_valid[ids] = valid
         self.page_centroid[ids] = k.sum(1) / valid.clamp_min(1)[:, None, None].float()
-        dist = (self.key_cache[ids].float() - self.page_centroid[ids][:, None]).norm(dim=-1)  # [pages, page, Hkv]
+        dist = (k - self.page_centroid[ids][:, None]).norm(dim=-1)  # [pages, page, Hkv]
         self.page_radius[ids] = dist.masked_fill(~mask[:, :, None], 0.0).amax(1)
         lm = self.log_mass[ids].masked_fill(~mask, float("-inf"))
         self.page_log_mass[ids] = torch.logsumexp(lm, dim=1)
@@ -359,6 +410,36 @@ class PagedKVCache:
             "log_mass": self.log_mass.view(-1)[s],
         }
 
+    # ---- session export / import (snapshots) ---------------------------------------------------------
+    def export_session(self, session_id: str) -> list[dict[str, torch.Tensor]]:
+        """Copies of every layer's tokens (k, v, positions, log_mass) in table order.  ``import_session`` appends
+        them in that order, so attention, whose reductions follow token order, sees exactly the same sequence."""
+        return [self.gather(session_id, layer) for layer in range(self.num_layers)]
+
+    def import_session(self, session_id: str, layers: list[dict[str, torch.Tensor]]) -> None:
+        """Append ``export_session``'s output to an empty session of this cache (any page size), each layer's
+        tokens in their order; page summaries are recomputed from storage as on every append, so with the same
+        page size they equal the exporter's.  All-or-nothing: shapes are checked and the pages counted against
+        the session's reservation (``BudgetError``) before anything is written."""
+        if len(layers) != self.num_layers:
+            raise ConfigError(f"import needs one token set per layer ({self.num_layers}), got {len(layers)}")
+        for layer, t in enumerate(layers):
+            if self.num_tokens(session_id, layer):
+                raise ConfigError(f"import_session needs an empty session; layer {layer} of {session_id!r} has tokens")
+            self._check_kv(t["k"], t["v"], f"layer {layer} k/v")
+            n = t["k"].shape[0]
+            if tuple(t["positions"].shape) != (n, 3) or tuple(t["log_mass"].shape) != (n,):
+                raise ConfigError(f"layer {layer}: positions must be [{n}, 3] and log_mass [{n}], got "
+                                  f"{tuple(t['positions'].shape)} and {tuple(t['log_mass'].shape)}")
+        need = sum(self.pages_for(t["k"].shape[0]) for t in layers)
+        free = self.pool.reserved(session_id) - self.pool.held(session_id)
+        if need > free:
+            raise BudgetError(f"the imported tokens need {need} pages of {self.page_size} slots; session "
+                              f"{session_id!r} has {free} reserved pages free (num_pages / page_size)")
+        for layer, t in enumerate(layers):
+            if t["k"].shape[0]:
+                self.append(session_id, layer, t["k"], t["v"], t["positions"], t["log_mass"])
+
     def utilisation(self) -> float:
         """Valid token slots / slots in held pages, over all sessions and layers (1.0 when nothing held)."""
         tokens = sum(t.num_tokens for ts in self._tables.values() for t in ts)
@@ -373,3 +454,22 @@ class PagedKVCache:
             assert len(owned) == self.pool.held(sid), f"{sid}: tables {len(owned)} != pool {self.pool.held(sid)}"
             for t in tables:
                 assert len(t.pages) == self.pages_for(t.num_tokens), f"{sid}: {t}"
+        self._check_clean()
+        for listener in self.listeners:
+            listener.check_invariants(self)
+
+    def live_slots(self) -> torch.Tensor:
+        """Bool ``[num_pages + 1, page_size]``: which physical slots hold a live token of some table."""
+        live = torch.zeros((self.num_pages + 1) * self.page_size, dtype=torch.bool, device=self.device)
+        for sid in self._tables:
+            for layer in range(self.num_layers):
+                live[self.slots(sid, layer)] = True
+        return live.view(self.num_pages + 1, self.page_size)
+
+    def _check_clean(self) -> None:
+        """The isolation invariant: every slot without a live token is all-zero (O(storage): tests only)."""
+        dead = ~self.live_slots()
+        for name in ("key_cache", "value_cache", "positions", "log_mass"):
+            nonzero = getattr(self, name) != 0  # True for NaN too
+            stale = dead & (nonzero.flatten(2).any(-1) if nonzero.dim() > 2 else nonzero)
+            assert not bool(stale.any()), f"{name}: {int(stale.sum())} slots without a live token are not zero"

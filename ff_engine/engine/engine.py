@@ -9,10 +9,21 @@ Per block, for the batch of active sessions (one transformer forward per denoisi
   3. the policy brings every layer back under the session's budget (evict / merge + compaction).
 A session reserves ``layers * ceil((budget + block) / page_size)`` pages at admission (the peak between steps
 2 and 3), or enough for its whole length when unbounded, so it can never run out of pages mid-stream.
+
+Failure containment (a server runs strangers' streams side by side):
+  * ``commit_block`` is the one place a block is finished (write -> compress -> advance); ``advance`` the one
+    place a session's block index moves.
+  * A batched phase that raises is undone for every session of the batch (``_Mark``: noise generator, step-noise
+    cursor, and for the cache-writing pass each layer's token count and the policy) and re-run one session at a
+    time, so a failing session ends alone with its error and every other session's state is exactly as if the
+    failing one had never been batched with it.  Compression runs per session.  A failed session's pages go
+    back to the pool at once; ``step`` always returns (it never leaves a batch half-advanced).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from dataclasses import dataclass
 
@@ -21,9 +32,12 @@ import torch
 from ff_engine.attention import AttentionBackend, AttentionBatch, get_backend
 from ff_engine.cache import PagedKVCache
 from ff_engine.engine.schedule import FlowMatchSchedule
-from ff_engine.engine.session import Session, SessionConfig
+from ff_engine.engine.session import SESSION_ID_RE, Session, SessionConfig
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
-from ff_engine.policies.base import CompressContext
+from ff_engine.policies.base import CachePolicy, CompressContext
+
+log = logging.getLogger(__name__)
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 @dataclass
@@ -77,6 +91,35 @@ class PagedSelfAttention:
         return out
 
 
+class _Mark:
+    """What one batched phase may change in a session, recorded before it so the phase can be undone.
+
+    Noise: the generator state and the step-noise cursor.  With ``cache=True`` (the cache-writing pass) also each
+    layer's token count (the pass only appends, so truncating undoes it exactly) and a copy of the policy (the
+    pass feeds it queries).  The policy copy is only taken for batches of more than one session."""
+
+    def __init__(self, engine: "Engine", session: Session, cache: bool):
+        self.engine, self.session = engine, session
+        self.rng = session.generator.get_state()
+        self.noise_pos = session.step_noise_pos
+        self.tokens = [engine.cache.num_tokens(session.id, layer) for layer in range(engine.geometry.num_layers)] \
+            if cache else None
+        self.policy = copy.deepcopy(session.policy) if cache else None
+
+    def restore(self) -> None:
+        s, cache = self.session, self.engine.cache
+        s.generator.set_state(self.rng)
+        s.step_noise_pos = self.noise_pos
+        if self.tokens is not None and cache.has_session(s.id):
+            for layer, n in enumerate(self.tokens):
+                cache.truncate(s.id, layer, n)
+            s.policy = self.policy
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, FFEngineError) else f"{type(exc).__name__}: {exc}"
+
+
 class Engine:
     def __init__(
         self,
@@ -107,24 +150,63 @@ class Engine:
     def pages_needed(self, cfg: SessionConfig) -> int:
         return reservation_pages(self.geometry, self.cache.page_size, cfg)
 
-    def add_session(self, cfg: SessionConfig) -> Session:
-        """Validate, encode the prompt, reserve pages. Raises a one-line ``FFEngineError`` on bad input."""
+    def validate(self, cfg: SessionConfig) -> None:
+        """Check a request completely without allocating anything; raises a one-line ``FFEngineError``.  (The
+        prompt's shape is checked by the model when ``add_session`` encodes it.)"""
         g = self.geometry
-        if not isinstance(cfg.num_frames, int) or cfg.num_frames <= 0:
+        if not isinstance(cfg, SessionConfig):
+            raise ConfigError(f"a request must be a SessionConfig, got {type(cfg).__name__}")
+        if isinstance(cfg.num_frames, bool) or not isinstance(cfg.num_frames, int) or cfg.num_frames <= 0:
             raise ConfigError(f"num_frames must be a positive integer, got {cfg.num_frames!r}")
-        if cfg.budget_frames is not None and (not isinstance(cfg.budget_frames, int) or cfg.budget_frames < 0):
+        if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {cfg.seed!r}")
+        if cfg.budget_frames is not None and (
+            isinstance(cfg.budget_frames, bool) or not isinstance(cfg.budget_frames, int) or cfg.budget_frames < 0
+        ):
             raise ConfigError(f"budget_frames must be a non-negative integer, got {cfg.budget_frames!r}")
+        if not isinstance(cfg.prompt, torch.Tensor):
+            raise ConfigError(f"prompt must be a tensor of text embeddings, got {type(cfg.prompt).__name__}")
+        if not isinstance(cfg.policy, CachePolicy):
+            raise ConfigError(f"policy must be a CachePolicy, got {type(cfg.policy).__name__}")
+        if cfg.session_id is not None and (not isinstance(cfg.session_id, str)
+                                           or not SESSION_ID_RE.fullmatch(cfg.session_id)):
+            raise ConfigError(f"session_id must match {SESSION_ID_RE.pattern} (letters, digits, '.', '_', '-'), "
+                              f"got {cfg.session_id!r}")
         cfg.policy.validate(cfg.budget_frames, g.frames_per_block)
         frames = math.ceil(cfg.num_frames / g.frames_per_block) * g.frames_per_block
         if frames > g.max_frames:
             raise ConfigError(
                 f"{frames} latent frames exceed the RoPE table of {g.max_frames} frames (num_frames / seconds)"
             )
+        self._validate_noise(cfg, frames)
+
+    def _validate_noise(self, cfg: SessionConfig, frames: int) -> None:
+        g = self.geometry
+        c, (h, w) = g.latent_channels, g.latent_hw
+        if cfg.initial_noise is not None and (not isinstance(cfg.initial_noise, torch.Tensor)
+                                              or tuple(cfg.initial_noise.shape) != (frames, c, h, w)):
+            raise ConfigError(f"initial_noise must be a tensor [{frames}, {c}, {h}, {w}]")
+        if cfg.step_noise is None:
+            return
+        shape = (g.frames_per_block, c, h, w)
+        if not isinstance(cfg.step_noise, (list, tuple)) or any(
+            not isinstance(n, torch.Tensor) or tuple(n.shape) != shape for n in cfg.step_noise
+        ):
+            raise ConfigError(f"step_noise must be a list of tensors {list(shape)}")
+        blocks = frames // g.frames_per_block
+        need = blocks * (len(self.schedule.denoising_timesteps) - 1) * self.schedule.stochastic
+        need += (blocks - 1) * (self.context_noise > 0)
+        if len(cfg.step_noise) < need:
+            raise ConfigError(f"step_noise has {len(cfg.step_noise)} tensors; this stream consumes {need}")
+
+    def add_session(self, cfg: SessionConfig) -> Session:
+        """Validate, encode the prompt, reserve pages. Raises a one-line ``FFEngineError`` on bad input."""
+        self.validate(cfg)
         if cfg.session_id is not None and cfg.session_id in self.sessions:
             raise ConfigError(f"session_id {cfg.session_id!r} is already active")
         with torch.no_grad():
             prompt_state = self.model.encode_prompt(cfg.prompt)
-        session = Session(cfg, g, prompt_state, g.frames_per_block)
+        session = Session(cfg, self.geometry, prompt_state, self.geometry.frames_per_block)
         pages = self.pages_needed(cfg)
         if pages > self.cache.num_pages:
             raise BudgetError(
@@ -168,6 +250,36 @@ class Engine:
                 self.cache, session.id, layer, budgets[layer], newest, g.frames_per_block, g.tokens_per_frame,
                 g.token_grid, getattr(self.model, "rope", None)))
 
+    def advance(self, session: Session, block: torch.Tensor | None) -> None:
+        """The one place a session moves to its next block (``block``: its latents [F, C, H, W] to keep, or None
+        when the caller does not record them, e.g. teacher-forced evaluation)."""
+        if block is not None:
+            session.latents.append(block.float())
+        session.block += 1
+
+    def commit_block(self, sessions: list[Session], x0: torch.Tensor, record: bool = True) -> dict[str, str]:
+        """The one way a block is finished: write its K/V (one batched clean pass, skipped for a stream's last
+        block, which no later block attends to), compress each session under its budget, advance.
+
+        x0 [S, F, C, H, W] in the order of ``sessions``.  Returns ``{session_id: error}`` for sessions that failed
+        here; those are ended (pages freed) and not advanced; the others are as if they had run alone."""
+        rows = {s.id: x0[i] for i, s in enumerate(sessions)}
+        writers = [s for s in sessions if s.block + 1 < s.num_blocks]
+        _, errors = self._contained(
+            writers, lambda batch: self.write_context(batch, torch.stack([rows[s.id] for s in batch])), cache=True
+        )
+        for s in sessions:
+            if s.id not in errors and s in writers:
+                try:
+                    self.compress(s)
+                except Exception as exc:  # noqa: BLE001 - one stream's failure must not stop the others
+                    errors[s.id] = _describe(exc)
+            if s.id in errors:
+                self._end(s, errors[s.id])
+            else:
+                self.advance(s, rows[s.id] if record else None)
+        return errors
+
     def prefill(self, session_id: str, latents: torch.Tensor) -> None:
         """Video extension: write given latents [P, C, H, W] (P a multiple of the block) into the session's cache
         block by block with clean passes, as if it had generated them; generation continues after them."""
@@ -179,11 +291,9 @@ class Engine:
         if s.block + latents.shape[0] // fpb >= s.num_blocks:
             raise ConfigError("the prefix must leave at least one block to generate (num_frames)")
         for b in range(latents.shape[0] // fpb):
-            x = latents[b * fpb:(b + 1) * fpb][None].to(self.dtype)
-            self.write_context([s], x)
-            self.compress(s)
-            s.latents.append(x[0].float())
-            s.block += 1
+            error = self.commit_block([s], latents[b * fpb:(b + 1) * fpb][None].to(self.dtype)).get(s.id)
+            if error:
+                raise FFEngineError(f"session {s.id}: prefill failed: {error}")
 
     def denoise(self, sessions: list[Session]) -> torch.Tensor:
         """The denoising loop of the current block of ``sessions`` (one forward per step for all of them);
@@ -205,35 +315,60 @@ class Engine:
         return x0
 
     def step(self, session_ids: list[str] | None = None) -> list[BlockResult]:
-        """Generate the next block of every given (default: every active) session in one batched loop."""
-        ids = list(self.sessions) if session_ids is None else session_ids
+        """Generate the next block of every given (default: every active) session in one batched loop.
+
+        Never raises for a session's failure: a session that fails (an exception in any phase, or non-finite
+        latents) comes back as a ``BlockResult`` with ``error`` set and ``done=True``, its pages freed."""
+        ids = list(self.sessions) if session_ids is None else list(dict.fromkeys(session_ids))  # each once
         sessions = [self.sessions[i] for i in ids if i in self.sessions and not self.sessions[i].done]
         if not sessions:
             return []
-        x0 = self.denoise(sessions)
-        results, keep = [], []
-        for i, s in enumerate(sessions):
-            if not torch.isfinite(x0[i]).all():
-                self.cancel(s.id)
-                results.append(BlockResult(s.id, s.block, None, True, "non-finite latents (NaN/inf); session cancelled"))
-                continue
-            block = x0[i].float()
-            s.latents.append(block)
-            results.append(BlockResult(s.id, s.block, block, s.block + 1 >= s.num_blocks))
-            if s.block + 1 < s.num_blocks:
-                keep.append(i)
-            else:
-                s.block += 1
-        if keep:  # the clean pass writes K/V only for sessions that will generate another block
-            cont = [sessions[i] for i in keep]
-            self.write_context(cont, x0[keep])
-            for s in cont:
-                self.compress(s)
-                s.block += 1
+        x0, errors = self._contained(sessions, self.denoise, cache=False)
         for s in sessions:
-            if s.done and s.id in self.sessions:
-                self.cancel(s.id)  # finished: pages go back to the pool
+            if s.id not in errors and not torch.isfinite(x0[s.id]).all():
+                errors[s.id] = "non-finite latents (NaN/inf); session cancelled"
+        ok = [s for s in sessions if s.id not in errors]
+        blocks = {s.id: s.block for s in sessions}
+        if ok:
+            errors.update(self.commit_block(ok, torch.stack([x0[s.id] for s in ok])))
+        results = []
+        for s in sessions:
+            if s.id in errors:
+                self._end(s, errors[s.id])
+                results.append(BlockResult(s.id, blocks[s.id], None, True, errors[s.id]))
+            else:
+                results.append(BlockResult(s.id, blocks[s.id], s.latents[-1], s.done))
+                if s.done:
+                    self.cancel(s.id)  # finished: pages go back to the pool
         return results
+
+    def _contained(self, sessions: list[Session], run, cache: bool) -> tuple[dict, dict[str, str]]:
+        """Run ``run(batch)`` (returning a tensor with one row per session, or None) for the whole batch; if it
+        raises, undo it for every session (``_Mark``) and run each session alone.  Returns ``({id: row}, {id:
+        error})``: a session fails only if it fails on its own."""
+        if not sessions:
+            return {}, {}
+        marks = [_Mark(self, s, cache and len(sessions) > 1) for s in sessions]
+        try:
+            out = run(sessions)
+        except Exception as exc:  # noqa: BLE001 - contained per session below
+            if len(sessions) == 1:
+                log.warning("session %s failed: %s", sessions[0].id, _describe(exc), exc_info=True)
+                return {}, {sessions[0].id: _describe(exc)}
+            for m in marks:
+                m.restore()
+            rows, errors = {}, {}
+            for s in sessions:
+                r, e = self._contained([s], run, cache)
+                rows.update(r)
+                errors.update(e)
+            return rows, errors
+        return ({s.id: out[i] for i, s in enumerate(sessions)} if out is not None else {}), {}
+
+    def _end(self, session: Session, error: str) -> None:
+        """End a failed session: it leaves the engine and its pages return to the pool."""
+        session.error = error
+        self.cancel(session.id)
 
     def generate(self, cfg: SessionConfig, on_block=None) -> torch.Tensor:
         """Run one stream to the end; returns latents [num_frames, C, H, W]. ``on_block(result, engine)``."""
@@ -248,3 +383,30 @@ class Engine:
         finally:
             self.cancel(s.id)
         return torch.cat(s.latents)[: cfg.num_frames]
+
+    # ---- session snapshots (ff_engine/engine/snapshot.py) -----------------------------------------------
+    def snapshot(self, session_id: str):
+        """``SessionSnapshot`` of an active session between blocks: everything it needs to continue
+        bit-identically on any engine with the same model (the session itself is not touched)."""
+        from ff_engine.engine.snapshot import snapshot_session  # snapshot.py builds on this module's types
+
+        return snapshot_session(self, session_id)
+
+    def restore(self, snap, session_id: str | None = None) -> Session:
+        """Admit a snapshotted session (pages reserved exactly as ``add_session``; ``BudgetError`` if they do not
+        fit, ``SnapshotError`` for another model) where it stopped; continue it with ``step``."""
+        from ff_engine.engine.snapshot import restore_session
+
+        return restore_session(self, snap, session_id)
+
+    # ---- prompt switching (ff_engine/engine/recache.py) ----------------------------------------------------
+    def switch_prompt(self, session_id: str, prompt: torch.Tensor, recache_frames: int | None = None) -> int:
+        """LongLive's interactive prompt switch: the stream's next block (and every later one) is generated under
+        ``prompt`` ([L, text_dim] text embeddings), and the K/V of its last ``recache_frames`` frames that the cache
+        holds are re-computed under it first (None: LongLive's default, the frames a block attends = budget + one
+        block, or every frame so far when unbounded; 0: switch without re-cache; sink frames keep theirs).  Call it
+        between steps (the next block boundary); the page count and budget do not change.  Returns the number of
+        frames re-cached.  ``ConfigError`` for an unknown or finished session or a bad prompt (nothing changed)."""
+        from ff_engine.engine.recache import switch_prompt
+
+        return switch_prompt(self, session_id, prompt, recache_frames)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import math
+import re
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,12 @@ import torch
 from ff_engine.errors import ConfigError
 from ff_engine.policies import CachePolicy, Unbounded
 
-_ids = itertools.count()
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def new_session_id() -> str:
+    """A fresh id that no user-chosen id of the form ``session-<n>`` can collide with (random, 96 bits)."""
+    return f"sess-{uuid.uuid4().hex[:24]}"
 
 
 @dataclass
@@ -42,7 +48,7 @@ class Session:
     def __init__(self, cfg: SessionConfig, geometry, prompt_state, frames_per_block: int):
         if not isinstance(cfg.num_frames, int) or cfg.num_frames <= 0:
             raise ConfigError(f"num_frames must be a positive integer, got {cfg.num_frames!r}")
-        self.id = cfg.session_id or f"session-{next(_ids)}"
+        self.id = cfg.session_id or new_session_id()
         self.cfg = cfg
         self.policy: CachePolicy = copy.deepcopy(cfg.policy)  # per-session state
         self.prompt_state = prompt_state
@@ -50,9 +56,11 @@ class Session:
         self.num_blocks = math.ceil(cfg.num_frames / frames_per_block)
         self.num_frames = self.num_blocks * frames_per_block
         self.block = 0  # next block to generate
+        self.error: str | None = None  # why the session ended early (set by the engine), None otherwise
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.geometry = geometry
         self._step_noise = list(cfg.step_noise) if cfg.step_noise is not None else None
+        self.step_noise_pos = 0  # next entry of ``step_noise`` to consume (a cursor, so a step can be undone)
         self.latents: list[torch.Tensor] = []  # one [F, C, H, W] per finished block
         c, (h, w) = geometry.latent_channels, geometry.latent_hw
         self.block_shape = (frames_per_block, c, h, w)
@@ -82,7 +90,8 @@ class Session:
 
     def step_noise(self) -> torch.Tensor:
         if self._step_noise is not None:
-            if not self._step_noise:
+            if self.step_noise_pos >= len(self._step_noise):
                 raise ConfigError("step_noise ran out: supply one tensor per intermediate denoising step")
-            return self._step_noise.pop(0).float()
+            self.step_noise_pos += 1
+            return self._step_noise[self.step_noise_pos - 1].float()
         return torch.randn(self.block_shape, generator=self.generator)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from ff_engine.errors import ConfigError
 from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens, top_tokens
 from ff_engine.policies.baselines import H2O, DeepSink, ExpectedAttention, KeyNorm, Random, SnapKV
 from ff_engine.policies.future_forcing import FutureForcing, FutureQueryProxy
+from ff_engine.policies.params import declared_params, field_schema
 from ff_engine.policies.window import SinkWindow, Unbounded, Window
 
 POLICIES: dict[str, type[CachePolicy]] = {
@@ -17,16 +19,36 @@ POLICIES: dict[str, type[CachePolicy]] = {
 
 
 def policy_params(name: str) -> dict[str, type]:
-    """Constructor parameters of a policy and their types (for the CLI)."""
-    cls = POLICIES.get(name)
+    """Constructor parameters of a policy and their annotated types (every one declares its range)."""
+    cls = POLICIES.get(name) if isinstance(name, str) else None
     if cls is None or not dataclasses.is_dataclass(cls):
         return {}
-    return {f.name: f.type for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+    return {n: f.type for n, f in declared_params(cls).items()}
+
+
+def policy_schema(name: str) -> dict:
+    """What ``make_policy(name, **params)`` accepts: each parameter's type, default and allowed range (JSON-schema
+    keywords: ``minimum`` / ``exclusiveMaximum`` / ``enum``...), from the ranges the policy declares (``param``);
+    the same declarations validate every policy object, so the schema cannot drift from what is enforced."""
+    cls = _policy_class(name)
+    doc = (cls.__doc__ or "").strip()
+    if doc.startswith(f"{cls.__name__}("):  # the dataclass's generated signature: the module says what it is
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    doc = " ".join(doc.split("\n\n")[0].split())
+    params = {p: field_schema(cls, p) for p in declared_params(cls)}
+    return {"name": name, "bounded": cls.bounded, "description": doc, "parameters": params}
+
+
+def _policy_class(name) -> type[CachePolicy]:
+    if not isinstance(name, str) or name not in POLICIES:
+        raise ConfigError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    return POLICIES[name]
 
 
 def make_policy(name: str, **params) -> CachePolicy:
-    if name not in POLICIES:
-        raise ConfigError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    """A policy by name; ``ConfigError`` (one line naming the parameter and its allowed range) for an unknown
+    name, an unknown parameter or a value of the wrong type or out of range."""
+    _policy_class(name)
     known = policy_params(name)
     unknown = sorted(set(params) - set(known))
     if unknown:
@@ -39,4 +61,4 @@ def make_policy(name: str, **params) -> CachePolicy:
 
 __all__ = ["CachePolicy", "CompressContext", "LayerTokens", "top_tokens", "Unbounded", "Window", "SinkWindow",
            "DeepSink", "H2O", "SnapKV", "ExpectedAttention", "FutureForcing", "FutureQueryProxy", "Random",
-           "KeyNorm", "POLICIES", "make_policy", "policy_params"]
+           "KeyNorm", "POLICIES", "make_policy", "policy_params", "policy_schema"]

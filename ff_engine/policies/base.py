@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import torch
 
 from ff_engine.cache import PagedKVCache
-from ff_engine.errors import ConfigError
+from ff_engine.errors import ConfigError, SnapshotError
+from ff_engine.policies.params import check_params
 
 
 @dataclass
@@ -84,16 +85,23 @@ class CachePolicy:
     #: the newest block is never evicted (its tokens have not been attended by any later block yet)
     protect_newest_block: ClassVar[bool] = True
 
+    def __post_init__(self):
+        """Every declared parameter (``params.param``) in its range: one ``ConfigError`` otherwise.  Subclasses
+        with their own ``__post_init__`` call this first."""
+        check_params(self)
+
     def validate(self, budget_frames: int | None, frames_per_block: int) -> None:
         if not self.bounded:
             return
         if budget_frames is None:
             raise ConfigError(f"policy {self.name!r} needs a budget (budget_frames)")
-        need = frames_per_block + self.sink_frames
-        if budget_frames < need:
+        # The reference rolling cache (Self-Forcing / LongLive) accepts any window that holds its sink and the
+        # block being generated: local_attn_size >= sink_size + num_frame_per_block, i.e. budget >= sink.  When
+        # the budget cannot hold the newest block as well, the newest frames that fit are kept (``protected``).
+        if budget_frames < self.sink_frames:
             raise ConfigError(
-                f"budget_frames {budget_frames} is below one block ({frames_per_block} frames) plus "
-                f"{self.sink_frames} sink frames; it must be >= {need}"
+                f"budget_frames {budget_frames} is below the {self.sink_frames} sink frames; it must be >= "
+                f"{self.sink_frames} (local_attn_size >= sink_size + num_frame_per_block)"
             )
 
     def observe(self, layer: int, q_pre_rope: torch.Tensor, q: torch.Tensor, positions: torch.Tensor) -> None:
@@ -107,12 +115,27 @@ class CachePolicy:
         raise NotImplementedError
 
     def protected(self, positions: torch.Tensor, ctx: CompressContext) -> torch.Tensor:
-        """Tokens that must survive: sink frames and (by default) the newest block."""
+        """Tokens that must survive: sink frames and (by default) the newest block, or as many of its newest
+        frames as the budget holds after the sink (the reference's rolling cache with a window of sink + one
+        block keeps none of it).  Never more than the budget when budget >= sink (``validate``)."""
         f = positions[:, 0]
         mask = f < self.sink_frames
         if self.protect_newest_block:
-            mask |= f > ctx.newest_frame - ctx.frames_per_block
+            room = max(0, ctx.budget_tokens // ctx.tokens_per_frame - self.sink_frames)
+            mask |= f > ctx.newest_frame - min(ctx.frames_per_block, room)
         return mask
+
+    def state_dict(self) -> dict[str, torch.Tensor | int | float]:
+        """The policy's per-session runtime state, flat (name -> tensor or number): everything it learned while
+        serving a stream (query statistics, accumulated attention...), *not* its configuration (the dataclass's
+        init fields).  ``load_state_dict`` on a policy built from the same init fields makes it continue
+        bit-identically (session snapshots).  Stateless policies keep this default: no state."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | int | float]) -> None:
+        """Restore ``state_dict()``'s output; raises ``SnapshotError`` on a key this policy does not keep."""
+        if state:
+            raise SnapshotError(f"policy {self.name!r} keeps no state, got keys {sorted(state)[:4]}")
 
     def on_compact(self, layer: int, survivors: torch.Tensor) -> None:
         """Stateful policies re-align per-token state: ``survivors[i]`` is the pre-compaction index of the token
@@ -122,7 +145,7 @@ class CachePolicy:
         if not self.bounded or ctx.num_tokens <= ctx.budget_tokens:
             return
         tokens = LayerTokens.gather(ctx)
-        scores = self.score(tokens, ctx).float().clone()
+        scores = self.score(tokens, ctx).float().to(ctx.cache.device).clone()  # scores may come from the CPU
         scores[self.protected(tokens.positions, ctx)] = float("inf")
         keep = top_tokens(scores, ctx.budget_tokens)
         self.on_compact(ctx.layer, ctx.cache.compact(ctx.session_id, ctx.layer, keep))
@@ -131,6 +154,24 @@ class CachePolicy:
 def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores, ties broken towards higher indices, returned in increasing order."""
     n = scores.numel()
-    rev = torch.arange(n - 1, -1, -1)
+    rev = torch.arange(n - 1, -1, -1, device=scores.device)
     order = rev[torch.sort(scores[rev], descending=True, stable=True).indices]
     return torch.sort(order[:k]).values
+
+
+def layer_tensors_state(prefix: str, per_layer: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{layer: tensor}`` -> ``{f"{prefix}.{layer}": tensor}`` (a ``state_dict`` fragment)."""
+    return {f"{prefix}.{layer}": t for layer, t in per_layer.items()}
+
+
+def take_layer_state(prefix: str, state: dict, kind: type | tuple[type, ...] = torch.Tensor) -> dict[int, Any]:
+    """Pop the ``f"{prefix}.{layer}"`` entries of ``state`` back into ``{layer: value}`` (inverse of
+    ``layer_tensors_state``, also for per-layer numbers); ``SnapshotError`` on a layer that is not an integer or
+    a value that is not a ``kind``."""
+    out = {}
+    for key in sorted(k for k in state if k.startswith(prefix + ".")):
+        layer, value = key[len(prefix) + 1:], state.pop(key)
+        if not layer.isdigit() or not isinstance(value, kind) or isinstance(value, bool):
+            raise SnapshotError(f"policy state {key!r} must be {prefix}.<layer> holding a {kind}, got {type(value)}")
+        out[int(layer)] = value
+    return out

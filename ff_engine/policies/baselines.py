@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ff_engine.errors import ConfigError
-from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens
+from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens, layer_tensors_state, take_layer_state
 from ff_engine.policies.future_forcing import FutureForcing, FutureQueryProxy
+from ff_engine.policies.params import MAX_POLICY_SEED, param
 from ff_engine.policies.window import SinkWindow
 
 
@@ -28,14 +29,23 @@ def attention_to_cache(q: torch.Tensor, k: torch.Tensor, log_mass: torch.Tensor)
 class _QuerySample:
     """Keeps a random sample of the last cache-writing pass's post-RoPE queries per layer."""
 
-    num_queries: int = 256
-    seed: int = 0
+    num_queries: int = param(256, ge=1, doc="post-RoPE queries of the last write pass sampled per layer")
+    seed: int = param(0, ge=0, le=MAX_POLICY_SEED, doc="seed of the query sample")
     _q: dict = field(default_factory=dict, repr=False)
 
     def observe(self, layer, q_pre_rope, q, positions):
         g = torch.Generator().manual_seed(self.seed + layer)
         idx = torch.randperm(q.shape[0], generator=g)[: self.num_queries]
         self._q[layer] = q[idx].float()
+
+    def state_dict(self):
+        """The last write pass's sampled queries per layer (``q.<layer>``)."""
+        return {**super().state_dict(), **layer_tensors_state("q", self._q)}
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        self._q = take_layer_state("q", state)
+        super().load_state_dict(state)
 
 
 @dataclass
@@ -57,13 +67,23 @@ class H2O(_QuerySample, CachePolicy):
     def on_compact(self, layer, survivors):
         self._acc[layer] = self._acc[layer][survivors]
 
+    def state_dict(self):
+        """Sampled queries and the attention accumulated per cached token, in table order (``acc.<layer>``)."""
+        return {**super().state_dict(), **layer_tensors_state("acc", self._acc)}
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        self._acc = take_layer_state("acc", state)
+        super().load_state_dict(state)
+
 
 @dataclass
 class SnapKV(_QuerySample, CachePolicy):
     """Attention of the latest block's (sampled) queries, max-pooled over ``kernel`` neighbouring tokens."""
 
     name = "snapkv"
-    kernel: int = 1
+    # a pooling window wider than a few frames' tokens only blurs scores; the cap keeps the padding small
+    kernel: int = param(1, ge=1, le=1024, doc="max-pooling width over neighbouring tokens' scores (1: none)")
 
     def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         if ctx.layer not in self._q:
@@ -100,8 +120,11 @@ class DeepSink(SinkWindow):
 
 @dataclass
 class Random(CachePolicy):
+    """Random scores from a generator seeded per (block, layer): it keeps no state, so a restored session draws
+    the same numbers as an uninterrupted one."""
+
     name = "random"
-    seed: int = 0
+    seed: int = param(0, ge=0, le=MAX_POLICY_SEED, doc="seed of the random scores")
 
     def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1000003 + ctx.newest_frame * 101 + ctx.layer)

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ff_engine.errors import ConfigError
-from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens
+from ff_engine.errors import ConfigError, SnapshotError
+from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens, take_layer_state
+from ff_engine.policies.params import param
+from kernels import expected_attention_scores, proxy_factors
 
 
 # ---- rotations --------------------------------------------------------------------------------------
@@ -109,6 +111,44 @@ class FutureQueryProxy:
     def has(self, layer: int) -> bool:
         return layer in self._sums
 
+    def state_dict(self) -> dict[str, torch.Tensor | int | float]:
+        """The running sums per layer (``sums.<layer>.{w,s1,s2}``; with a window one set per kept block,
+        ``sums.<layer>.<i>.{w,s1,s2}`` oldest first) and each layer's statistics version (``version.<layer>``)."""
+        out: dict[str, torch.Tensor | int | float] = {f"version.{layer}": v for layer, v in self.version.items()}
+        for layer, sums in self._sums.items():
+            entries = list(sums) if self.window is not None else [sums]
+            for i, (w, s1, s2) in enumerate(entries):
+                key = f"sums.{layer}.{i}" if self.window is not None else f"sums.{layer}"
+                out.update({f"{key}.w": w, f"{key}.s1": s1, f"{key}.s2": s2})
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of ``state_dict`` for a proxy built with the same parameters; ``SnapshotError`` if malformed."""
+        state = dict(state)
+        self.version = take_layer_state("version", state, int)
+        sums: dict[int, dict[str, dict[str, object]]] = {}  # layer -> entry ("" without a window) -> part
+        for key in list(state):
+            parts = key.split(".")
+            ok = len(parts) == (4 if self.window is not None else 3) and parts[0] == "sums" and parts[-1] in (
+                "w", "s1", "s2") and all(p.isdigit() for p in parts[1:-1])
+            if not ok:
+                raise SnapshotError(f"unexpected Future Forcing proxy state key {key!r}")
+            entry = parts[2] if self.window is not None else ""
+            sums.setdefault(int(parts[1]), {}).setdefault(entry, {})[parts[-1]] = state.pop(key)
+        self._sums = {}
+        for layer, entries in sums.items():
+            order = sorted(entries, key=lambda e: int(e) if e else 0)
+            if self.window is not None and (order != [str(i) for i in range(len(order))] or len(order) > self.window):
+                raise SnapshotError(f"proxy window state of layer {layer} must hold entries 0..n-1, n <= {self.window}")
+            triples = []
+            for e in order:
+                part = entries[e]
+                if set(part) != {"w", "s1", "s2"} or not isinstance(part["w"], float) or not all(
+                        isinstance(part[n], torch.Tensor) and part[n].dtype == torch.float64 for n in ("s1", "s2")):
+                    raise SnapshotError(f"proxy sums of layer {layer} need a float w and float64 s1, s2")
+                triples.append((part["w"], part["s1"], part["s2"]))
+            self._sums[layer] = deque(triples, maxlen=self.window) if self.window is not None else triples[0]
+
     def moments(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """mu [H, D], Sigma [H, D, D] (float64)."""
         s = self._sums[layer]
@@ -121,9 +161,15 @@ class FutureQueryProxy:
             sigma = torch.zeros_like(sigma)
         return mu, sigma
 
-    def future_positions(self, newest_frame: int, token_grid: tuple[int, int]) -> torch.Tensor:
+    def future_positions(self, newest_frame: int, token_grid: tuple[int, int], max_frames: int | None = None
+                         ) -> torch.Tensor:
+        """The next ``horizon`` frames' token positions [horizon * gh * gw, 3]; frames past a RoPE table of
+        ``max_frames`` (where every stream ends) are clamped to its last frame."""
         gh, gw = token_grid
-        f, h, w = torch.meshgrid(torch.arange(newest_frame + 1, newest_frame + 1 + self.horizon),
+        frames = torch.arange(newest_frame + 1, newest_frame + 1 + self.horizon)
+        if max_frames is not None:
+            frames = frames.clamp(max=max_frames - 1)
+        f, h, w = torch.meshgrid(frames,
                                  torch.arange(gh), torch.arange(gw), indexing="ij")
         return torch.stack([f, h, w], -1).reshape(-1, 3).to(torch.int32)
 
@@ -132,7 +178,7 @@ class FutureQueryProxy:
         mu, sigma = self.moments(layer)
         if not self.rotate or rope is None:
             return mu[None], sigma[None]
-        angles = rope.phases(self.future_positions(newest_frame, token_grid))  # [M, D/2]
+        angles = rope.phases(self.future_positions(newest_frame, token_grid, getattr(rope, "max_frames", None)))  # [M, D/2]
         if self.form in ("cheap", "moment"):  # the mean rotation Rbar
             mats = pair_matrix(torch.cos(angles).mean(0), torch.sin(angles).mean(0))[None]
         else:
@@ -220,45 +266,34 @@ def _nearest(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> tuple[torch
 class FutureForcing(CachePolicy):
     name = "future-forcing"
 
-    horizon: int = 6
-    form: str = "cheap"
-    samples: int = 16
-    decay: float = 0.5
-    window: int | None = None
-    covariance: bool = True
-    cov_rank: int | None = 16
-    value_norm: bool = True
-    aggregation: str = "mean"
-    sink_frames: int = 0
-    merge: str = "log-mass"
-    merge_rank: int = 4
-    merge_key_tol: float = 0.5
-    merge_value_tol: float = 1.0
-    budget_split: str = "uniform"
-    page_candidates: bool = False
-    page_rank: str = "centroid"
-    candidate_oversample: float = 2.0
+    # Upper bounds keep the proxy's own memory small: horizon x tokens/frame positions, ``samples`` dense [D, D]
+    # rotations, ``window`` blocks of [H, D, D] sums per layer.
+    horizon: int = param(6, ge=1, le=64, doc="future latent frames whose positions the query proxy covers")
+    form: str = param("cheap", choices=("cheap", "moment", "exact"), doc="how the proxy is rotated to the future")
+    samples: int = param(16, ge=1, le=1024, doc="sampled future positions of the exact form")
+    decay: float = param(0.5, ge=0, lt=1, doc="weight of the past query statistics per block")
+    window: int | None = param(None, ge=1, le=64, doc="keep exactly the last this many blocks (None: decay)")
+    covariance: bool = param(True, doc="use the query covariance (False: the mean only)")
+    cov_rank: int | None = param(16, ge=1, doc="top eigenpairs of the covariance used for scoring (None: all)")
+    value_norm: bool = param(True, doc="weigh a token's importance by its value norm")
+    aggregation: str = param("mean", choices=("mean", "max"), doc="how importance is combined over heads")
+    sink_frames: int = param(0, ge=0, doc="latent frames at the start of the video that are never evicted")
+    merge: str = param("log-mass", choices=("none", "log-mass", "affine"), doc="how removed tokens are merged")
+    merge_rank: int = param(4, ge=0, doc="covariance eigenvectors spanning the merge subspace")
+    merge_key_tol: float = param(0.5, ge=0, doc="largest key distance of a merge, relative to the keys' spread")
+    merge_value_tol: float = param(1.0, ge=0, doc="largest value distance of a merge, relative to the spread")
+    budget_split: str = param("uniform", choices=("uniform", "importance"), doc="per-layer budgets")
+    page_candidates: bool = param(False, doc="rank pages by their summaries before scoring tokens")
+    page_rank: str = param("centroid", choices=("centroid", "bound"), doc="how candidate pages are ranked")
+    # more candidates than the cache holds is the same as all of them; the cap keeps ceil(x * n) finite
+    candidate_oversample: float = param(2.0, ge=1, le=100, doc="candidates (and merge partners) per removed token")
+    fused_scoring: bool = param(False, doc="score through the fused kernel (Triton on CUDA, its torch reference else)")
     proxy: FutureQueryProxy = field(init=False, repr=False)
     stats: dict = field(default_factory=lambda: {"merged": 0, "evicted": 0, "candidates": 0, "tokens": 0},
                         init=False, repr=False)
 
     def __post_init__(self):
-        if self.aggregation not in ("mean", "max"):
-            raise ConfigError(f"aggregation must be 'mean' or 'max', got {self.aggregation!r}")
-        if self.merge not in ("none", "log-mass", "affine"):
-            raise ConfigError(f"merge must be 'none', 'log-mass' or 'affine', got {self.merge!r}")
-        if self.budget_split not in ("uniform", "importance"):
-            raise ConfigError(f"budget_split must be 'uniform' or 'importance', got {self.budget_split!r}")
-        if self.sink_frames < 0:
-            raise ConfigError(f"sink_frames must be >= 0, got {self.sink_frames}")
-        if self.cov_rank is not None and self.cov_rank < 1:
-            raise ConfigError(f"cov_rank must be None (full) or >= 1, got {self.cov_rank}")
-        if self.merge_rank < 0 or self.merge_key_tol < 0 or self.merge_value_tol < 0:
-            raise ConfigError("merge_rank, merge_key_tol and merge_value_tol must be >= 0")
-        if self.page_rank not in ("bound", "centroid"):
-            raise ConfigError(f"page_rank must be 'bound' or 'centroid', got {self.page_rank!r}")
-        if self.candidate_oversample < 1.0:
-            raise ConfigError(f"candidate_oversample must be >= 1, got {self.candidate_oversample}")
+        super().__post_init__()
         self.proxy = self._make_proxy()
         self._layer_spread: dict[int, float] = {}  # effective number of important tokens per layer (last block)
         self._min_tokens = 0  # protected tokens per layer at the last compression (a floor for budget splits)
@@ -268,6 +303,30 @@ class FutureForcing(CachePolicy):
 
     def observe(self, layer, q_pre_rope, q, positions):
         self.proxy.update(layer, q_pre_rope)
+
+    def state_dict(self):
+        """The proxy's statistics (``proxy.*``), the last block's per-layer spread and protected floor (what
+        ``budget_split="importance"`` reads) and the counters in ``stats``.  Importance cached in the page
+        summaries is keyed by the proxy version, which moves on every write pass, so none of it outlives a
+        block and it needs no saving."""
+        out = {f"proxy.{k}": v for k, v in self.proxy.state_dict().items()}
+        out.update({f"layer_spread.{layer}": s for layer, s in self._layer_spread.items()})
+        out.update({f"stats.{k}": v for k, v in self.stats.items()})
+        return {**out, "min_tokens": self._min_tokens}
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        self.proxy.load_state_dict({k[6:]: state.pop(k) for k in [k for k in state if k.startswith("proxy.")]})
+        self._layer_spread = take_layer_state("layer_spread", state, float)
+        stats = {k[6:]: state.pop(k) for k in [k for k in state if k.startswith("stats.")]}
+        if set(stats) != set(self.stats) or not all(isinstance(v, int) for v in stats.values()):
+            raise SnapshotError(f"Future Forcing stats must hold the integers {sorted(self.stats)}")
+        self.stats = stats
+        min_tokens = state.pop("min_tokens", None)
+        if not isinstance(min_tokens, int) or isinstance(min_tokens, bool):
+            raise SnapshotError("Future Forcing state needs an integer min_tokens")
+        self._min_tokens = min_tokens
+        super().load_state_dict(state)
 
     # importance ---------------------------------------------------------------------------------------
     def _proxy(self, ctx: CompressContext):
@@ -433,10 +492,25 @@ class FutureForcing(CachePolicy):
         hkv, d = cache.num_kv_heads, cache.head_dim
         k, v = cache.key_cache.view(-1, hkv, d)[s], cache.value_cache.view(-1, hkv, d)[s]
         lm = cache.log_mass.view(-1)[s]
-        logits = self.head_logits(k, v, lm, mu_f, sigma_f)
-        lse_cand = torch.logsumexp(logits, 1)
-        imp = self.aggregate(logits, lse_cand if rest is None else torch.logaddexp(lse_cand, rest))
+        if self.fused_scoring:
+            imp = self.fused_importance(cache, s, mu_f, sigma_f, rest)
+        else:
+            logits = self.head_logits(k, v, lm, mu_f, sigma_f)
+            lse_cand = torch.logsumexp(logits, 1)
+            imp = self.aggregate(logits, lse_cand if rest is None else torch.logaddexp(lse_cand, rest))
         return cand, k, v, lm, imp, protected, mu_f, sigma_f
+
+    def fused_importance(self, cache, slots, mu_f, sigma_f, rest=None) -> torch.Tensor:
+        """``aggregate(head_logits(...))`` of the tokens at ``slots`` through ``kernels.expected_attention_scores``:
+        keys and values read in place from the page storage, one launch for all terms (Triton on CUDA)."""
+        hkv, d = cache.num_kv_heads, cache.head_dim
+        u, lam = proxy_factors(sigma_f, self.cov_rank)
+        dev = cache.key_cache.device
+        seg = torch.tensor([0, slots.numel()], device=dev)
+        return expected_attention_scores(
+            cache.key_cache.view(-1, hkv, d), cache.value_cache.view(-1, hkv, d), cache.log_mass.view(-1),
+            slots.to(dev), seg, mu_f.float()[None].to(dev), u[None].to(dev), lam[None].to(dev), self.value_norm,
+            self.aggregation, None if rest is None else rest[None].to(dev))[2]
 
     def victims(self, ctx: CompressContext, use_pages: bool) -> torch.Tensor:
         """Token indices this policy would remove now (merge or evict), without touching the cache: with page

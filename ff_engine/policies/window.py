@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens
+from ff_engine.policies.params import param
 
 
 @dataclass
@@ -35,13 +36,7 @@ class SinkWindow(CachePolicy):
     """LongLive frame sink: the first ``sink_frames`` frames never roll, the rest is a rolling window."""
 
     name = "sink-window"
-    sink_frames: int = 3
-
-    def __post_init__(self):
-        from ff_engine.errors import ConfigError
-
-        if self.sink_frames < 0:
-            raise ConfigError(f"sink_frames must be >= 0, got {self.sink_frames}")
+    sink_frames: int = param(3, ge=0, doc="latent frames at the start of the video that are never evicted")
 
     def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         return tokens.positions[:, 0].float()

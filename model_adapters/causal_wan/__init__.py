@@ -3,4 +3,4 @@
 from model_adapters.causal_wan.loading import load_causal_wan, save_checkpoint
 from model_adapters.causal_wan.model import PRESETS, CausalWanConfig, CausalWanModel, PromptState
 
-__all__ = ["CausalWanConfig", "CausalWanModel", "PromptState", "PRESETS", "load_causal_wan", "save_checkpoint"]
+__all__ = ["PRESETS", "CausalWanConfig", "CausalWanModel", "PromptState", "load_causal_wan", "save_checkpoint"]

@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ff_engine.errors import ConfigError
 from model_adapters.base import SelfAttentionFn, VideoGeometry
@@ -74,7 +74,7 @@ class CausalWanConfig:
             vae_stride=tuple(self.vae_stride), fps=self.fps,
         )
 
-    def with_(self, **kw) -> "CausalWanConfig":
+    def with_(self, **kw) -> CausalWanConfig:
         return replace(self, **kw)
 
 

@@ -1,0 +1,235 @@
+"""FlexAttention backend: paged attention read straight from the canonical page storage, with the log-mass bias.
+
+Why FlexAttention: it ships with PyTorch (no vLLM wheel, no flash-attn build), it takes a per-key bias through
+``score_mod`` (a merged token's ``log m``), it returns the LSE, and its block-sparse ``BlockMask`` can *be* the
+page table.  It is the one CUDA path every machine with PyTorch has.
+
+How the page table becomes a block mask:
+  * The physical cache ``[pages + 1, page_size, Hkv, D]`` is viewed, without a copy, as one KV sequence
+    ``[1, Hkv, (pages + 1) * page_size, D]``; KV block ``j`` of the block mask (``KV_BLOCK = page_size``) is
+    physical page ``j``.
+  * Query rows are the batch's rows, in blocks of ``QUERY_BLOCK``.  A query block lists the pages of every
+    sequence its rows belong to.  A page is a *full* block (no ``mask_mod`` call) when the query block lies inside
+    one sequence and the page is full; the last, partly filled page of a sequence and every page of a query block
+    that straddles sequences are *partial* blocks, where ``mask_mod`` keeps key slot ``s`` for row ``r`` iff page
+    ``s // page_size`` belongs to ``r``'s sequence and ``s % page_size`` is below that page's fill.
+  * ``mask_mod`` is exact on its own (PyTorch's eager path uses only it), and the block lists are exact for it
+    (``tests/test_flex.py`` expands them element by element and compares).
+  * ``score_mod`` adds ``log_mass[slot]`` to the logit: merged tokens are served here, not by a fallback.
+
+The block's own K/V are a second call with a block-diagonal (varlen) mask over the batch's rows; the two parts
+are combined exactly by their LSE (``kernels.combine_lse``), as the flash-attn backends do.
+
+On CUDA ``flex_attention`` is compiled (Triton); elsewhere it runs eagerly: PyTorch's reference path, which
+materialises the scores over the whole pool -- for tests and rehearsals only (the CPU engine uses vLLM's op).
+Invariants: a page is owned by at most one sequence of a batch (a view holds distinct sessions of one layer);
+rows with no key at all (an empty cache) have LSE ``-inf`` and contribute nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from ff_engine.attention.interface import AttentionBackend, AttentionBatch
+from ff_engine.errors import ConfigError
+from kernels.attention_ref import combine_lse
+
+QUERY_BLOCK = 128
+BLOCK_KV_BLOCK = 128  # KV block of the block part (contiguous rows, not pages)
+
+
+def _flex():
+    from torch.nn.attention import flex_attention as fa
+
+    return fa
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():  # pragma: no cover - CUDA only
+    return torch.compile(_flex().flex_attention)
+
+
+def flex_call(q, k, v, block_mask, scale, score_mod=None, compiled=False, kernel_options=None):
+    """``flex_attention`` on [1, H, L, D] tensors returning (out [1, H, L, D], lse [1, H, L] natural log, float32).
+
+    Uses ``return_aux=AuxRequest(lse=True)`` where PyTorch has it (>= 2.9) and ``return_lse`` before."""
+    fa = _flex()
+    fn = _compiled_flex() if compiled else fa.flex_attention
+    kw = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+              kernel_options=kernel_options)
+    with warnings.catch_warnings():
+        # the eager path is intended off CUDA (tests, rehearsals): PyTorch's "not compiled" advice is noise there
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        if hasattr(fa, "AuxRequest"):
+            out, aux = fn(q, k, v, return_aux=fa.AuxRequest(lse=True), **kw)
+            return out, aux.lse.float()
+        out, lse = fn(q, k, v, return_lse=True, **kw)  # pragma: no cover - torch < 2.9
+        return out, lse.float()
+
+
+# ---- block masks ----------------------------------------------------------------------------------------
+def row_sequences(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """int64 [N]: the sequence every query row belongs to."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lens.numel(), device=cu_seqlens.device), lens)
+
+
+def _block_spans(row_seq: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last sequence of every block of ``block`` rows: (lo, hi) int64 [num_blocks]."""
+    n = row_seq.numel()
+    starts = torch.arange(0, n, block, device=row_seq.device)
+    return row_seq[starts], row_seq[torch.clamp(starts + block, max=n) - 1]
+
+
+def _compact(candidates: torch.Tensor, keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``candidates`` [R, C], the entries where ``keep`` first (stable), cut to ``width``: the
+    (num_blocks [R] int32, indices [R, width] int32) pair of a BlockMask."""
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    return keep.sum(-1).to(torch.int32), candidates.gather(-1, order).to(torch.int32)
+
+
+def _width(count: torch.Tensor, full_width: int) -> int:
+    w = max(1, int(count.max()) if count.numel() else 1)
+    return min(full_width, 1 << (w - 1).bit_length())  # powers of two: few distinct shapes to compile for
+
+
+def paged_block_mask(block_table, seq_lens, cu_seqlens, page_size, num_slots):
+    """BlockMask of the cache part: query rows (``cu_seqlens``) against the physical slots (``num_slots`` =
+    ``(pages + 1) * page_size``) of their own sequence's pages (``block_table`` [S, max_pages], ``seq_lens`` [S]).
+    All inputs on the query device; returns (block_mask, row_seq)."""
+    fa = _flex()
+    dev = block_table.device
+    row_seq = row_sequences(cu_seqlens)
+    n, n_pages_total = row_seq.numel(), num_slots // page_size
+    lens = seq_lens.long()
+    npages, nfull = (lens + page_size - 1) // page_size, lens // page_size
+    owner = torch.full((n_pages_total,), -1, dtype=torch.int32, device=dev)
+    fill = torch.zeros(n_pages_total, dtype=torch.int32, device=dev)
+    jj = torch.arange(block_table.shape[1], device=dev)
+    held = jj[None, :] < npages[:, None]  # [S, max_pages]
+    seq_ids = torch.arange(lens.numel(), device=dev, dtype=torch.int32)[:, None].expand_as(held)
+    pages = block_table.long()
+    owner[pages[held]] = seq_ids[held]
+    fill[pages[held]] = torch.clamp(lens[:, None] - jj[None, :] * page_size, max=page_size).to(torch.int32)[held]
+    lo, hi = _block_spans(row_seq, QUERY_BLOCK)
+    span = int((hi - lo).max()) + 1 if lo.numel() else 1
+    seqs = lo[:, None] + torch.arange(span, device=dev)[None, :]  # [QB, span]: the sequences of each query block
+    in_span = seqs <= hi[:, None]
+    seqs = seqs.clamp(max=lens.numel() - 1)
+    valid = in_span[:, :, None] & held[seqs]  # [QB, span, max_pages]
+    single = (lo == hi)[:, None, None]
+    full = valid & single & (jj[None, None, :] < nfull[seqs][:, :, None])
+    cand = pages[seqs].flatten(1)
+    valid, full = valid.flatten(1), full.flatten(1)
+    partial = valid & ~full
+    kv_num, kv_idx = _compact(cand, partial, min(_width(partial.sum(-1), n_pages_total), cand.shape[1]))
+    full_num, full_idx = _compact(cand, full, min(_width(full.sum(-1), n_pages_total), cand.shape[1]))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        page = kv_idx // page_size
+        return (owner[page] == row_seq[q_idx]) & (kv_idx % page_size < fill[page])
+
+    bm = fa.BlockMask.from_kv_blocks(kv_num[None, None], kv_idx[None, None], full_num[None, None],
+                                     full_idx[None, None], BLOCK_SIZE=(QUERY_BLOCK, page_size), mask_mod=mask_mod,
+                                     seq_lengths=(n, num_slots), compute_q_blocks=False)
+    return bm, row_seq
+
+
+def varlen_block_mask(cu_seqlens):
+    """BlockMask of the block part: each query row attends to the rows of its own sequence (block-diagonal)."""
+    fa = _flex()
+    row_seq = row_sequences(cu_seqlens)
+    n = row_seq.numel()
+    qlo, qhi = _block_spans(row_seq, QUERY_BLOCK)
+    klo, khi = _block_spans(row_seq, BLOCK_KV_BLOCK)
+    overlap = (qlo[:, None] <= khi[None, :]) & (klo[None, :] <= qhi[:, None])
+    full = (qlo == qhi)[:, None] & (klo == khi)[None, :] & (qlo[:, None] == klo[None, :])
+    cand = torch.arange(klo.numel(), device=row_seq.device).expand_as(overlap)
+    partial = overlap & ~full
+    kv_num, kv_idx = _compact(cand, partial, cand.shape[1])
+    full_num, full_idx = _compact(cand, full, cand.shape[1])
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return row_seq[q_idx] == row_seq[kv_idx]
+
+    bm = fa.BlockMask.from_kv_blocks(kv_num[None, None], kv_idx[None, None], full_num[None, None],
+                                     full_idx[None, None], BLOCK_SIZE=(QUERY_BLOCK, BLOCK_KV_BLOCK),
+                                     mask_mod=mask_mod, seq_lengths=(n, n), compute_q_blocks=False)
+    return bm, row_seq
+
+
+def _rows_out(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, H, N, D], [1, H, N] -> [N, H, D], [N, H]; rows without keys get out 0 and LSE -inf."""
+    out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)
+    empty = ~torch.isfinite(lse)
+    return out.masked_fill(empty[..., None], 0), lse.masked_fill(empty, float("-inf"))
+
+
+class FlexAttentionBackend(AttentionBackend):
+    """``flex``: PyTorch FlexAttention over the page table, per-key log-mass bias, LSE combination.
+
+    ``compiled``: compile ``flex_attention`` (Triton on CUDA); None = on CUDA only.  ``bias``: add the log-mass
+    bias (default True; False is for benchmarking an all-original cache and raises if the cache holds merged
+    tokens)."""
+
+    name = "flex"
+    page_multiple = 16  # the Triton kernel's KV tile is one page; tl.dot wants >= 16
+    supports_bias = True
+
+    def __init__(self, compiled: bool | None = None, bias: bool = True):
+        self.compiled, self.bias = compiled, bias
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            _flex()
+        except ImportError:
+            return False
+        return True
+
+    def _compile(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.compiled is None else self.compiled
+
+    @staticmethod
+    def _kernel_options(page_size: int, device: torch.device):
+        # The Triton kernel's BLOCK_N must divide the sparse KV block (one page); its default tiles are 64/128.
+        return {"BLOCK_N": page_size} if device.type == "cuda" and page_size < 64 else None
+
+    def forward(self, batch: AttentionBatch) -> torch.Tensor:
+        q, view = batch.q, batch.cache
+        compiled = self._compile(q.device)
+        q4 = q.transpose(0, 1)[None]
+        cu = batch.cu_seqlens.to(q.device)
+        bm, _ = varlen_block_mask(cu)
+        parts = [_rows_out(*flex_call(q4, batch.k.transpose(0, 1)[None], batch.v.transpose(0, 1)[None], bm,
+                                      batch.scale, compiled=compiled))]
+        if view is not None and int(view.seq_lens.max()) > 0:
+            parts.append(self.cache_part(batch, compiled=compiled))
+        return combine_lse(parts)[0].to(q.dtype)
+
+    def cache_part(self, batch: AttentionBatch, compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out [N, H, D], lse [N, H]) of the batch's queries over their cached pages only."""
+        q, view = batch.q, batch.cache
+        compiled = self._compile(q.device) if compiled is None else compiled
+        if len(set(view.session_ids)) != len(view.session_ids):
+            raise ConfigError(f"a batch holds a session twice: {view.session_ids} (session_ids)")
+        cache, ps = view.cache, view.page_size
+        hkv, d = view.key_cache.shape[2], view.key_cache.shape[3]
+        kc = view.key_cache.view(-1, hkv, d).transpose(0, 1)[None]  # [1, Hkv, slots, D]: a view, no copy
+        vc = view.value_cache.view(-1, hkv, d).transpose(0, 1)[None]
+        bm, _ = paged_block_mask(view.block_table.to(q.device), view.seq_lens.to(q.device),
+                                 batch.cu_seqlens.to(q.device), ps, kc.shape[2])
+        score_mod = None
+        if self.bias:
+            log_mass = cache.log_mass.view(-1)
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + log_mass[kv_idx].to(score.dtype)
+        elif view.has_bias():
+            raise ConfigError("bias=False but the cache holds merged tokens (log-mass != 0)")
+        out, lse = flex_call(q.transpose(0, 1)[None], kc, vc, bm, batch.scale, score_mod, compiled,
+                             self._kernel_options(ps, q.device))
+        return _rows_out(out, lse)

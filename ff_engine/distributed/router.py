@@ -1,0 +1,411 @@
+"""The router: places streams on workers by free page budget, drives the workers, and recovers from a worker death.
+
+One router thread owns all scheduling decisions; ``submit`` / ``cancel`` (any thread) only edit its books under
+its lock and wake it.
+
+* **How blocks flow back.** The router keeps at most one ``step(cancel, start)`` call in flight per worker and
+  takes the blocks from the call's return value (a ``WorkerReport``); the moment a call returns it sends the
+  next one.  Why this and not workers pushing to a queue actor: commands and results are ordered per worker for
+  free (a cancel sent with a call is applied before that call's block), the worker needs no concurrency of its
+  own, back-pressure is built in (a worker never runs ahead of the router), and a worker's death surfaces as
+  the exception of exactly the call that was in flight (Ray's ``RayActorError``), with nothing else to watch.
+  An idle worker gets an empty call every ``heartbeat_s``, so a death is noticed even without work.
+* **Placement.** A stream needs its exact page reservation (``Engine.pages_needed``; the router's book per
+  worker is the sum over the streams it placed there, so a worker's own pool always has room for what the
+  router sends).  Among the live workers where it fits, the stream goes to the one with the **most free pages**,
+  ties to fewer streams.  (Tightest fit would stack every stream on the first worker until it is full and leave
+  the others idle; with pages as the scarce resource, most-free spreads load and keeps the largest holes.)
+  Every block of a stream is produced by that worker (session affinity) until it ends or the worker dies.
+* **Queue.** Streams that fit nowhere yet wait in FIFO order (no overtaking, as in ``Scheduler``).  At most
+  ``max_queue`` new streams wait; beyond that ``submit`` raises ``Overloaded`` with ``retry_after`` = the time
+  until the first running stream is expected to end (its blocks left x the recent step time of its worker x the
+  batch rounds needed to cycle through that worker's streams).  A request that could never fit any worker is
+  refused at ``submit`` (``BudgetError``); a request the worker's engine rejects fails alone.
+* **Cancel** frees the stream's pages in the router's book at once (a waiting stream may be placed in the same
+  instant) and on the worker with its next call, before anything else that call does.
+* **Worker death.** The streams placed on a dead worker go back to the *front* of the queue (ahead of new
+  streams, not counted against ``max_queue``) and resume on live workers from the last snapshot their worker
+  wrote (``snapshot_every`` > 0), or from block 0 when none was written yet — generation is deterministic, so
+  blocks the router already has are regenerated identically and dropped.  With snapshots off they end
+  ``failed`` and keep the blocks already persisted.  Streams on other workers are not touched.  A dead worker
+  is not replaced: the cluster's capacity shrinks (a waiting stream that no live worker can hold fails).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ff_engine.distributed.streams import Handle, StreamRecord, StreamTable
+from ff_engine.distributed.worker import Start, WorkerReport
+from ff_engine.engine.session import SessionConfig, new_session_id
+from ff_engine.errors import BudgetError, ConfigError, FFEngineError
+from ff_engine.service import Overloaded
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLost(Exception):
+    """A worker that cannot be reached any more (its process died or was killed)."""
+
+
+class Endpoint(Protocol):
+    """How the router talks to one ``EngineWorker``: in-process (``LocalService``) or a Ray actor."""
+
+    name: str
+
+    def step(self, cancel: list[str], start: list[Start]) -> cf.Future: ...  # of a WorkerReport
+
+    def validate(self, cfg: SessionConfig) -> tuple[FFEngineError | None, int]: ...  # WorkerLost if gone
+
+    def describe(self) -> dict: ...
+
+    def audit(self) -> dict: ...
+
+    def kill(self) -> None: ...
+
+
+@dataclass
+class WorkerState:
+    """The router's view of one worker.  ``placed``: live streams on it -> their reservation (the book)."""
+
+    endpoint: Endpoint
+    pages_total: int
+    max_batch: int
+    alive: bool = True
+    placed: dict[str, int] = field(default_factory=dict)
+    to_cancel: list[str] = field(default_factory=list)
+    to_start: list[Start] = field(default_factory=list)
+    inflight: cf.Future | None = None
+    last_call: float = 0.0
+    pages_used: int = 0  # the worker's own pool, as of its last report
+    pages_reserved: int = 0
+    step_ema: float = 0.0  # seconds per block-producing call (for retry-after)
+    blocks: int = 0
+    busy_s: float = 0.0  # time in the worker's scheduler steps (the blocks)
+    persist_s: float = 0.0
+    snapshot_s: float = 0.0
+    snapshots: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def free(self) -> int:
+        return self.pages_total - sum(self.placed.values())
+
+
+class Router:
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        *,
+        max_queue: int | None = None,
+        snapshot_every: int = 0,
+        output_dir: str | None = None,
+        keep_blocks: int = 8,
+        retention_s: float = 600.0,
+        max_terminal: int = 1024,
+        heartbeat_s: float = 0.5,
+    ):
+        if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
+            raise ConfigError(f"max_queue must be None (unbounded) or an integer >= 0, got {max_queue!r}")
+        if isinstance(keep_blocks, bool) or not isinstance(keep_blocks, int) or keep_blocks < 1:
+            raise ConfigError(f"keep_blocks must be an integer >= 1, got {keep_blocks!r}")
+        self.max_queue, self.snapshot_every, self.output_dir = max_queue, snapshot_every, output_dir
+        self.keep_blocks, self.heartbeat_s = keep_blocks, heartbeat_s
+        self.table = StreamTable(retention_s, max_terminal)
+        self.workers: list[WorkerState] = []
+        for ep in endpoints:
+            info = ep.describe()
+            self.workers.append(WorkerState(ep, info["pages_total"], info["max_batch"], last_call=time.monotonic()))
+        self.frames_per_block = info["frames_per_block"]
+        self.queue: deque[str] = deque()
+        self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0, "resumed": 0}
+        self._lock = threading.RLock()
+        self._wake = cf.Future()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="ff-engine-router", daemon=True)
+        self._thread.start()
+
+    # ---- the service API ------------------------------------------------------------------------
+    def submit(self, cfg: SessionConfig) -> Handle:
+        if not isinstance(cfg, SessionConfig):
+            raise ConfigError(f"a request must be a SessionConfig, got {type(cfg).__name__}")
+        if cfg.session_id is None:
+            cfg = dataclasses.replace(cfg, session_id=new_session_id())
+        error, pages = self._validate(cfg)
+        with self._lock:
+            if error is None:
+                error = self._admissible(pages)
+            if error is not None:
+                self.counts["rejected"] += 1
+                raise error
+            num_blocks = math.ceil(cfg.num_frames / self.frames_per_block)
+            record = StreamRecord(cfg, num_blocks, pages, self.output_dir, self.keep_blocks)
+            self.table.add(record)  # ConfigError on a duplicate id
+            self.counts["submitted"] += 1
+            self.queue.append(record.id)
+            self._place()
+        self._kick()
+        return Handle(record, self)
+
+    def get(self, stream_id: str) -> Handle:
+        return Handle(self.table.get(stream_id), self)
+
+    def cancel(self, stream_id: str) -> None:
+        with self._lock:
+            record = self.table.get(stream_id)
+            if record.terminal:
+                return
+            if stream_id in self.queue:
+                self.queue.remove(stream_id)
+            elif record.worker is not None:
+                w = self._worker(record.worker)
+                w.placed.pop(stream_id, None)
+                unsent = [s for s in w.to_start if s.cfg.session_id == stream_id]
+                if unsent:
+                    w.to_start.remove(unsent[0])
+                else:
+                    w.to_cancel.append(stream_id)
+            if record.end("cancelled"):
+                self.counts["cancelled"] += 1
+            self._place()
+        self._kick()
+
+    def retry_after(self) -> float:
+        """Seconds until the first running stream is expected to end (1 s when nothing measured yet)."""
+        with self._lock:
+            best = math.inf
+            for w in self.workers:
+                if not w.alive or not w.placed or not w.step_ema:
+                    continue
+                rounds = math.ceil(len(w.placed) / w.max_batch)
+                for sid in w.placed:
+                    r = self.table.find(sid)
+                    if r is not None:
+                        best = min(best, (r.num_blocks - r.blocks_done) * rounds * w.step_ema)
+            return 1.0 if math.isinf(best) else max(0.1, best)
+
+    def stats(self) -> dict:
+        with self._lock:
+            workers = []
+            for w in self.workers:
+                workers.append(
+                    {
+                        "name": w.name,
+                        "alive": w.alive,
+                        "pages_total": w.pages_total,
+                        "pages_used": w.pages_used if w.alive else 0,
+                        "pages_reserved": w.pages_reserved if w.alive else 0,
+                        "pages_placed": w.pages_total - w.free,
+                        "active": len(w.placed),
+                        "blocks": w.blocks,
+                        "busy_s": w.busy_s,
+                        "persist_s": w.persist_s,
+                        "snapshot_s": w.snapshot_s,
+                        "snapshots": w.snapshots,
+                    }
+                )
+            active = sum(len(w.placed) for w in self.workers)
+            return {"workers": workers, "queued": len(self.queue), "active": active, **self.counts}
+
+    def audit(self) -> list[dict]:
+        """Each live worker's pool invariants and pages in use (see ``EngineWorker.audit``)."""
+        return [w.endpoint.audit() for w in self.workers if w.alive]
+
+    def shutdown(self) -> None:
+        """Stop the router thread; every stream not yet ended fails ("the service shut down"), so no consumer
+        waits forever.  Workers are the owner's to stop."""
+        self._stop = True
+        self._kick()
+        self._thread.join(timeout=60)
+        with self._lock:
+            for record in self.table.records():
+                self._fail(record, "the service shut down")
+            self.queue.clear()
+
+    # ---- placement (under the lock) ---------------------------------------------------------------
+    def _best(self, pages: int) -> WorkerState | None:
+        fits = [w for w in self.workers if w.alive and w.free >= pages]
+        return min(fits, key=lambda w: (-w.free, len(w.placed), w.name), default=None)
+
+    def _admissible(self, pages: int) -> FFEngineError | None:
+        """Why a valid request of ``pages`` cannot be queued now, or None.  Streams re-queued after a worker death
+        do not count against ``max_queue``; a stream that can be placed at once never waits."""
+        if self._stop or not self._thread.is_alive():
+            return FFEngineError("the service is shut down (or its router stopped): no new streams")
+        live = [w for w in self.workers if w.alive]
+        if not live:
+            return FFEngineError("no live worker: every worker of this service has died")
+        if pages > max(w.pages_total for w in live):
+            return BudgetError(
+                f"stream needs {pages} pages, more than any live worker's pool "
+                f"({max(w.pages_total for w in live)} pages, num_pages)"
+            )
+        waiting_new = sum(1 for sid in self.queue if (r := self.table.find(sid)) is not None and not r.resumed)
+        placeable_now = not self.queue and self._best(pages) is not None
+        if self.max_queue is not None and not placeable_now and waiting_new >= self.max_queue:
+            return Overloaded(
+                f"admission queue is full ({waiting_new} streams waiting, max_queue {self.max_queue})",
+                self.retry_after(),
+            )
+        return None
+
+    def _place(self) -> None:
+        while self.queue:
+            record = self.table.find(self.queue[0])
+            if record is None or record.terminal:
+                self.queue.popleft()
+                continue
+            live = [w for w in self.workers if w.alive]
+            if not live or record.pages > max(w.pages_total for w in live):
+                self.queue.popleft()
+                self._fail(record, f"no live worker can hold its {record.pages} pages (workers died)")
+                continue
+            w = self._best(record.pages)
+            if w is None:
+                return  # FIFO: nothing overtakes the head
+            self.queue.popleft()
+            w.placed[record.id] = record.pages
+            w.to_start.append(Start(record.cfg, resume=record.resumed > 0))
+            record.set_state("running", w.name)
+
+    def _fail(self, record: StreamRecord, error: str) -> None:
+        if record.end("failed", error):
+            self.counts["failed"] += 1
+
+    def _worker(self, name: str) -> WorkerState:
+        return next(w for w in self.workers if w.name == name)
+
+    # ---- the router thread ------------------------------------------------------------------------
+    def _kick(self) -> None:
+        with self._lock:
+            if not self._wake.done():
+                self._wake.set_result(None)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a router bug must not leave consumers waiting forever
+            log.exception("router thread crashed")
+            with self._lock:
+                for record in self.table.records():
+                    self._fail(record, f"the router crashed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _loop(self) -> None:
+        while not self._stop:
+            with self._lock:
+                if self._wake.done():
+                    self._wake = cf.Future()
+                self._place()
+                now = time.monotonic()
+                for w in self.workers:
+                    if (
+                        w.alive
+                        and w.inflight is None
+                        and (w.to_cancel or w.to_start or w.placed or now - w.last_call >= self.heartbeat_s)
+                    ):
+                        self._send(w, now)
+                calls = {w.inflight: w for w in self.workers if w.inflight is not None}
+                wake = self._wake
+            done, _ = cf.wait([*calls, wake], timeout=self.heartbeat_s, return_when=cf.FIRST_COMPLETED)
+            with self._lock:
+                for fut in done:
+                    if fut in calls:
+                        self._on_report(calls[fut], fut)
+
+    def _send(self, w: WorkerState, now: float) -> None:
+        cancel, start = w.to_cancel, w.to_start
+        w.to_cancel, w.to_start, w.last_call = [], [], now
+        try:
+            w.inflight = w.endpoint.step(cancel, start)
+        except Exception as exc:  # noqa: BLE001 - an endpoint that cannot even take a call is lost
+            self._lose(w, exc)
+
+    def _on_report(self, w: WorkerState, fut: cf.Future) -> None:
+        w.inflight = None
+        try:
+            rep: WorkerReport = fut.result()
+        except Exception as exc:  # noqa: BLE001 - RayActorError, or a worker bug: either way the worker is gone
+            self._lose(w, exc)
+            return
+        w.pages_used, w.pages_reserved = rep.pages_used, rep.pages_reserved
+        if rep.batch:
+            wall = rep.step_s + rep.persist_s + rep.snapshot_s
+            w.step_ema = wall if not w.step_ema else 0.8 * w.step_ema + 0.2 * wall
+        w.blocks += rep.batch
+        w.busy_s += rep.step_s
+        w.persist_s += rep.persist_s
+        w.snapshot_s += rep.snapshot_s
+        w.snapshots += len(rep.snapshots)
+        for sid, first in rep.started.items():
+            record = self.table.find(sid)
+            if record is not None and sid in w.placed:
+                record.skip_to(first)
+        for r in rep.results:
+            record = self.table.find(r.session_id)
+            if record is None or record.terminal or r.session_id not in w.placed:
+                continue  # cancelled, or re-placed after this worker was given up on
+            if r.error is not None:
+                w.placed.pop(r.session_id)
+                self._fail(record, r.error)
+                continue
+            record.add_block(r.block, r.latents)
+            if r.done:
+                w.placed.pop(r.session_id)
+                if record.end("finished"):
+                    self.counts["finished"] += 1
+        for sid, held in rep.pages.items():
+            record = self.table.find(sid)
+            if record is not None:
+                record.pages_held = held
+
+    def _lose(self, w: WorkerState, exc: BaseException) -> None:
+        """Worker ``w`` is gone: re-place or fail its streams (module docstring)."""
+        log.warning("worker %s lost (%s: %s); %d streams affected", w.name, type(exc).__name__, exc, len(w.placed))
+        w.alive, w.inflight = False, None
+        try:
+            w.endpoint.kill()  # a worker whose step raised may still be running: make sure it is gone
+        except Exception as kill_exc:  # noqa: BLE001 - already dead is fine
+            log.debug("worker %s: kill: %s", w.name, kill_exc)
+        orphans = [sid for sid in w.placed if (r := self.table.find(sid)) is not None and not r.terminal]
+        w.placed.clear()
+        w.to_start.clear()
+        w.to_cancel.clear()
+        resume = []
+        for sid in orphans:
+            record = self.table.find(sid)
+            if self.snapshot_every:
+                record.resumed += 1
+                record.set_state("queued", None)
+                self.counts["resumed"] += 1
+                resume.append(sid)
+            else:
+                self._fail(
+                    record,
+                    f"worker {w.name} died ({type(exc).__name__}) and snapshots are off "
+                    f"(snapshot_every=0); blocks 0..{record.blocks_done - 1} are persisted",
+                )
+        self.queue.extendleft(reversed(resume))
+        self._place()
+
+    def _validate(self, cfg: SessionConfig) -> tuple[FFEngineError | None, int]:
+        """Validate on a live worker's engine (all workers run the same model); a worker that died meanwhile is
+        skipped (its in-flight call reports the death to the router thread)."""
+        for w in self.workers:
+            if w.alive:
+                try:
+                    return w.endpoint.validate(cfg)
+                except WorkerLost:
+                    continue
+        return FFEngineError("no live worker: every worker of this service has died"), 0

@@ -1,0 +1,308 @@
+"""WebSocket ``/v1/realtime/video``: one generation session at a time per connection (vLLM-Omni's shapes).
+
+Client -> server (JSON text; ``event_id`` optional, at most 64 of ``[A-Za-z0-9_.:-]``):
+  ``session.start``  the fields of ``POST /v1/videos`` + ``slow_client`` ("wait" | "drop") + ``include_latents``
+  ``session.update`` ``policy_params`` / ``prompt``, applied at the next block boundary where the service can
+  ``session.cancel`` (alias ``session.stop``), ``session.ping``
+Server -> client (JSON text, each with ``seq``: 0, 1, 2... per connection, in send order):
+  ``session.started`` {session_id, config, num_blocks, frames_per_block, fps}; per block ``video.block``
+  {block, frames, first_frame, last, pages_held, pages_reserved, dropped_frames} followed by ``frames`` binary
+  messages (one JPEG each) and, with ``include_latents``, one more: the block's latents, float32 little-endian
+  [F, C, H, W] (shape in the header); ``session.updated``, ``session.cancelled``, ``session.pong``,
+  ``session.done`` {state, blocks_done, error, dropped_frames}, ``error`` {code, message, param, status}.
+
+Invariants: a client event with an ``event_id`` already seen is not applied again (its first answer is sent
+again, marked ``duplicate``).  Outgoing messages go through one bounded queue (``ws_queue_blocks`` items); when it
+is full a ``wait`` session stops reading blocks from the service (the service keeps them; nothing is lost) and a
+``drop`` session skips the block's frames and counts them in ``dropped_frames``.  A bad message gets an ``error``
+naming the field and the connection stays usable; leaving the connection cancels its running stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import OrderedDict
+
+import numpy as np
+from fastapi import WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect
+
+from ff_engine.server.errors import ApiError
+from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
+from ff_engine.server.schemas import CLIENT_EVENTS, SessionStart, first_error, request_model, validate_policy_params
+from ff_engine.server.streams import owner_of
+
+SUBPROTOCOL = "ff-engine"
+SEEN_EVENTS = 256
+
+
+class RealtimeSession:
+    def __init__(self, ws: WebSocket, state: dict, keys, settings):
+        self.ws, self.state, self.keys, self.settings = ws, state, keys, settings
+        self.out: asyncio.Queue = asyncio.Queue(maxsize=settings.ws_queue_blocks)
+        self.seq = 0
+        self.seen: OrderedDict[str, dict] = OrderedDict()
+        self.rec = None
+        self.producer: asyncio.Task | None = None
+        self.start_model = request_model(state["runtime"].limits, SessionStart)
+
+    # ---- connection ---------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        offered = self.ws.scope.get("subprotocols", [])
+        token = next((p.removeprefix("bearer.") for p in offered if p.startswith("bearer.")), None)
+        header = self.ws.headers.get("authorization") or (f"Bearer {token}" if token else None)
+        try:
+            key = self.keys.check(header)
+        except ApiError as exc:
+            return await self._deny(exc)
+        self.owner = owner_of(key)
+        await self.ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        sender = asyncio.create_task(self._send_loop())
+        receiver = asyncio.create_task(self._receive_loop())
+        try:
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if self.rec is not None and self.rec.final is None:
+                await asyncio.to_thread(self.rec.handle.cancel)  # leaving cancels: pages return at once
+            for t in (receiver, self.producer, sender):
+                if t is not None:
+                    t.cancel()
+            await asyncio.gather(*(t for t in (receiver, self.producer, sender) if t), return_exceptions=True)
+
+    async def _deny(self, exc: ApiError) -> None:
+        if "websocket.http.response" in self.ws.scope.get("extensions", {}):
+            await self.ws.send_denial_response(exc.response())
+        else:
+            await self.ws.close(code=1008, reason=exc.message[:120])
+
+    async def _send_loop(self) -> None:
+        while True:
+            item = await self.out.get()
+            event, binaries = item
+            await self.ws.send_text(json.dumps({**event, "seq": self.seq}))
+            self.seq += 1
+            for b in binaries:
+                await self.ws.send_bytes(b)
+
+    @property
+    def running(self) -> bool:
+        """A session is running until its blocks have all been queued and ``session.done`` sent."""
+        return self.producer is not None and not self.producer.done()
+
+    async def emit(self, event: dict, binaries: tuple = ()) -> None:
+        await self.out.put((event, binaries))
+
+    async def error(self, status: int, message: str, param: str | None, code: str, event_id=None) -> None:
+        await self.emit(
+            {"type": "error", "status": status, "code": code, "message": message, "param": param, "event_id": event_id}
+        )
+
+    # ---- client events ------------------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        limit = self.settings.max_body_bytes
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            if msg.get("text") is None:
+                await self.error(
+                    400,
+                    "message: binary messages are not accepted; send JSON text events",
+                    "message",
+                    "invalid_message",
+                )
+                continue
+            text = msg["text"]
+            if len(text) > limit:
+                await self.error(413, f"message: larger than the {limit}-byte limit", "message", "too_large")
+                continue
+            try:
+                await self._handle(text)
+            except WebSocketDisconnect:
+                return
+
+    async def _handle(self, text: str) -> None:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            return await self.error(400, f"message: not valid JSON ({str(exc)[:80]})", "message", "invalid_json")
+        if not isinstance(data, dict):
+            return await self.error(400, "message: must be a JSON object with a 'type'", "message", "invalid_json")
+        typ = data.get("type")
+        if typ not in CLIENT_EVENTS:
+            return await self.error(
+                422,
+                f"type: unknown event type {str(typ)[:64]!r}; one of {sorted(CLIENT_EVENTS)}",
+                "type",
+                "unknown_event",
+            )
+        model = self.start_model if typ == "session.start" else CLIENT_EVENTS[typ]
+        eid = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+        try:
+            ev = model.model_validate(data)
+        except ValidationError as exc:
+            field, msg = first_error(exc)
+            return await self.error(422, f"{field}: {msg}", field, "invalid_value", eid)
+        if ev.event_id is not None and ev.event_id in self.seen:
+            return await self.emit({**self.seen[ev.event_id], "duplicate": True})
+        answer = await getattr(self, "_on_" + typ.split(".")[1])(ev)
+        if answer is not None and ev.event_id is not None:
+            self.seen[ev.event_id] = answer
+            while len(self.seen) > SEEN_EVENTS:
+                self.seen.popitem(last=False)
+
+    async def _on_start(self, ev) -> dict | None:
+        from ff_engine.server.app import submit
+
+        if self.running:
+            await self.error(
+                409,
+                "type: a session is already running on this connection; cancel it first",
+                "type",
+                "session_active",
+                ev.event_id,
+            )
+            return None
+        req = ev.model_dump(exclude={"type", "event_id", "slow_client", "include_latents"}, exclude_none=True)
+        try:
+            rec = await submit(
+                self.state["registry"], self.state["request_model"].model_validate(req), self.owner, "ws"
+            )
+        except ApiError as exc:
+            await self.emit(
+                {
+                    "type": "error",
+                    "status": exc.status,
+                    "code": exc.code,
+                    "message": exc.message,
+                    "param": exc.param,
+                    "event_id": ev.event_id,
+                    **_retry(exc),
+                }
+            )
+            return None
+        self.rec = rec
+        st = await asyncio.to_thread(rec.handle.status)
+        g = self.state["runtime"].geometry
+        answer = {
+            "type": "session.started",
+            "event_id": ev.event_id,
+            "session_id": rec.id,
+            "config": rec.request,
+            "num_blocks": st.num_blocks,
+            "frames_per_block": g.frames_per_block,
+            "fps": g.fps,
+            "slow_client": ev.slow_client,
+        }
+        await self.emit(answer)
+        self.producer = asyncio.create_task(self._produce(rec, ev.slow_client, ev.include_latents))
+        return answer
+
+    async def _on_update(self, ev) -> dict | None:
+        if not self.running:
+            await self.error(409, "type: no running session to update", "type", "no_session", ev.event_id)
+            return None
+        update = getattr(self.rec.handle, "update", None)
+        changes = {}
+        if ev.policy_params is not None:
+            try:
+                changes["policy_params"] = validate_policy_params(self.rec.request["policy"], ev.policy_params)
+            except ValueError as exc:
+                await self.error(422, str(exc), getattr(exc, "field", "policy_params"), "invalid_value", ev.event_id)
+                return None
+        if ev.prompt is not None:
+            try:
+                changes["prompt"] = self.state["runtime"].prompts.load(ev.prompt, 0)
+            except ValueError as exc:
+                await self.error(422, str(exc), "prompt", "invalid_value", ev.event_id)
+                return None
+        if update is None:
+            await self.error(
+                422,
+                f"{next(iter(changes), 'policy_params')}: this service cannot change a running "
+                "stream; start a new session",
+                next(iter(changes), "policy_params"),
+                "unsupported",
+                ev.event_id,
+            )
+            return None
+        try:
+            applies_at = await asyncio.to_thread(update, **changes)
+        except ValueError as exc:
+            await self.error(422, str(exc).splitlines()[0], "policy_params", "unsupported", ev.event_id)
+            return None
+        answer = {
+            "type": "session.updated",
+            "event_id": ev.event_id,
+            "session_id": self.rec.id,
+            "applies_at_block": applies_at,
+            "changed": sorted(changes),
+        }
+        await self.emit(answer)
+        return answer
+
+    async def _on_cancel(self, ev) -> dict | None:
+        if self.rec is None:
+            await self.error(409, "type: no session to cancel", "type", "no_session", ev.event_id)
+            return None
+        await asyncio.to_thread(self.rec.handle.cancel)
+        answer = {"type": "session.cancelled", "event_id": ev.event_id, "session_id": self.rec.id}
+        await self.emit(answer)
+        return answer
+
+    async def _on_stop(self, ev) -> dict | None:
+        return await self._on_cancel(ev)
+
+    async def _on_ping(self, ev) -> dict | None:
+        answer = {"type": "session.pong", "event_id": ev.event_id}
+        await self.emit(answer)
+        return answer
+
+    # ---- the stream's blocks --------------------------------------------------------------------------------
+    async def _produce(self, rec, slow_client: str, include_latents: bool) -> None:
+        rt = self.state["runtime"]
+        renderer = BlockRenderer(rt.decoder(), JpegEncoder(self.settings.jpeg_quality))
+        frame, dropped = 0, 0
+        async for blk in stream_blocks(rec.handle):
+            px = await asyncio.to_thread(renderer.pixels, blk.latents)
+            first, frame = frame, frame + len(px)
+            if slow_client == "drop" and self.out.full():
+                dropped += len(px)
+                continue
+            jpegs = await asyncio.to_thread(renderer.jpegs, px)
+            st = await asyncio.to_thread(rec.handle.status)
+            header = {
+                "type": "video.block",
+                "session_id": rec.id,
+                "block": blk.block,
+                "frames": len(jpegs),
+                "first_frame": first,
+                "last": blk.done,
+                "pages_held": st.pages_held,
+                "pages_reserved": st.pages_reserved,
+                "dropped_frames": dropped,
+            }
+            binaries = list(jpegs)
+            if include_latents:
+                lat = blk.latents.float().contiguous().numpy().astype("<f4")
+                header["latents_shape"] = list(lat.shape)
+                binaries.append(np.ascontiguousarray(lat).tobytes())
+            await self.emit(header, tuple(binaries))
+        st = await asyncio.to_thread(rec.handle.status)
+        await self.emit(
+            {
+                "type": "session.done",
+                "session_id": rec.id,
+                "state": st.state,
+                "blocks_done": st.blocks_done,
+                "error": st.error,
+                "dropped_frames": dropped,
+            }
+        )
+
+
+def _retry(exc: ApiError) -> dict:
+    retry = (exc.headers or {}).get("Retry-After")
+    return {"retry_after": int(retry)} if retry else {}

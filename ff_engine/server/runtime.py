@@ -1,0 +1,162 @@
+"""What the server holds besides routes: the model's description, the stream service, the prompt catalogue.
+
+The server only talks to the ``StreamService`` contract (``ff_engine.service``): ``LocalService`` (one engine on
+a background thread, the default) or ``RayCluster`` (``--ray``).  It keeps a copy of the model only to know its
+geometry and to decode latents to pixels with the model's own decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from ff_engine.errors import ConfigError
+from ff_engine.server.schemas import NAME_PATTERN, RequestLimits, VideoRequest
+from ff_engine.server.settings import ServerSettings
+
+
+def load_model(settings: ServerSettings):
+    """The model ``ff-engine generate`` would build from the same flags (``cli.build_model``)."""
+    from ff_engine.cli import DEFAULT_MODEL, build_model
+
+    args = argparse.Namespace(
+        model=settings.model or DEFAULT_MODEL, random_weights=settings.random_weights, preset=settings.preset, seed=0
+    )
+    return build_model(args).eval()
+
+
+def model_id(settings: ServerSettings) -> str:
+    return Path(settings.model).stem if settings.model else "ff-world"
+
+
+class PromptCatalog:
+    """Server-side prompt embeddings, requested by name (the file stem).  Names are looked up in a listing made
+    at start; a request's name is never joined into a path.  Files are read and checked by ``cli.load_prompt``
+    (the same checks as ``generate --prompt-embeds``)."""
+
+    def __init__(self, folder: str, model_cfg):
+        self.paths: dict[str, Path] = {}
+        self.model_cfg = model_cfg
+        if folder:
+            root = Path(folder)
+            if not root.is_dir():
+                raise ConfigError(f"--prompts-dir: not a folder: {folder}")
+            for p in sorted(root.iterdir()):
+                if p.suffix in (".pt", ".safetensors") and re.match(NAME_PATTERN, p.stem):
+                    self.paths[p.stem] = p
+
+    def names(self) -> list[str]:
+        return sorted(self.paths)
+
+    def load(self, name: str | None, seed: int) -> torch.Tensor:
+        """The named prompt, or the model's default (zeros for an unconditional model, a seeded one otherwise)."""
+        from ff_engine.cli import load_prompt
+
+        if name is not None and name not in self.paths:
+            raise ConfigError(f"prompt: unknown prompt {name!r}; the server has {self.names() or 'none'}")
+        path = self.paths.get(name) if name else None
+        args = argparse.Namespace(prompt_embeds=str(path) if path else None, seed=seed)
+        try:
+            return load_prompt(args, self.model_cfg)
+        except ConfigError as exc:
+            raise ConfigError("prompt: " + str(exc).removeprefix("--prompt-embeds: ")) from None
+
+
+def build_service(settings: ServerSettings, model):
+    """``LocalService`` over one engine, or ``RayCluster`` when ``--ray`` is given ("local": start a Ray
+    instance in this process; "auto" or an address: join a running cluster).  Blocks are persisted under
+    ``output_dir/blocks`` so the service keeps only the last few blocks of each stream in memory."""
+    from ff_engine import distributed
+
+    common = {
+        "num_pages": settings.num_pages,
+        "page_size": settings.page_size,
+        "backend": settings.backend,
+        "max_batch": settings.max_batch,
+        "max_queue": settings.max_queue,
+        "output_dir": str(Path(settings.output_dir) / "blocks"),
+        "max_terminal": settings.max_records,
+    }
+    if not settings.ray:
+        return distributed.LocalService(model, **common)
+    source = model
+    if settings.model and Path(settings.model).is_file() or not settings.model:
+        from ff_engine.cli import DEFAULT_MODEL
+
+        source = distributed.ModelSpec.checkpoint(settings.model or DEFAULT_MODEL, settings.preset)
+    address = None if settings.ray == "local" else settings.ray
+    return distributed.RayCluster(
+        source, num_workers=settings.workers, snapshot_every=settings.snapshot_every, address=address, **common
+    )
+
+
+class Runtime:
+    """Model description + service + prompts; builds ``SessionConfig`` objects from validated requests."""
+
+    def __init__(self, settings: ServerSettings, service=None, model=None):
+        self.settings = settings
+        self.model = model if model is not None else load_model(settings)
+        g = self.model.geometry
+        self.geometry = g
+        self.limits = RequestLimits(
+            max_frames=g.max_frames, latent_fps=g.fps / g.vae_stride[0], frames_per_block=g.frames_per_block
+        )
+        self.prompts = PromptCatalog(settings.prompts_dir, self.model.cfg)
+        self.model_id = model_id(settings)
+        self.service = service if service is not None else build_service(settings, self.model)
+
+    def decoder(self):
+        from ff_engine.video import make_decoder
+
+        return make_decoder(self.model)
+
+    def session_config(self, req: VideoRequest, session_id: str | None = None):
+        """A ``SessionConfig`` for a validated request; ``ConfigError`` naming the field on what only the model
+        or the policy can judge (a budget below one block, a prompt the model cannot take)."""
+        from ff_engine.engine import SessionConfig
+        from ff_engine.policies import make_policy
+
+        if req.model is not None and req.model != self.model_id:
+            raise ConfigError(f"model: this server serves {self.model_id!r}, got {req.model!r}")
+        try:
+            policy = make_policy(req.policy, **req.policy_params)
+        except ConfigError as exc:
+            raise ConfigError(f"policy_params: {exc}") from None
+        budget = req.budget_frames if req.budget_frames is not None else self.limits.default_budget_frames
+        frames = req.latent_frames(self.geometry, self.limits)
+        if frames > self.limits.max_frames:
+            raise ConfigError(f"seconds: {frames} latent frames exceed the model's {self.limits.max_frames}")
+        try:
+            policy.validate(budget if policy.bounded else None, self.geometry.frames_per_block)
+        except ConfigError as exc:
+            raise ConfigError(f"budget_frames: {exc}") from None
+        prompt = self.prompts.load(req.prompt, req.seed)
+        return SessionConfig(
+            prompt=prompt,
+            num_frames=frames,
+            seed=req.seed,
+            policy=policy,
+            budget_frames=budget if policy.bounded else None,
+            session_id=session_id,
+        )
+
+    def describe(self) -> dict:
+        g = self.geometry
+        h, w = g.latent_hw
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "owned_by": "ff-engine",
+            "fps": g.fps,
+            "frames_per_block": g.frames_per_block,
+            "max_frames": g.max_frames,
+            "max_seconds": self.limits.max_seconds,
+            "latent_shape": [g.latent_channels, h, w],
+            "num_layers": g.num_layers,
+            "prompts": self.prompts.names(),
+            "backend": self.settings.backend,
+            "page_size": self.settings.page_size,
+        }

@@ -1,0 +1,192 @@
+"""Request and event models: every field typed strictly, bounded, and unknown fields refused.
+
+Bounds come in two layers: absolute caps here (so no request can ask for unbounded work), and the served
+model's own limits (``RequestLimits``: its RoPE table, its block size) through ``request_model(limits)``.
+Policy parameters are validated by a pydantic model built from the policy's declared fields
+(``ff_engine.policies.policy_schema``): a name the policy does not declare, a wrong type or a value out of its
+range is refused before anything is built.  A ``ValidationError`` becomes one message naming the field
+(``first_error``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from ff_engine.errors import ConfigError
+
+MAX_FRAMES_CAP = 4096  # latent frames; the model's RoPE table usually binds first
+MAX_SECONDS_CAP = 3600.0
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the served model allows: latent frames (RoPE table), frames per second of video, block size."""
+
+    max_frames: int
+    latent_fps: float  # latent frames per second of video
+    frames_per_block: int
+    default_seconds: float = 5.0
+    default_budget_frames: int = 6
+
+    @property
+    def max_seconds(self) -> float:
+        return self.max_frames / self.latent_fps
+
+
+class VideoRequest(Strict):
+    """``POST /v1/videos`` and the generation fields of ``session.start``."""
+
+    model: str | None = Field(None, max_length=256, description="must name the served model when given")
+    seconds: float | None = Field(None, gt=0, le=MAX_SECONDS_CAP, allow_inf_nan=False)
+    frames: int | None = Field(None, ge=1, le=MAX_FRAMES_CAP, description="latent frames (instead of seconds)")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    policy: str = Field("window", pattern=r"^[a-z0-9-]{1,64}$")
+    policy_params: dict[str, Any] = Field(default_factory=dict, max_length=32)
+    budget_frames: int | None = Field(None, ge=0, le=MAX_FRAMES_CAP, description="latent frames of KV kept")
+    prompt: str | None = Field(None, pattern=NAME_PATTERN, description="name of a server-side prompt embedding")
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.seconds is not None and self.frames is not None:
+            raise FieldError("frames", "give seconds or frames, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _policy_params(self):
+        self.policy_params = validate_policy_params(self.policy, self.policy_params)
+        return self
+
+    def latent_frames(self, geometry, limits: RequestLimits) -> int:
+        """``frames``, or ``seconds`` (default ``limits.default_seconds``) in the model's latent frames."""
+        if self.frames is not None:
+            return self.frames
+        return geometry.latent_frames(self.seconds if self.seconds is not None else limits.default_seconds)
+
+
+_LIMITED: dict[tuple, type[VideoRequest]] = {}
+
+
+def request_model(limits: RequestLimits, base: type[VideoRequest] = VideoRequest) -> type[VideoRequest]:
+    """``base`` with the served model's bounds on ``seconds``, ``frames`` and ``budget_frames``."""
+    key = (limits, base)
+    if key not in _LIMITED:
+        _LIMITED[key] = create_model(
+            f"{base.__name__}For{limits.max_frames}",
+            __base__=base,
+            seconds=(float | None, Field(None, gt=0, le=limits.max_seconds, allow_inf_nan=False)),
+            frames=(int | None, Field(None, ge=1, le=limits.max_frames)),
+            budget_frames=(int | None, Field(None, ge=0, le=limits.max_frames)),
+        )
+    return _LIMITED[key]
+
+
+# ---- policy parameters -------------------------------------------------------------------------------------
+_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str}
+_BOUNDS = {"minimum": "ge", "maximum": "le", "exclusiveMinimum": "gt", "exclusiveMaximum": "lt"}
+
+
+def policy_schema(name: str) -> dict:
+    """``ff_engine.policies.policy_schema`` (``ConfigError`` for an unknown policy)."""
+    from ff_engine.policies import policy_schema as schema
+
+    return schema(name)
+
+
+@functools.lru_cache(maxsize=64)
+def policy_params_model(name: str) -> type[BaseModel]:
+    """A strict pydantic model of the policy's declared parameters (JSON-schema type, bounds, enum)."""
+    specs = {}
+    for pname, f in policy_schema(name)["parameters"].items():
+        typ: Any = Literal[tuple(f["enum"])] if f.get("enum") else _TYPES[f["type"]]
+        if f.get("nullable"):
+            typ = typ | None
+        bounds = {kw: f[key] for key, kw in _BOUNDS.items() if key in f and not f.get("enum")}
+        if f["type"] == "number":
+            bounds["allow_inf_nan"] = False
+        if f["type"] == "string" and not f.get("enum"):
+            bounds["max_length"] = 256
+        specs[pname] = (typ, Field(None, **bounds))
+    return create_model(f"PolicyParams_{name.replace('-', '_')}", __base__=Strict, **specs)
+
+
+def validate_policy_params(policy: str, params: dict) -> dict:
+    """The given parameters, checked against the policy's declared fields; raises ``ValueError`` (pydantic
+    turns it into a validation error) naming ``policy`` or ``policy_params.<name>``."""
+    try:
+        model = policy_params_model(policy)
+    except ConfigError as exc:
+        raise FieldError("policy", str(exc).removeprefix("policy: ")) from None
+    try:
+        checked = model.model_validate(params)
+    except ValidationError as exc:
+        field, msg = first_error(exc)
+        raise FieldError(f"policy_params.{field}" if field else "policy_params", msg) from None
+    return {k: getattr(checked, k) for k in params}
+
+
+class FieldError(ValueError):
+    """A validator's error that names its field (pydantic's own location is the model for model validators)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def first_error(exc: ValidationError) -> tuple[str, str]:
+    """``(field path, message)`` of a pydantic error, the path dotted (``policy_params.horizon``)."""
+    err = exc.errors(include_url=False)[0]
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, FieldError):
+        return ctx_err.field, str(ctx_err).split(": ", 1)[1]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "json_invalid":
+        msg = "body is not valid JSON (" + err["msg"].removeprefix("Invalid JSON: ") + ")"
+    return loc, msg
+
+
+# ---- WebSocket client events (vLLM-Omni /v1/realtime/video shapes) ---------------------------------------------
+class ClientEvent(Strict):
+    event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
+
+
+class SessionStart(VideoRequest):
+    type: Literal["session.start"]
+    event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
+    slow_client: Literal["wait", "drop"] = "wait"
+    include_latents: bool = False
+
+
+class SessionUpdate(ClientEvent):
+    type: Literal["session.update"]
+    policy_params: dict[str, Any] | None = Field(None, max_length=32)
+    prompt: str | None = Field(None, pattern=NAME_PATTERN)
+
+
+class SessionCancel(ClientEvent):
+    type: Literal["session.cancel", "session.stop"]
+
+
+class SessionPing(ClientEvent):
+    type: Literal["session.ping"]
+
+
+CLIENT_EVENTS = {
+    "session.start": SessionStart,
+    "session.update": SessionUpdate,
+    "session.cancel": SessionCancel,
+    "session.stop": SessionCancel,
+    "session.ping": SessionPing,
+}

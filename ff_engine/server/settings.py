@@ -1,0 +1,106 @@
+"""Server settings: every one a ``ff-engine serve`` flag with an ``FF_ENGINE_*`` environment default.
+
+Precedence: flag > environment > built-in default.  The built-in defaults run out of the box on a CPU: the
+embedded world model, one local engine, bound to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+from ff_engine.errors import ConfigError
+
+ENV_PREFIX = "FF_ENGINE_"
+
+
+@dataclass
+class ServerSettings:
+    model: str = ""  # checkpoint path or preset; "" = the embedded world model
+    random_weights: bool = False
+    preset: str = "wan-1.3b"
+    num_pages: int = 2048
+    page_size: int = 32
+    backend: str = "auto"
+    max_batch: int = 8
+    max_queue: int = 16  # streams waiting for pages; one more is answered 429
+    output_dir: str = "out/serve"
+    prompts_dir: str = ""  # server-side prompt embeddings, by file stem ("" = none)
+    api_key: str = ""  # "" = no key required
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 16384
+    max_streams_per_key: int = 8  # streams not yet terminal, per API key
+    max_records: int = 256  # terminal streams remembered (oldest forgotten first, files deleted)
+    ws_queue_blocks: int = 4  # outgoing blocks buffered per WebSocket session
+    jpeg_quality: int = 3  # MJPEG qscale (2 best .. 31 worst)
+    ray: str = ""  # "" = local engine; "auto" or a Ray address = serve from the Ray cluster
+    workers: int = 1
+    torch_threads: int = 0  # intra-op threads of the local engine (0 = torch's default)
+    snapshot_every: int = 8  # Ray: blocks between snapshots (0 = none: a dead worker fails its streams)
+
+    def validate(self) -> ServerSettings:
+        checks = {
+            "num_pages": (1, 1 << 24),
+            "page_size": (1, 4096),
+            "max_batch": (1, 256),
+            "max_queue": (0, 1 << 16),
+            "port": (0, 65535),
+            "max_body_bytes": (256, 1 << 24),
+            "max_streams_per_key": (1, 1 << 16),
+            "max_records": (1, 1 << 20),
+            "ws_queue_blocks": (1, 1024),
+            "jpeg_quality": (2, 31),
+            "workers": (1, 1024),
+            "snapshot_every": (0, 1 << 20),
+            "torch_threads": (0, 1024),
+        }
+        for name, (lo, hi) in checks.items():
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}")
+        return self
+
+
+def _env(name: str, default):
+    raw = os.environ.get(ENV_PREFIX + name.upper())
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be true or false, got {raw!r}")
+        return raw.lower() in ("1", "true", "yes")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be an integer, got {raw!r}") from None
+    return raw
+
+
+_HELP = {
+    "model": "checkpoint path or preset name (default: the embedded world model)",
+    "max_queue": "streams allowed to wait for pages; beyond it POST answers 429 with Retry-After",
+    "prompts_dir": "folder of prompt embeddings (.pt / .safetensors), requested by file stem",
+    "api_key": "require 'Authorization: Bearer KEY' on every route but /health",
+    "host": "bind address (127.0.0.1: this machine only)",
+    "ray": "serve from Ray: 'auto' (join the running cluster), an address, or 'local' (start one here)",
+    "snapshot_every": "Ray: snapshot each stream every N blocks so a dead worker's streams resume elsewhere",
+}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """One flag per field, its default read from the environment (so ``--help`` shows the effective value)."""
+    for f in fields(ServerSettings):
+        default = _env(f.name, f.default)
+        flag = "--" + f.name.replace("_", "-")
+        help_ = _HELP.get(f.name, "") + f" (env {ENV_PREFIX}{f.name.upper()})"
+        if isinstance(f.default, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            ap.add_argument(flag, type=type(f.default), default=default, help=help_)
+
+
+def from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(**{f.name: getattr(args, f.name) for f in fields(ServerSettings)}).validate()

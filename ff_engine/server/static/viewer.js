@@ -1,0 +1,102 @@
+// ff-engine live viewer: one WebSocket per stream (/v1/realtime/video), JPEG frames drawn on a canvas.
+// No build step. window.ffViewer.streams exposes each stream's counters (used by the headless-browser test).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const viewer = { streams: [] };
+window.ffViewer = viewer;
+
+function key() { return $("key").value.trim(); }
+
+async function api(path) {
+  const headers = key() ? { Authorization: `Bearer ${key()}` } : {};
+  const r = await fetch(path, { headers });
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
+  return body;
+}
+
+async function init() {
+  try {
+    const models = await api("/v1/models");
+    const m = models.data[0];
+    $("model").textContent = `model ${m.id}: ${m.fps} fps, ${m.frames_per_block} latent frames per block, ` +
+      `up to ${m.max_seconds.toFixed(0)} s, page size ${m.page_size}`;
+    const policies = await api("/v1/policies");
+    $("policy").innerHTML = "";
+    for (const p of policies.data) {
+      const o = document.createElement("option");
+      o.value = o.textContent = p.name;
+      o.title = p.description || "";
+      if (p.name === "future-forcing") o.selected = true;
+      $("policy").appendChild(o);
+    }
+    $("error").textContent = "";
+  } catch (e) {
+    $("error").textContent = `${e.message} (an API key may be needed)`;
+  }
+}
+
+function panel(title) {
+  const el = document.createElement("div");
+  el.className = "stream";
+  el.innerHTML = `<header><span>${title}</span><button class="cancel">cancel</button></header>
+    <canvas width="384" height="256"></canvas>
+    <div class="stats"><span>fps<b class="fps">–</b></span><span>blocks<b class="blocks">0</b></span>
+    <span>pages<b class="pages">0</b></span><span>state<b class="state">starting</b></span></div>`;
+  $("streams").appendChild(el);
+  return el;
+}
+
+function startStream(params) {
+  const el = panel(`${params.policy} · budget ${params.budget_frames} · seed ${params.seed}`);
+  const canvas = el.querySelector("canvas");
+  const ctx = canvas.getContext("2d");
+  const s = { params, frames: 0, blocks: 0, state: "starting", arrivals: [], pagesHeld: 0, error: null };
+  viewer.streams.push(s);
+  const show = (cls, text) => { el.querySelector("." + cls).textContent = text; };
+  const setState = (st) => { s.state = st; const b = el.querySelector(".state"); b.textContent = st; b.className = "state state-" + st; };
+
+  const protocols = ["ff-engine"].concat(key() ? ["bearer." + key()] : []);
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/realtime/video`, protocols);
+  ws.binaryType = "blob";
+  let pending = 0, numBlocks = 0;
+  el.querySelector(".cancel").onclick = () => ws.readyState === 1 && ws.send(JSON.stringify({ type: "session.cancel", event_id: "cancel-1" }));
+  ws.onopen = () => ws.send(JSON.stringify({ type: "session.start", event_id: "start-1", ...params }));
+  ws.onmessage = async (msg) => {
+    if (typeof msg.data !== "string") {
+      if (pending <= 0) return;  // latents or an unexpected binary: not a frame
+      pending -= 1;
+      const bmp = await createImageBitmap(msg.data);
+      ctx.drawImage(bmp, 0, 0, canvas.width, canvas.height);
+      s.frames += 1;
+      const now = performance.now();
+      s.arrivals.push(now);
+      while (s.arrivals.length && s.arrivals[0] < now - 2000) s.arrivals.shift();
+      show("fps", (s.arrivals.length / 2).toFixed(1));
+      return;
+    }
+    const ev = JSON.parse(msg.data);
+    if (ev.type === "session.started") { numBlocks = ev.num_blocks; setState("running"); }
+    else if (ev.type === "video.block") {
+      pending = ev.frames; s.blocks = ev.block + 1; s.pagesHeld = ev.pages_held;
+      show("blocks", `${s.blocks}/${numBlocks}`); show("pages", `${ev.pages_held}/${ev.pages_reserved}`);
+    } else if (ev.type === "session.done") { setState(ev.state); if (ev.error) s.error = ev.error; ws.close(); }
+    else if (ev.type === "error") { s.error = ev.message; $("error").textContent = ev.message; if (s.state === "starting") setState("error"); }
+  };
+  ws.onclose = () => { if (s.state === "running" || s.state === "starting") setState("closed"); };
+  return s;
+}
+
+$("start-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  startStream({
+    policy: $("policy").value || "window",
+    budget_frames: parseInt($("budget").value, 10),
+    seconds: parseFloat($("seconds").value),
+    seed: parseInt($("seed").value, 10),
+    slow_client: $("slow").value,
+  });
+});
+$("key").addEventListener("change", init);
+init();

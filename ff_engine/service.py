@@ -1,0 +1,100 @@
+"""The serving contract: what a server (HTTP, WebSocket, CLI) sees of a running engine, local or distributed.
+
+Two implementations share it, so the server never knows which one it talks to:
+  * ``ff_engine.distributed.LocalService``: one ``Engine`` + ``Scheduler`` stepped by a background thread.
+  * ``ff_engine.distributed.RayCluster``: one ``EngineWorker`` Ray actor per GPU (CPU workers without GPUs),
+    a router that places streams by free page budget and keeps every block of a stream on its worker.
+
+A stream's life: ``submit`` -> ``queued`` -> ``running`` -> one of ``finished`` / ``failed`` / ``cancelled``
+(terminal).  Every finished block is handed to consumers in order, exactly once per consumer, as a
+``StreamBlock``; a terminal stream's handle keeps answering ``status()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator, Iterator, Protocol
+
+import torch
+
+from ff_engine.errors import FFEngineError
+
+STREAM_STATES = ("queued", "running", "finished", "failed", "cancelled")
+TERMINAL_STATES = ("finished", "failed", "cancelled")
+
+
+class Overloaded(FFEngineError):
+    """The admission queue is full. ``retry_after`` (seconds) estimates when a slot frees up."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = float(retry_after)
+
+
+class UnknownStream(FFEngineError):
+    """No stream with that id (never submitted, or forgotten after its retention period)."""
+
+
+@dataclass
+class StreamBlock:
+    """One finished block of a stream: latents [F, C, H, W] (float32, CPU), its index, whether it is the last."""
+
+    stream_id: str
+    block: int
+    latents: torch.Tensor
+    done: bool
+
+
+@dataclass
+class StreamStatus:
+    id: str
+    state: str  # one of STREAM_STATES
+    blocks_done: int
+    num_blocks: int
+    pages_held: int = 0
+    pages_reserved: int = 0
+    worker: str | None = None
+    error: str | None = None
+    resumed: int = 0  # times the stream was restored from a snapshot after its worker died
+    output_dir: str | None = None  # where the worker persisted its blocks (when the service persists)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StreamHandle(Protocol):
+    id: str
+
+    def status(self) -> StreamStatus: ...
+
+    def blocks(self, timeout: float | None = None) -> Iterator[StreamBlock]:
+        """Blocks as they are produced, from the first, ending after the last (or when the stream ends early:
+        then ``status()`` says why). ``timeout``: seconds to wait for the next block before ``TimeoutError``."""
+        ...
+
+    def ablocks(self) -> AsyncIterator[StreamBlock]: ...
+
+    def cancel(self) -> None:
+        """Cancel a queued or running stream; its pages return to the pool at once. Idempotent."""
+        ...
+
+
+class StreamService(Protocol):
+    def submit(self, cfg) -> StreamHandle:
+        """Queue a ``SessionConfig``. Raises ``FFEngineError`` on bad input (nothing queued) and ``Overloaded``
+        when the queue is full."""
+        ...
+
+    def get(self, stream_id: str) -> StreamHandle: ...
+
+    def stats(self) -> dict:
+        """``{"workers": [{"name", "pages_total", "pages_used", "pages_reserved", "active", "alive"}...],
+        "queued": int, "active": int, "finished": int, "failed": int, "cancelled": int, "rejected": int}``"""
+        ...
+
+    def shutdown(self) -> None: ...

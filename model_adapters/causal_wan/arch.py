@@ -1,0 +1,62 @@
+"""Causal Wan2.1 in the model registry: Self-Forcing / CausVid / LongLive checkpoints and the in-repo world model."""
+
+from __future__ import annotations
+
+import torch
+
+from model_adapters.causal_wan.loading import adopt
+from model_adapters.causal_wan.model import PRESETS, CausalWanConfig, CausalWanModel
+from model_adapters.registry import Architecture, register
+
+
+def build(cfg: CausalWanConfig) -> CausalWanModel:
+    model = CausalWanModel(cfg)
+    with torch.no_grad():  # random weights: give the head a signal a latent preview shows (a load overwrites it)
+        model.head.head.weight.normal_(0, 0.02)
+    return model
+
+
+def claims(keys: set, meta: dict) -> bool:
+    """Wan2.1 names, or diffusers ``WanTransformer3DModel`` names (not SkyReels-V2's, which add fps conditioning)."""
+    if "fps_embedding.weight" in keys or meta.get("_class_name", "").startswith("SkyReels"):
+        return False
+    wan = "patch_embedding.weight" in keys and "blocks.0.self_attn.q.weight" in keys
+    diffusers = "patch_embedding.weight" in keys and "blocks.0.attn1.to_q.weight" in keys
+    return wan or diffusers
+
+
+def param_count(cfg: CausalWanConfig) -> int:
+    """Parameters of ``CausalWanModel(cfg)`` from its config alone (no allocation)."""
+    d, f, n_layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    qk_norm = 4 * d if cfg.qk_norm else 0  # norm_q, norm_k of self- and cross-attention
+    cross_norm = 2 * d if cfg.cross_attn_norm else 0
+    per_block = 8 * (d * d + d) + qk_norm + cross_norm + (d * f + f + f * d + d) + 6 * d
+    patch = cfg.in_dim * d * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2] + d
+    embed = cfg.text_dim * d + d + d * d + d + cfg.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d
+    out = cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2] * cfg.out_dim
+    head = d * out + out + 2 * d
+    return n_layers * per_block + patch + embed + head
+
+
+def decoder(model, vae=None):
+    from ff_engine.video import WanVAEDecoder, make_decoder
+
+    if vae:
+        return WanVAEDecoder(vae, latent_channels=model.geometry.latent_channels)
+    return make_decoder(model)
+
+
+ARCH = register(Architecture(
+    name="causal-wan",
+    summary="causal Wan2.1 (Self-Forcing, CausVid, LongLive; the in-repo world model)",
+    config_type=CausalWanConfig,
+    presets=PRESETS,
+    test_preset="wan-tiny",
+    default_preset="wan-1.3b",
+    build=build,
+    adopt=adopt,
+    claims=claims,
+    param_count=param_count,
+    decoder=decoder,
+
+))

@@ -1,0 +1,133 @@
+"""The live viewer (``/``) in a real headless Chromium (Debian's ``chromium``), driven over the Chrome DevTools
+protocol with the ``websockets`` package: open the page, start two streams side by side, wait for frames, check
+both canvases show a picture (not blank).  ``FF_VIEWER_SCREENSHOT=path`` also saves a screenshot there."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from server_support import LiveServer, torch_threads
+from websockets.sync.client import connect
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+
+# Share of canvas pixels that differ from the canvas's first pixel: 0 for a blank (uniform) canvas.
+CANVAS_VARIETY = """(() => Array.from(document.querySelectorAll('canvas')).map(c => {
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let differ = 0;
+  for (let i = 0; i < d.length; i += 4)
+    if (Math.abs(d[i] - d[0]) + Math.abs(d[i + 1] - d[1]) + Math.abs(d[i + 2] - d[2]) > 24) differ++;
+  return differ / (d.length / 4);
+}))()"""
+
+
+class DevTools:
+    """A minimal CDP session on one page target."""
+
+    def __init__(self, ws_url: str):
+        self.ws = connect(ws_url, max_size=None, open_timeout=30)
+        self.ids = itertools.count(1)
+
+    def call(self, method: str, **params):
+        msg_id = next(self.ids)
+        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == msg_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def eval(self, expression: str):
+        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expression[:60]}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    profile = tmp_path / "profile"
+    proc = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "--window-size=1280,760",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
+        while not port_file.exists() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.skip(f"chromium did not start (exit {proc.poll()})")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+        page = next(t for t in targets if t["type"] == "page")
+        devtools = DevTools(page["webSocketDebuggerUrl"])
+        yield devtools
+        devtools.ws.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with torch_threads(1), LiveServer(tmp_path_factory.mktemp("viewer"), backend="torch") as srv:
+        yield srv
+
+
+def wait_for(dt: DevTools, expression: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not (value := dt.eval(expression)):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.1)
+    return value
+
+
+def test_viewer_shows_frames_of_two_streams(server, chromium, tmp_path):
+    dt = chromium
+    dt.call("Page.enable")
+    dt.call("Page.navigate", url=server.url + "/")
+    wait_for(dt, "document.querySelectorAll('#policy option').length > 5")
+    for policy, budget in (("future-forcing", 6), ("window", 6)):
+        dt.eval(f"""(() => {{ document.getElementById('policy').value = '{policy}';
+            document.getElementById('budget').value = '{budget}'; document.getElementById('seconds').value = '12';
+            document.getElementById('start').click(); return true; }})()""")
+    wait_for(dt, "window.ffViewer.streams.length === 2 && window.ffViewer.streams.every(s => s.frames >= 6)")
+    variety = dt.eval(CANVAS_VARIETY)
+    assert len(variety) == 2 and min(variety) > 0.05, variety  # both canvases show a picture
+    stats = dt.eval("window.ffViewer.streams.map(s => ({state: s.state, pages: s.pagesHeld, error: s.error}))")
+    assert all(s["state"] == "running" and s["error"] is None for s in stats), stats
+    assert dt.eval("document.querySelector('.stream .fps').textContent") != "–"
+    png = base64.b64decode(dt.call("Page.captureScreenshot", format="png")["data"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("FF_VIEWER_SCREENSHOT"):
+        Path(os.environ["FF_VIEWER_SCREENSHOT"]).write_bytes(png)
+    dt.eval("document.querySelectorAll('.stream button.cancel').forEach(b => b.click()) || true")
+    wait_for(dt, "window.ffViewer.streams.every(s => s.state === 'cancelled')", 30)
