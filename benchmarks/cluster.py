@@ -41,13 +41,23 @@ MIX = [("window", 12), ("sink-window", 12), ("future-forcing", 24), ("unbounded"
 
 
 def workload(n, frame_choices, text_dim, seed=0):
+    """``n`` streams cycling through ``MIX``; lengths drawn from ``frame_choices`` (unbounded streams take the
+    shortest: an unbounded reservation grows with length and would hold most of a worker's pool)."""
     rng = random.Random(seed)
     cfgs = []
     for i in range(n):
         name, budget = MIX[i % len(MIX)]
-        frames = rng.choice(frame_choices)
-        cfgs.append(SessionConfig(prompt=torch.zeros(1, text_dim), num_frames=frames, seed=i,
-                                  policy=make_policy(name), budget_frames=budget, session_id=f"bench-{i}"))
+        frames = rng.choice(frame_choices) if budget is not None else min(frame_choices)
+        cfgs.append(
+            SessionConfig(
+                prompt=torch.zeros(1, text_dim),
+                num_frames=frames,
+                seed=i,
+                policy=make_policy(name),
+                budget_frames=budget,
+                session_id=f"bench-{i}",
+            )
+        )
     return cfgs
 
 
@@ -56,18 +66,28 @@ def run(num_workers, cfgs, a):
     from ff_engine.distributed import RayCluster
 
     with tempfile.TemporaryDirectory(prefix="ff-bench-cluster-") as out_dir:
-        cluster = RayCluster(ModelSpec.checkpoint(DEFAULT_MODEL), num_workers=num_workers, num_pages=a.pages,
-                             page_size=a.page_size, max_batch=a.max_batch, snapshot_every=a.snapshot_every,
-                             output_dir=out_dir)
+        cluster = RayCluster(
+            ModelSpec.checkpoint(DEFAULT_MODEL),
+            num_workers=num_workers,
+            num_pages=a.pages,
+            page_size=a.page_size,
+            max_batch=a.max_batch,
+            snapshot_every=a.snapshot_every,
+            output_dir=out_dir,
+        )
         try:
             t0 = time.perf_counter()
             handles = [cluster.submit(c) for c in cfgs]
             samples = []
             while not all(h.status().terminal for h in handles):
                 s = cluster.stats()
-                samples.append({"t": time.perf_counter() - t0,
-                                "pages_used": {w["name"]: w["pages_used"] for w in s["workers"]},
-                                "queued": s["queued"]})
+                samples.append(
+                    {
+                        "t": time.perf_counter() - t0,
+                        "pages_used": {w["name"]: w["pages_used"] for w in s["workers"]},
+                        "queued": s["queued"],
+                    }
+                )
                 time.sleep(a.sample_s)
             wall = time.perf_counter() - t0
             stats = cluster.stats()
@@ -79,14 +99,37 @@ def run(num_workers, cfgs, a):
     busy = sum(w["busy_s"] for w in stats["workers"])
     snap = sum(w["snapshot_s"] for w in stats["workers"])
     return {
-        "workers": num_workers, "wall_s": wall, "latent_frames": frames, "aggregate_fps": frames / wall,
-        "streams_finished": states.count("finished"), "streams": len(states),
+        "workers": num_workers,
+        "wall_s": wall,
+        "latent_frames": frames,
+        "aggregate_fps": frames / wall,
+        "streams_finished": states.count("finished"),
+        "streams": len(states),
         "pages_leaked": sum(x["pages_used"] for x in audits),
-        "snapshots": sum(w["snapshots"] for w in stats["workers"]), "block_time_s": busy, "snapshot_time_s": snap,
-        "snapshot_share": snap / busy if busy else 0.0, "persist_time_s": sum(w["persist_s"] for w in stats["workers"]),
-        "per_worker": [{k: w[k] for k in ("name", "blocks", "busy_s", "snapshot_s", "snapshots")}
-                       for w in stats["workers"]],
+        "snapshots": sum(w["snapshots"] for w in stats["workers"]),
+        "block_time_s": busy,
+        "snapshot_time_s": snap,
+        "snapshot_share": snap / busy if busy else 0.0,
+        "persist_time_s": sum(w["persist_s"] for w in stats["workers"]),
+        "per_worker": [per_worker(w, wall) for w in stats["workers"]],
         "samples": samples,
+    }
+
+
+def per_worker(w, wall):
+    """What one worker did: its blocks, mean batch, seconds per step, the share of the wall time it was computing
+    (``busy_share``: the router kept it fed) and the share of that time its thread actually ran on a core
+    (``cpu_share``: below 1 when the core is shared with other processes)."""
+    return {
+        "name": w["name"],
+        "blocks": w["blocks"],
+        "steps": w["steps"],
+        "mean_batch": w["blocks"] / w["steps"] if w["steps"] else 0.0,
+        "seconds_per_step": w["busy_s"] / w["steps"] if w["steps"] else 0.0,
+        "busy_share": w["busy_s"] / wall,
+        "cpu_share": w["busy_cpu_s"] / w["busy_s"] if w["busy_s"] else 0.0,
+        "snapshot_s": w["snapshot_s"],
+        "snapshots": w["snapshots"],
     }
 
 
@@ -105,10 +148,14 @@ def plot(out, png):
         ax[i].set(xlabel="seconds", ylabel="pages in use", title=f"{r['workers']} worker(s): pages per worker")
         ax[i].legend()
     ax[-1].bar([str(r["workers"]) for r in runs], [r["aggregate_fps"] for r in runs])
-    ax[-1].set(xlabel="workers", ylabel="aggregate latent frames / s",
-               title=f"speedup {out['speedup']:.2f}x, snapshot {100 * out['snapshot_share']:.2f} % of block time")
-    fig.suptitle(f"{out['streams']} mixed streams, world model, CPU workers (1 thread each), {out['machine']['cores']} "
-                 "cores")
+    ax[-1].set(
+        xlabel="workers",
+        ylabel="aggregate latent frames / s",
+        title=f"speedup {out['speedup']:.2f}x, snapshot {100 * out['snapshot_share']:.2f} % of block time",
+    )
+    fig.suptitle(
+        f"{out['streams']} mixed streams, world model, CPU workers (1 thread each), {out['machine']['cores']} cores"
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=90)
 
@@ -132,24 +179,36 @@ def main(argv=None):
 
     ray.init(num_cpus=max(a.workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
-        from model_adapters.causal_wan import load_causal_wan
+        from model_adapters import registry
 
-        text_dim = load_causal_wan(DEFAULT_MODEL).cfg.text_dim
+        text_dim = registry.load(DEFAULT_MODEL).cfg.text_dim
         cfgs = workload(a.streams, a.frames, text_dim)
         runs = []
         for n in (1, a.workers):
             runs.append(run(n, cfgs, a))
             r = runs[-1]
-            print(f"{n} worker(s): {r['aggregate_fps']:.1f} latent frames/s, {r['streams_finished']}/{r['streams']} "
-                  f"finished, snapshot {100 * r['snapshot_share']:.2f} % of block time", flush=True)
+            print(
+                f"{n} worker(s): {r['aggregate_fps']:.1f} latent frames/s, {r['streams_finished']}/{r['streams']} "
+                f"finished, snapshot {100 * r['snapshot_share']:.2f} % of block time",
+                flush=True,
+            )
     finally:
         ray.shutdown()
-    out = {"benchmark": "cluster", "quick": a.quick, "streams": a.streams, "frames": a.frames,
-           "pages_per_worker": a.pages, "page_size": a.page_size, "max_batch": a.max_batch,
-           "snapshot_every": a.snapshot_every, "model": "world-model (embedded)",
-           "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "torch_threads_per_worker": 1},
-           "runs": runs, "speedup": runs[1]["aggregate_fps"] / runs[0]["aggregate_fps"],
-           "snapshot_share": max(r["snapshot_share"] for r in runs)}
+    out = {
+        "benchmark": "cluster",
+        "quick": a.quick,
+        "streams": a.streams,
+        "frames": a.frames,
+        "pages_per_worker": a.pages,
+        "page_size": a.page_size,
+        "max_batch": a.max_batch,
+        "snapshot_every": a.snapshot_every,
+        "model": "world-model (embedded)",
+        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "torch_threads_per_worker": 1},
+        "runs": runs,
+        "speedup": runs[1]["aggregate_fps"] / runs[0]["aggregate_fps"],
+        "snapshot_share": max(r["snapshot_share"] for r in runs),
+    }
     print(f"speedup {out['speedup']:.2f}x with {a.workers} workers", flush=True)
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -166,11 +166,11 @@ class OnDevice:
 def _model(tiny: bool, device):
     import torch
 
-    from model_adapters.causal_wan import PRESETS, CausalWanModel
+    from model_adapters import registry
 
-    cfg = PRESETS["wan-tiny"].with_(num_layers=1) if tiny else PRESETS["wan-1.3b"]
+    cfg = registry.get_preset("wan-tiny").with_(num_layers=1) if tiny else registry.get_preset("wan-1.3b")
     torch.manual_seed(0)
-    model = CausalWanModel(cfg).eval()
+    model = registry.build(cfg)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return OnDevice(model.to(device, dtype), device), cfg
 

@@ -7,7 +7,8 @@ Workload (seeded): ``--rest`` REST clients (submit, read the MJPEG stream, 1 in 
 requests every 0.25 s (bad JSON, NaN, unknown policy or parameter, wrong key, ``../`` ids, oversized bodies), and
 one that bursts ``--burst`` long streams every 10 s to overload the queue (then cancels what it got).  Lengths
 3..30 latent frames, policies window / sink-window / future-forcing.  The server: the embedded world model,
-``--pages`` pages, queue bound ``--max-queue``, one torch thread.
+``--pages`` pages, queue bound ``--max-queue``, ``--max-records`` terminal streams remembered (what bounds its
+memory: the service keeps the last blocks of each), one torch thread.
 
 Reported (JSON + plot in benchmarks/results/): streams served (finished with every frame), cancelled, rejected
 (429), errors (a 5xx, a dropped connection, a stream that failed or lost a frame, a malformed request not answered
@@ -99,6 +100,8 @@ def start_server(args, out_dir: str) -> tuple[subprocess.Popen, str]:
         "8",
         "--max-streams-per-key",
         "64",
+        "--max-records",
+        str(args.max_records),
         "--output-dir",
         out_dir,
         "--api-key",
@@ -355,6 +358,7 @@ def main(argv=None) -> int:
     ap.add_argument("--burst", type=int, default=24)
     ap.add_argument("--pages", type=int, default=1024)
     ap.add_argument("--max-queue", type=int, default=6)
+    ap.add_argument("--max-records", type=int, default=64, help="terminal streams the server remembers")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "load.json"))
@@ -383,7 +387,19 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), server: 1 torch thread",
         "config": {
             k: getattr(args, k)
-            for k in ("quick", "duration", "drain", "rest", "ws", "burst", "pages", "max_queue", "backend", "seed")
+            for k in (
+                "quick",
+                "duration",
+                "drain",
+                "rest",
+                "ws",
+                "burst",
+                "pages",
+                "max_queue",
+                "max_records",
+                "backend",
+                "seed",
+            )
         },
         "load_s": round(extra["load_s"], 1),
         "served": st.served,

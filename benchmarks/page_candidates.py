@@ -27,7 +27,7 @@ from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import FutureForcing
 from ff_engine.world.procedural import TRAIN_SEEDS, encode, make_clip
-from model_adapters.causal_wan import load_causal_wan
+from model_adapters import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -74,7 +74,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "page_candidates.json"))
     a = ap.parse_args(argv)
     rows = []
-    world = load_causal_wan(WORLD_MODEL, preset="world-tiny")
+    world = registry.load(WORLD_MODEL, "world-tiny")
     g = world.geometry
     per_seed = []
     for i in range(a.seeds):
@@ -91,7 +91,7 @@ def main(argv=None):
         rows.append({"model": "world (trained)", "page_rank": v[0], "oversample": v[1], "compressions": n,
                      "recall": sum(p[v][0] * p[v][2] for p in per_seed) / n,
                      "regret": sum(p[v][1] * p[v][2] for p in per_seed) / n})
-    golden = load_causal_wan(GOLDEN / "model.safetensors", preset="wan-tiny")
+    golden = registry.load(GOLDEN / "model.safetensors", "wan-tiny")
     prompt = torch.load(GOLDEN / "text_context.pt", weights_only=True)["prompt_embeds"][0]
     e = Engine(golden, num_pages=3000, page_size=8, backend="torch")
     s = e.add_session(SessionConfig(prompt=prompt, num_frames=48, policy=FutureForcing(), budget_frames=21))

@@ -23,7 +23,7 @@ import torch
 from ff_engine.cli import OneLineParser, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.policies import make_policy
-from model_adapters.causal_wan import PRESETS, CausalWanModel
+from model_adapters import registry
 
 RESULTS = Path(__file__).parent / "results"
 SPECS = [
@@ -111,8 +111,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     grid = (16, 24) if a.quick else (60, 104)
-    cfg = PRESETS["wan-cpu-small"].with_(num_layers=1, latent_hw=grid, text_len=16)
-    model = CausalWanModel(cfg).eval()
+    cfg = registry.get_preset("wan-cpu-small").with_(num_layers=1, latent_hw=grid, text_len=16)
+    model = registry.build(cfg)
     rows = []
     for spec in [SPECS[i] for i in a.only]:
         r = run(spec, model, a.budget_frames, a.page_size, a.backend)

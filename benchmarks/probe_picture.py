@@ -41,9 +41,9 @@ def main(argv=None):
     ap.add_argument("--min-gap", type=int_arg(0), default=30)
     ap.add_argument("--out", default=str(quality.RESULTS / "quality_probe_picture.png"))
     a = ap.parse_args(argv)
-    from model_adapters.causal_wan import load_causal_wan
+    from model_adapters import registry
 
-    model = load_causal_wan(a.model, preset="world-tiny")
+    model = registry.load(a.model, "world-tiny")
     fpb = model.geometry.frames_per_block
     cols: list[dict] = []
     for i in range(1000):

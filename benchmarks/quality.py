@@ -348,9 +348,9 @@ def main(argv=None):
                     help="policies shown in the filmstrip picture of the first seed (none: no picture)")
     ap.add_argument("--filmstrip-every", type=int_arg(1), default=6, help="show every n-th frame in the filmstrip")
     a = ap.parse_args(argv)
-    from model_adapters.causal_wan import load_causal_wan
+    from model_adapters import registry
 
-    model = load_causal_wan(a.model, preset="world-tiny")
+    model = registry.load(a.model, "world-tiny")
     g = model.geometry
     if a.quick:
         a.seeds, a.frames, a.fractions = 2, 24, [0.25]

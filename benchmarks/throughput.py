@@ -32,7 +32,7 @@ from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.engine.scheduler import Scheduler
 from ff_engine.policies import make_policy
-from model_adapters.causal_wan import PRESETS, CausalWanModel
+from model_adapters import registry
 
 RESULTS = Path(__file__).parent / "results"
 PAGE = 32
@@ -97,8 +97,8 @@ def main(argv=None):
     if a.quick:
         a.frames, a.sweep_frames, a.streams, a.batch_streams, a.max_streams = 30, 12, [1, 4], 4, 4
     torch.manual_seed(0)
-    cfg = PRESETS["wan-cpu-small"].with_(num_layers=a.layers, text_len=16)
-    model = CausalWanModel(cfg).eval()
+    cfg = registry.get_preset("wan-cpu-small").with_(num_layers=a.layers, text_len=16)
+    model = registry.build(cfg)
     g = model.geometry
     out = {"benchmark": "throughput", "quick": a.quick,
            "model": {"preset": "wan-cpu-small", "layers": a.layers, "heads": cfg.num_heads, "head_dim": cfg.head_dim,

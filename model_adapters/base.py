@@ -26,7 +26,7 @@ class VideoGeometry:
     latent_hw: tuple[int, int]  # latent grid (H, W) of one frame, before patching
     patch: tuple[int, int, int]  # (t, h, w) patch size
     frames_per_block: int  # latent frames generated per AR step
-    max_frames: int  # length of the temporal RoPE table (absolute frame index limit)
+    max_frames: int  # length of the reference's temporal RoPE table; streams may run past it (endless streams)
     vae_stride: tuple[int, int, int] = (4, 8, 8)
     fps: int = 16
 

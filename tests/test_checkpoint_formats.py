@@ -190,4 +190,4 @@ def test_convert_command(wan, tmp_path, capsys):
     torch.save({"generator": {"model.patch_embedding.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
     assert cli.main(["convert", str(tmp_path / "bad.pt"), str(tmp_path / "d.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "missing key" in err[0] and not (tmp_path / "d.safetensors").exists()
+    assert len(err) == 1 and "first keys: patch_embedding.weight" in err[0] and not (tmp_path / "d.safetensors").exists()

@@ -126,33 +126,36 @@ def test_cancel_frees_every_page_at_once(server, client):
 
 
 def test_overload_answers_429_and_loses_nothing(server, client):
-    """Far more long streams than fit: each submit is either accepted (and then runs, queues or is cancelled,
-    never vanishes) or answered 429 with Retry-After; rejected ones leave no trace."""
-    accepted, rejected = [], 0
-    for i in range(12):
-        try:
-            accepted.append(client.submit(frames=1020, seed=i, budget_frames=6)["id"])
-        except ServerError as exc:
-            assert exc.status == 429 and exc.retry_after >= 1 and exc.code in ("queue_full", "key_limit")
-            rejected += 1
-    assert rejected >= 1 and len(accepted) + rejected == 12
-    states = {client.status(i)["status"] for i in accepted}
-    assert states <= {"queued", "running"}
-    for i in accepted:
-        client.cancel(i)
-    assert {client.status(i)["status"] for i in accepted} == {"cancelled"}
-    assert wait_pages_free(server) == 0
-    assert 'ff_engine_requests_rejected_total{reason="' in client.metrics()
-
-
-def test_per_key_stream_limit(server, client):
-    ids = [client.submit(frames=1020, seed=i)["id"] for i in range(2)]
+    """More long streams than fit (1024 pages hold 9 streams of 108 pages; the queue takes 2): each submit is
+    accepted (and then runs or waits, never vanishes) or answered 429 with Retry-After: ``key_limit`` past a
+    key's 6 unfinished streams, ``queue_full`` once the admission queue is full."""
+    accepted = [client.submit(frames=1020, seed=i)["id"] for i in range(6)]
+    with pytest.raises(ServerError) as e:
+        client.submit(frames=1020, seed=6)
+    assert e.value.status == 429 and e.value.code == "key_limit" and e.value.retry_after >= 1
+    codes = []
     with Client(server.url, api_key="other-key") as other:
+        for i in range(6):
+            try:
+                accepted.append(other.submit(frames=1020, seed=10 + i)["id"])
+            except ServerError as exc:
+                assert exc.status == 429 and exc.retry_after >= 1
+                codes.append(exc.code)
+        assert codes == ["queue_full"] and len(accepted) == 11
         with pytest.raises(ServerError) as e:
-            other.status(ids[0])  # another key's stream is invisible
+            client.status(accepted[-1])  # the other key's stream: invisible to this key
         assert e.value.status == 404
-    for i in ids:
+        states = [other.status(i)["status"] for i in accepted[6:]]
+        states += [client.status(i)["status"] for i in accepted[:6]]
+        assert set(states) <= {"running", "queued"} and states.count("queued") >= 2  # 2 wait for pages
+        for i in accepted[6:]:
+            other.cancel(i)
+    for i in accepted[:6]:
         client.cancel(i)
+    assert wait_pages_free(server) == 0
+    text = client.metrics()
+    assert 'ff_engine_requests_rejected_total{reason="queue_full"} 1.0' in text
+    assert 'ff_engine_requests_rejected_total{reason="key_limit"} 1.0' in text
 
 
 def test_auth(server):

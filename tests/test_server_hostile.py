@@ -37,7 +37,15 @@ CASES = [
     ("float seed", "POST", "/v1/videos", {"seed": 1.5}, {}, 422, "seed"),
     ("bool frames", "POST", "/v1/videos", {"frames": True}, {}, 422, "frames"),
     ("negative budget", "POST", "/v1/videos", {"budget_frames": -6}, {}, 422, "budget_frames"),
-    ("budget below a block", "POST", "/v1/videos", {"budget_frames": 1}, {}, 422, "budget_frames"),
+    (
+        "budget below the sink",
+        "POST",
+        "/v1/videos",
+        {"policy": "sink-window", "budget_frames": 1},
+        {},
+        422,
+        "budget_frames",
+    ),
     ("unknown policy", "POST", "/v1/videos", {"policy": "lru"}, {}, 422, "policy"),
     ("policy of wrong type", "POST", "/v1/videos", {"policy": 5}, {}, 422, "policy"),
     (

@@ -44,7 +44,10 @@ class StalledSocket:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with torch_threads(1), LiveServer(tmp_path_factory.mktemp("rt"), backend="torch", ws_queue_blocks=2, max_records=2) as srv:
+    with (
+        torch_threads(1),
+        LiveServer(tmp_path_factory.mktemp("rt"), backend="torch", ws_queue_blocks=2, max_records=2) as srv,
+    ):
         yield srv
 
 

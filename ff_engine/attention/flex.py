@@ -47,7 +47,7 @@ def _flex():
     return fa
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex():  # pragma: no cover - CUDA only
     return torch.compile(_flex().flex_attention)
 

@@ -30,9 +30,10 @@ class ModelSpec:
     kwargs: dict = field(default_factory=dict)
 
     @classmethod
-    def checkpoint(cls, path: str, preset: str = "wan-1.3b") -> ModelSpec:
-        """A causal-Wan-family checkpoint (Self-Forcing / CausVid / LongLive layouts, or the embedded world model)."""
-        return cls("model_adapters.causal_wan:load_causal_wan", (str(path),), {"preset": preset})
+    def checkpoint(cls, path: str, preset: str | None = None) -> ModelSpec:
+        """A checkpoint of any registered architecture, any layout (``model_adapters.registry.load``); ``preset``
+        supplies what its tensors cannot tell (default: its architecture's)."""
+        return cls("model_adapters.registry:load", (str(path),), {"preset": preset})
 
     def build(self) -> torch.nn.Module:
         module_name, _, fn_name = self.factory.partition(":")

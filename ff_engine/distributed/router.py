@@ -89,7 +89,9 @@ class WorkerState:
     pages_reserved: int = 0
     step_ema: float = 0.0  # seconds per block-producing call (for retry-after)
     blocks: int = 0
+    steps: int = 0  # calls that produced blocks (blocks / steps: mean batch)
     busy_s: float = 0.0  # time in the worker's scheduler steps (the blocks)
+    busy_cpu_s: float = 0.0  # CPU time the worker's step thread got in them
     persist_s: float = 0.0
     snapshot_s: float = 0.0
     snapshots: int = 0
@@ -120,6 +122,10 @@ class Router:
             raise ConfigError(f"max_queue must be None (unbounded) or an integer >= 0, got {max_queue!r}")
         if isinstance(keep_blocks, bool) or not isinstance(keep_blocks, int) or keep_blocks < 1:
             raise ConfigError(f"keep_blocks must be an integer >= 1, got {keep_blocks!r}")
+        if not heartbeat_s > 0:
+            raise ConfigError(f"heartbeat_s must be > 0 seconds, got {heartbeat_s!r}")
+        if not endpoints:
+            raise ConfigError("a router needs at least one worker (num_workers >= 1)")
         self.max_queue, self.snapshot_every, self.output_dir = max_queue, snapshot_every, output_dir
         self.keep_blocks, self.heartbeat_s = keep_blocks, heartbeat_s
         self.table = StreamTable(retention_s, max_terminal)
@@ -209,7 +215,9 @@ class Router:
                         "pages_placed": w.pages_total - w.free,
                         "active": len(w.placed),
                         "blocks": w.blocks,
+                        "steps": w.steps,
                         "busy_s": w.busy_s,
+                        "busy_cpu_s": w.busy_cpu_s,
                         "persist_s": w.persist_s,
                         "snapshot_s": w.snapshot_s,
                         "snapshots": w.snapshots,
@@ -344,7 +352,9 @@ class Router:
             wall = rep.step_s + rep.persist_s + rep.snapshot_s
             w.step_ema = wall if not w.step_ema else 0.8 * w.step_ema + 0.2 * wall
         w.blocks += rep.batch
+        w.steps += rep.batch > 0
         w.busy_s += rep.step_s
+        w.busy_cpu_s += rep.step_cpu_s
         w.persist_s += rep.persist_s
         w.snapshot_s += rep.snapshot_s
         w.snapshots += len(rep.snapshots)

@@ -56,7 +56,8 @@ class WorkerReport:
     pages_reserved: int = 0
     active: int = 0
     batch: int = 0  # streams in this step's batch
-    step_s: float = 0.0  # scheduler step (the blocks themselves)
+    step_s: float = 0.0  # scheduler step (the blocks themselves), wall time
+    step_cpu_s: float = 0.0  # CPU time of this thread in the step: below step_s when the core is shared
     persist_s: float = 0.0
     snapshot_s: float = 0.0
 
@@ -131,9 +132,9 @@ class EngineWorker:
                 report.started[sid] = self._start(s)
             except FFEngineError as exc:
                 report.results.append(BlockResult(sid, 0, None, True, str(exc)))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         results = self.scheduler.step()
-        report.step_s = time.perf_counter() - t0
+        report.step_s, report.step_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
         report.batch = sum(r.latents is not None for r in results)
         report.results += [self._persist(r) for r in results]
         report.persist_s = time.perf_counter() - t0 - report.step_s

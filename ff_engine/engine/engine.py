@@ -38,6 +38,7 @@ from ff_engine.policies.base import CachePolicy, CompressContext
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+MAX_STREAM_FRAMES = 2**31 - 2**16  # token positions are int32 (latent frame, h, w)
 
 
 @dataclass
@@ -174,10 +175,8 @@ class Engine:
                               f"got {cfg.session_id!r}")
         cfg.policy.validate(cfg.budget_frames, g.frames_per_block)
         frames = math.ceil(cfg.num_frames / g.frames_per_block) * g.frames_per_block
-        if frames > g.max_frames:
-            raise ConfigError(
-                f"{frames} latent frames exceed the RoPE table of {g.max_frames} frames (num_frames / seconds)"
-            )
+        if frames > MAX_STREAM_FRAMES:  # no RoPE table limit: adapters compute angles for any frame (endless streams)
+            raise ConfigError(f"num_frames must be at most {MAX_STREAM_FRAMES} (int32 token positions), got {frames}")
         self._validate_noise(cfg, frames)
 
     def _validate_noise(self, cfg: SessionConfig, frames: int) -> None:

@@ -4,17 +4,9 @@ ff-engine's budget and sink.
 The reference ``CausalWanSelfAttention`` keeps a rolling cache of ``local_attn_size`` frames whose first
 ``sink_size`` frames never roll; before a block of ``num_frame_per_block`` frames is attended, the oldest
 non-sink frames are evicted to make room for it, so a block attends ``local_attn_size`` frames *including
-itself*.  ff-engine's ``budget_frames`` counts the cached frames a block attends *besides* itself, so:
-
-=======================================  ======================================================================
-reference (Self-Forcing / LongLive)      ff-engine
-=======================================  ======================================================================
-``local_attn_size = -1`` (global)        ``Unbounded()``, ``budget_frames=None`` (``sink_size`` is moot)
-``local_attn_size = L``, ``sink_size=0`` ``Window()``, ``budget_frames = L - num_frame_per_block``
-``local_attn_size = L``, ``sink_size=S`` ``SinkWindow(sink_frames=S)``, ``budget_frames = L - num_frame_per_block``
-``num_frame_per_block = F``              the model's ``frames_per_block`` (a preset / checkpoint override)
-``context_noise = c``                    ``Engine(context_noise=c)`` (timestep of the cache-writing pass)
-=======================================  ======================================================================
+itself*.  ff-engine's ``budget_frames`` counts the cached frames a block attends *besides* itself, so
+``budget_frames = local_attn_size - num_frame_per_block`` and ``sink_frames = sink_size``; ``local_attn_size = -1``
+is the unbounded policy.  The full mapping is one table in ``docs/reference_settings.md``.
 
 The reference accepts ``L >= S + F`` (its roll needs room for the sink and the block): so does ff-engine,
 down to ``L = S + F``, where every block attends only the sink and itself (``budget_frames == sink_frames``).

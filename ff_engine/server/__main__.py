@@ -10,9 +10,9 @@ from ff_engine.server.settings import ServerSettings, add_arguments, from_args
 
 
 def make_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="ff-engine serve", description="Serve video streams over REST, WebSocket and a live viewer"
-    )
+    from ff_engine.cli import OneLineParser
+
+    ap = OneLineParser(prog="ff-engine serve", description="Serve video streams over REST, WebSocket and a live viewer")
     add_arguments(ap)
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap

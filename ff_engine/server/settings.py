@@ -95,7 +95,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     for f in fields(ServerSettings):
         default = _env(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
-        help_ = _HELP.get(f.name, "") + f" (env {ENV_PREFIX}{f.name.upper()})"
+        shown = "set" if f.name == "api_key" and default else default  # never print a key
+        help_ = f"{_HELP.get(f.name, '')} [{shown!r}; env {ENV_PREFIX}{f.name.upper()}]".lstrip()
         if isinstance(f.default, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:

@@ -122,30 +122,29 @@ def rope_cos_sin(angles: torch.Tensor, device=None) -> tuple[torch.Tensor, torch
 
 class Rope3D:
     """Wan's 3D RoPE on adjacent (interleaved) pairs: head_dim/2 pairs split [t, h, w] = [c - 2(c//3), c//3, c//3]
-    (22/21/21 for head_dim 128), angle tables of ``max_frames`` rows, temporal index absolute."""
+    (22/21/21 for head_dim 128), temporal index absolute.
 
-    def __init__(self, head_dim: int, max_frames: int = 1024, theta: float = 10000.0):
+    Endless streams: the reference looks angles up in a table of ``table_frames`` (1024) rows, which ends a stream
+    there.  Attention under RoPE depends only on the offset between a query's and a key's frame, so re-rotating
+    every cached key when positions wrap would leave every output unchanged; the same outputs come for free by
+    computing the angle ``frame * inv_freq`` for any frame — the very float64 product the table holds, so below
+    the table every angle is bit-identical to the lookup (golden traces) and past it no key is ever re-rotated.
+    ``max_frames`` is None: no frame limit (Future Forcing rotates its proxy to any future frame)."""
+
+    def __init__(self, head_dim: int, table_frames: int = 1024, theta: float = 10000.0):
         c = head_dim // 2
         self.split = (c - 2 * (c // 3), c // 3, c // 3)
         d_t = head_dim - 4 * (head_dim // 6)
         d_s = 2 * (head_dim // 6)
-        self.max_frames = max_frames
-
-        def table(d):
-            inv = 1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float64).div(d))
-            return torch.outer(torch.arange(max_frames, dtype=torch.float64), inv)  # angles [max, d/2]
-
-        self.angles = (table(d_t), table(d_s), table(d_s))
+        self.table_frames = table_frames  # the reference's table length: informational
+        self.max_frames = None
+        self.inv_freq = tuple(1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float64).div(d))
+                              for d in (d_t, d_s, d_s))
 
     def phases(self, positions: torch.Tensor) -> torch.Tensor:
-        """Angles [N, head_dim/2] (float64) for integer positions [N, 3] = (frame, h, w)."""
-        if positions.numel() and int(positions[:, 0].max()) >= self.max_frames:
-            raise ConfigError(
-                f"latent frame {int(positions[:, 0].max())} exceeds the RoPE table of {self.max_frames} frames "
-                f"(max video length)"
-            )
-        p = positions.long().cpu()
-        return torch.cat([self.angles[i][p[:, i]] for i in range(3)], dim=1)
+        """Angles [N, head_dim/2] (float64) for integer positions [N, 3] = (frame, h, w), any frame."""
+        p = positions.to(torch.float64).cpu()
+        return torch.cat([p[:, i, None] * self.inv_freq[i][None] for i in range(3)], dim=1)
 
 
 class RMSNorm(nn.Module):

@@ -48,13 +48,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class SkyReelsRope:
     """The model's 3D RoPE as ``RotaryPhases``: diffusers' ``SkyReelsV2RotaryPosEmbed`` frequencies (temporal
     ``head_dim - 4 (head_dim // 6)`` dims, then height and width ``2 (head_dim // 6)`` each, theta 10000), angles
-    computed for any integer position (float64, as diffusers builds its table)."""
+    computed for any integer position (the float64 product diffusers' table holds, so no frame limit: see
+    ``causal_wan.model.Rope3D`` on endless streams)."""
 
-    def __init__(self, head_dim: int, max_frames: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0):
         hw = 2 * (head_dim // 6)
         dims = (head_dim - 2 * hw, hw, hw)
         self.inv_freq = [1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64)[: d // 2] / d) for d in dims]
-        self.max_frames = max_frames
+        self.max_frames = None
 
     def phases(self, positions: torch.Tensor) -> torch.Tensor:
         p = positions.to(torch.float64).cpu()
@@ -98,7 +99,7 @@ class SkyReelsV2Adapter(torch.nn.Module):
         self.cfg = cfg
         self.geometry = cfg.geometry()
         self.transformer = transformer_cls(**cfg.diffusers_config())
-        self.rope = SkyReelsRope(cfg.attention_head_dim, cfg.rope_max_seq_len)
+        self.rope = SkyReelsRope(cfg.attention_head_dim)
         self._call = _CallState()
         for i, block in enumerate(self.transformer.blocks):
             block.attn1.set_processor(PagedSelfAttnProcessor(i, self._call, qkv))
