@@ -61,6 +61,15 @@ def workload(n, frame_choices, text_dim, seed=0):
     return cfgs
 
 
+def sample(cluster, t0):
+    s = cluster.stats()
+    return {
+        "t": time.perf_counter() - t0,
+        "pages_used": {w["name"]: w["pages_used"] for w in s["workers"]},
+        "queued": s["queued"],
+    }
+
+
 def run(num_workers, cfgs, a):
     """One cluster of ``num_workers``: submit everything, sample pages until every stream ended."""
     from ff_engine.distributed import RayCluster
@@ -80,16 +89,11 @@ def run(num_workers, cfgs, a):
             handles = [cluster.submit(c) for c in cfgs]
             samples = []
             while not all(h.status().terminal for h in handles):
-                s = cluster.stats()
-                samples.append(
-                    {
-                        "t": time.perf_counter() - t0,
-                        "pages_used": {w["name"]: w["pages_used"] for w in s["workers"]},
-                        "queued": s["queued"],
-                    }
-                )
+                samples.append(sample(cluster, t0))
                 time.sleep(a.sample_s)
             wall = time.perf_counter() - t0
+            time.sleep(2 * a.sample_s)
+            samples.append(sample(cluster, t0))  # the end state, as the workers' last reports tell it
             stats = cluster.stats()
             states = [h.status().state for h in handles]
             audits = cluster.audit()
@@ -97,12 +101,15 @@ def run(num_workers, cfgs, a):
             cluster.shutdown()
     frames = sum(3 * h.status().blocks_done for h in handles)
     busy = sum(w["busy_s"] for w in stats["workers"])
+    cpu = sum(w["busy_cpu_s"] for w in stats["workers"])
     snap = sum(w["snapshot_s"] for w in stats["workers"])
     return {
         "workers": num_workers,
         "wall_s": wall,
         "latent_frames": frames,
         "aggregate_fps": frames / wall,
+        "worker_cores": cpu / wall,  # cores the workers' step threads actually got, on average
+        "frames_per_worker_cpu_s": frames / cpu if cpu else 0.0,
         "streams_finished": states.count("finished"),
         "streams": len(states),
         "pages_leaked": sum(x["pages_used"] for x in audits),
@@ -147,14 +154,15 @@ def plot(out, png):
         ax[i].axhline(out["pages_per_worker"], color="gray", ls=":", label="pool")
         ax[i].set(xlabel="seconds", ylabel="pages in use", title=f"{r['workers']} worker(s): pages per worker")
         ax[i].legend()
-    ax[-1].bar([str(r["workers"]) for r in runs], [r["aggregate_fps"] for r in runs])
+    ax[-1].bar([f"{r['workers']} ({r['worker_cores']:.2f} cores)" for r in runs], [r["aggregate_fps"] for r in runs])
     ax[-1].set(
-        xlabel="workers",
+        xlabel="workers (cores their threads got)",
         ylabel="aggregate latent frames / s",
-        title=f"speedup {out['speedup']:.2f}x, snapshot {100 * out['snapshot_share']:.2f} % of block time",
+        title=f"speedup {out['speedup']:.2f}x; per worker CPU-second {out['cpu_efficiency']:.2f}x",
     )
     fig.suptitle(
-        f"{out['streams']} mixed streams, world model, CPU workers (1 thread each), {out['machine']['cores']} cores"
+        f"{out['streams']} mixed streams, world model, CPU workers (1 thread each), {out['machine']['cores']}-core box; "
+        f"snapshots every {out['snapshot_every']} blocks: {100 * out['snapshot_share']:.2f} % of block time"
     )
     fig.tight_layout()
     fig.savefig(png, dpi=90)
@@ -189,7 +197,8 @@ def main(argv=None):
             r = runs[-1]
             print(
                 f"{n} worker(s): {r['aggregate_fps']:.1f} latent frames/s, {r['streams_finished']}/{r['streams']} "
-                f"finished, snapshot {100 * r['snapshot_share']:.2f} % of block time",
+                f"finished, snapshot {100 * r['snapshot_share']:.2f} % of block time, workers got "
+                f"{r['worker_cores']:.2f} cores",
                 flush=True,
             )
     finally:
@@ -207,9 +216,15 @@ def main(argv=None):
         "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "torch_threads_per_worker": 1},
         "runs": runs,
         "speedup": runs[1]["aggregate_fps"] / runs[0]["aggregate_fps"],
+        # frames per CPU-second of the workers, N over 1: what distribution costs, whatever cores the box gave
+        "cpu_efficiency": runs[1]["frames_per_worker_cpu_s"] / runs[0]["frames_per_worker_cpu_s"],
         "snapshot_share": max(r["snapshot_share"] for r in runs),
     }
-    print(f"speedup {out['speedup']:.2f}x with {a.workers} workers", flush=True)
+    print(
+        f"speedup {out['speedup']:.2f}x with {a.workers} workers; frames per worker CPU-second "
+        f"{out['cpu_efficiency']:.2f}x",
+        flush=True,
+    )
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

@@ -57,18 +57,22 @@ def int_arg(lo: int, hi: int | None = None):
 
 
 def requested_frames(args, geometry) -> int:
-    """--frames as given, or --seconds in the model's latent frames; either within the model's RoPE table (checked
-    in float arithmetic first, so 1e308 seconds is an error, not an OverflowError)."""
+    """--frames as given, or --seconds in the model's latent frames.  No RoPE table limits a stream (adapters compute
+    angles for any frame); the caps are int32 token positions (``MAX_STREAM_FRAMES``, checked in float arithmetic
+    first, so 1e308 seconds is an error, not an OverflowError) and memory (``check_memory``: an unbounded stream
+    reserves its whole length)."""
+    from ff_engine.engine.engine import MAX_STREAM_FRAMES
+
     g = geometry
-    longest = g.max_frames // g.frames_per_block * g.frames_per_block  # whole blocks inside the RoPE table
+    longest = MAX_STREAM_FRAMES // g.frames_per_block * g.frames_per_block  # whole blocks of int32 positions
     if args.frames is not None:
         if args.frames <= 0:
             raise ConfigError(f"--frames must be > 0, got {args.frames}")
         if math.ceil(args.frames / g.frames_per_block) * g.frames_per_block > longest:
-            raise ConfigError(f"--frames {args.frames} exceeds the model's RoPE table: at most {longest} latent frames")
+            raise ConfigError(f"--frames {args.frames} exceeds int32 token positions: at most {longest} latent frames")
         return args.frames
     if args.seconds * g.fps / g.vae_stride[0] > longest:
-        raise ConfigError(f"--seconds {args.seconds:g} exceeds the model's RoPE table of {g.max_frames} latent frames: "
+        raise ConfigError(f"--seconds {args.seconds:g} exceeds int32 token positions of {longest} latent frames: "
                           f"at most {longest * g.vae_stride[0] / g.fps:g} s")
     return g.latent_frames(args.seconds)
 
@@ -245,16 +249,16 @@ def prepare(args, policy) -> Prepared:
     """Validate every model-dependent input of ``generate`` / ``analyze`` cheaply, in the order a user fixes
     them: model, length, budget, prompt, backend and page size, pool size, memory."""
     from ff_engine.attention import get_backend
-    from ff_engine.engine.engine import stream_pages
+    from ff_engine.engine.engine import MAX_STREAM_FRAMES, stream_pages
 
     cfg, sd = resolve_model(args)
     g = cfg.geometry()
     frames = requested_frames(args, g)
     reference_budget(args, policy, g.frames_per_block)
     budget = args.budget_frames if policy.bounded else None
-    if budget is not None and budget > g.max_frames:
-        raise ConfigError(f"--budget-frames {budget} exceeds the model's RoPE table of {g.max_frames} latent frames "
-                          f"(no stream can be longer)")
+    if budget is not None and budget > MAX_STREAM_FRAMES:
+        raise ConfigError(f"--budget-frames {budget} exceeds int32 token positions: at most {MAX_STREAM_FRAMES} "
+                          f"latent frames (no stream can be longer)")
     policy.validate(budget, g.frames_per_block)
     prompt = load_prompt(args, cfg)
     need = stream_pages(g, args.page_size, frames, budget)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ff_engine.engine.engine import stream_pages
+from ff_engine.engine.engine import MAX_STREAM_FRAMES, stream_pages
 from ff_engine.errors import ConfigError
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -26,10 +26,10 @@ def plan(geometry, *, gpu_mem_bytes: int, budget_frames: int, seconds: float, pa
     g = geometry
     if not isinstance(page_size, int) or page_size < 1:
         raise ConfigError(f"page_size must be an integer >= 1, got {page_size!r}")
-    longest = g.max_frames // g.frames_per_block * g.frames_per_block
+    longest = MAX_STREAM_FRAMES // g.frames_per_block * g.frames_per_block  # no RoPE table: int32 positions bind
     if not 0 < seconds <= longest * g.vae_stride[0] / g.fps:  # float math first: 1e308 s is not an OverflowError
-        raise ConfigError(f"seconds must be in (0, {longest * g.vae_stride[0] / g.fps:g}] (the model's RoPE table of "
-                          f"{g.max_frames} latent frames), got {seconds:g}")
+        raise ConfigError(f"seconds must be in (0, {longest * g.vae_stride[0] / g.fps:g}] ({longest} latent frames: "
+                          f"int32 token positions), got {seconds:g}")
     if budget_frames < g.frames_per_block:
         raise ConfigError(f"budget_frames must be >= {g.frames_per_block} (one block), got {budget_frames}")
     frames = g.latent_frames(seconds)

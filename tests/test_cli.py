@@ -38,7 +38,7 @@ def test_seconds_to_latent_frames():
     (["--seconds", "-3"], "--seconds"),
     (["--random-weights", "--policy", "sink-window", "--sink-frames", "3", "--budget-frames", "2"], "budget_frames 2"),
     (["--random-weights", "--policy", "lru"], "unknown policy"),
-    (["--random-weights", "--seconds", "400"], "RoPE table"),
+    (["--model", "wan-1.3b", "--random-weights", "--policy", "unbounded", "--seconds", "400"], "usable"),  # memory
     (["--random-weights", "--page-size", "24", "--backend", "vllm-cpu"], "page_size 24"),
     (["--random-weights", "--prompt-embeds", "nope.pt"], "--prompt-embeds"),
     (["--model", "wan-tiny"], "--random-weights"),

@@ -110,7 +110,7 @@ BAD_ARGS = [
     (["analyze", "queries", "--page-size", "0"], "--page-size"),
     (["bench", "attention", "--page-size", "0"], "--page-size"),
     (["bench", "attention", "--repeats", "0"], "--repeats"),
-    (["generate", "--seconds", "1e308"], "RoPE table"),
+    (["generate", "--seconds", "1e308"], "int32 token positions"),
     (["plan", "--seconds", "1e308"], "seconds"),
     (["generate", "--seed", str(10**23)], "--seed"),
     (["generate", "--seed", "-1"], "--seed"),
@@ -209,8 +209,8 @@ def test_plan_takes_every_memory_form_its_message_lists(capsys):
 # ---- item 3: sizes are bounded before allocation -------------------------------------------------------------
 SIZES = [
     (["--num-pages", "100000000"], "at most --num-pages"),
-    (["--budget-frames", "99999999999"], "RoPE table"),
-    (["--policy", "unbounded", "--frames", "99999999"], "RoPE table"),
+    (["--budget-frames", "99999999999"], "int32 token positions"),
+    (["--policy", "unbounded", "--frames", "99999999"], "at most --frames"),
     (["--page-size", "16777216"], "at most --page-size"),
     ([*TINY, "--page-size", "16", "--num-pages", "3"], "reservation"),
 ]
@@ -219,6 +219,18 @@ SIZES = [
 @pytest.mark.parametrize("argv,needle", SIZES, ids=[" ".join(a) for a, _ in SIZES])
 def test_oversized_requests_are_refused_before_allocation(argv, needle, guarded, capsys):
     assert_one_line_exit_2(["generate", *argv, "--out", "v.mp4"], needle, capsys, guarded)
+
+
+def test_long_videos_are_bounded_by_memory_not_a_rope_table(guarded, capsys, monkeypatch):
+    """400 s (1,600 latent frames, past the 1,024-frame RoPE table): unbounded it needs its whole length in pages
+    and is refused saying how many frames fit; bounded it passes every check and reaches the model build."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 64 * 2**30)
+    wan = ["generate", "--model", "wan-1.3b", "--random-weights", "--seconds", "400", "--out", "v.mp4"]
+    rc, lines = run([*wan, "--policy", "unbounded"], capsys)
+    assert rc == 2 and len(lines) == 1 and "usable" in lines[0], lines
+    assert 0 < int(re.search(r"at most --frames (\d+) fits", lines[0]).group(1)) < 1600
+    with pytest.raises(Reached):
+        main([*wan, "--policy", "window", "--budget-frames", "6"])
 
 
 @pytest.mark.parametrize(

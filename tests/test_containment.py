@@ -180,7 +180,7 @@ def _invalid(rng):
     base = rng.choice(MENU)
     return dataclasses.replace(base, **rng.choice([
         dict(seed=2**70), dict(num_frames=0), dict(num_frames="9"), dict(budget_frames=-1), dict(prompt=None),
-        dict(policy=SinkWindow(sink_frames=3), budget_frames=1), dict(num_frames=10**9), dict(session_id="a/b"),
+        dict(policy=SinkWindow(sink_frames=3), budget_frames=1), dict(num_frames=2**31), dict(session_id="a/b"),
     ]))
 
 

@@ -89,7 +89,7 @@ def test_device_check_dry_run_on_a_bare_machine(tmp_path):
     assert kernels["attention"][0]["max_abs_err_vs_sdpa_fp32"] < 1e-4
     assert kernels["scoring"]["scoring_2_layers"]["max_abs_logit_err"] < 1e-4
     exps = r["stages"]["throughput"]["result"]["experiments"]
-    assert set(exps) == {"window_1", "unbounded_1", "window_2", "unbounded_2", "future-forcing_1"}
+    assert set(exps) == {"window_1", "unbounded_1", "window_batch", "unbounded_batch", "future-forcing_1"}
     assert all(e["failed"] == 0 and e["latent_frames"] == 9 * e["streams"] for e in exps.values())
 
 

@@ -27,8 +27,9 @@ MIX = [(Window(), 3), (SinkWindow(sink_frames=3), 6), (FutureForcing(), 6), (Unb
 
 def cfg(i, frames, policy, budget, prompt=None):
     prompt = torch.randn(4, 256, generator=torch.Generator().manual_seed(i)) if prompt is None else prompt
-    return SessionConfig(prompt=prompt, num_frames=frames, seed=i, policy=policy, budget_frames=budget,
-                         session_id=f"s{i}")
+    return SessionConfig(
+        prompt=prompt, num_frames=frames, seed=i, policy=policy, budget_frames=budget, session_id=f"s{i}"
+    )
 
 
 def single_engine(model, cfgs, max_batch):
@@ -71,8 +72,17 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def plain(ray_session, model, tmp_path_factory):
-    c = RayCluster(model, num_workers=2, num_pages=PAGES, page_size=PAGE, backend="vllm-cpu", max_batch=4,
-                   snapshot_every=0, max_queue=16, output_dir=str(tmp_path_factory.mktemp("plain")))
+    c = RayCluster(
+        model,
+        num_workers=2,
+        num_pages=PAGES,
+        page_size=PAGE,
+        backend="vllm-cpu",
+        max_batch=4,
+        snapshot_every=0,
+        max_queue=16,
+        output_dir=str(tmp_path_factory.mktemp("plain")),
+    )
     yield c
     c.shutdown()
 
@@ -80,8 +90,16 @@ def plain(ray_session, model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def snapshotting(ray_session, model, plain, tmp_path_factory):
     plain.shutdown()  # its two CPUs go to this cluster's workers
-    c = RayCluster(model, num_workers=2, num_pages=PAGES, page_size=PAGE, backend="vllm-cpu", max_batch=1,
-                   snapshot_every=2, output_dir=str(tmp_path_factory.mktemp("snap")))
+    c = RayCluster(
+        model,
+        num_workers=2,
+        num_pages=PAGES,
+        page_size=PAGE,
+        backend="vllm-cpu",
+        max_batch=1,
+        snapshot_every=2,
+        output_dir=str(tmp_path_factory.mktemp("snap")),
+    )
     yield c
     c.shutdown()
 

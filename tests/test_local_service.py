@@ -33,8 +33,9 @@ def model():
 
 def cfg(i, frames=9, policy=None, budget=3, prompt=None):
     prompt = torch.randn(4, 256, generator=torch.Generator().manual_seed(i)) if prompt is None else prompt
-    return SessionConfig(prompt=prompt, num_frames=frames, seed=i, policy=policy or Window(), budget_frames=budget,
-                         session_id=f"s{i}")
+    return SessionConfig(
+        prompt=prompt, num_frames=frames, seed=i, policy=policy or Window(), budget_frames=budget, session_id=f"s{i}"
+    )
 
 
 def reference(model, c):
@@ -42,10 +43,15 @@ def reference(model, c):
 
 
 def test_streams_equal_a_single_engine_and_every_consumer_sees_every_block(model, tmp_path):
-    specs = [(0, 9, Window(), 3), (1, 15, FutureForcing(), 6), (2, 6, Unbounded(), None),
-             (3, 12, SinkWindow(sink_frames=3), 6)]
-    svc = LocalService(model, num_pages=60, page_size=PAGE, backend="vllm-cpu", max_batch=2,
-                       output_dir=str(tmp_path), keep_blocks=2)
+    specs = [
+        (0, 9, Window(), 3),
+        (1, 15, FutureForcing(), 6),
+        (2, 6, Unbounded(), None),
+        (3, 12, SinkWindow(sink_frames=3), 6),
+    ]
+    svc = LocalService(
+        model, num_pages=60, page_size=PAGE, backend="vllm-cpu", max_batch=2, output_dir=str(tmp_path), keep_blocks=2
+    )
     try:
         handles = [svc.submit(cfg(*s)) for s in specs]
         seen: dict[tuple[str, int], list[int]] = {}
@@ -125,8 +131,14 @@ def test_a_worker_resumes_a_stream_from_its_snapshot_bit_identically(model, tmp_
     worker b resumes from the snapshot and the stream ends exactly as the uninterrupted run."""
     c = cfg(7, 15, FutureForcing(), 6)
     ref = reference(model, c)
-    kw = {"num_pages": 60, "page_size": PAGE, "backend": "vllm-cpu", "max_batch": 1, "snapshot_every": 2,
-          "output_dir": str(tmp_path)}
+    kw = {
+        "num_pages": 60,
+        "page_size": PAGE,
+        "backend": "vllm-cpu",
+        "max_batch": 1,
+        "snapshot_every": 2,
+        "output_dir": str(tmp_path),
+    }
     a = EngineWorker("a", model, **kw)
     blocks = a.step(start=[Start(c)]).results + a.step().results + a.step().results
     assert [r.block for r in blocks] == [0, 1, 2]

@@ -54,8 +54,9 @@ class FakeWorker:
 
 
 def req(sid, pages, blocks=2):
-    return SessionConfig(prompt=torch.zeros(1, 4), num_frames=3 * blocks, seed=pages, policy=Window(),
-                         budget_frames=3, session_id=sid)
+    return SessionConfig(
+        prompt=torch.zeros(1, 4), num_frames=3 * blocks, seed=pages, policy=Window(), budget_frames=3, session_id=sid
+    )
 
 
 def until(cond, timeout=10.0):

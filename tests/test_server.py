@@ -14,8 +14,10 @@ from server_support import LiveServer, torch_threads, world_model
 
 from ff_engine.client import Client, ServerError
 from ff_engine.engine import Engine
+from ff_engine.errors import ConfigError
 from ff_engine.server.frames import JpegEncoder, decode_jpeg
 from ff_engine.server.schemas import request_model
+from ff_engine.server.settings import ServerSettings
 from ff_engine.video import Mp4Writer
 
 KEY = "test-key-1"
@@ -181,6 +183,25 @@ def test_auth(server):
     ) as ws:  # a browser's way to send the key
         ws.send(json.dumps({"type": "session.ping", "event_id": "p"}))
         assert json.loads(ws.recv())["type"] == "session.pong"
+
+
+def test_length_is_bounded_by_max_seconds_and_memory_not_a_rope_table(server, client):
+    """No RoPE table caps a request (the world model's is 1,024 latent frames): 400 s (3,201 frames) bounded is
+    accepted; unbounded it would reserve its whole length and is refused on the page pool; past ``--max-seconds``
+    (default 600 s) it is refused naming the field."""
+    m = client.models()[0]
+    assert m["max_seconds"] == 600 and m["max_frames"] == 4800
+    vid = client.submit(seconds=400, seed=7)["id"]
+    client.cancel(vid)
+    with pytest.raises(ServerError) as e:
+        client.submit(seconds=400, policy="unbounded")
+    assert 400 <= e.value.status < 500 and "pages" in e.value.message, e.value
+    for too_long in ({"seconds": 601}, {"frames": 4801}):
+        with pytest.raises(ServerError) as e:
+            client.submit(**too_long)
+        assert e.value.status == 422 and e.value.param == next(iter(too_long)), e.value
+    with pytest.raises(ConfigError, match="--max-seconds"):
+        ServerSettings(max_seconds=0).validate()
 
 
 def test_models_policies_health_metrics(server, client):

@@ -167,6 +167,35 @@ def test_file_round_trip_is_atomic(model, tmp_path):
         SessionSnapshot.load(tmp_path / "missing.safetensors")
 
 
+def test_retained_window_round_trips_and_continues_bit_identically(model):
+    """A session keeping only its last 6 frames snapshots that window and its first frame (format 2); the restored
+    session keeps the window, and its remaining blocks equal those of a session that kept everything."""
+    cfg = SessionConfig(prompt=prompt(), num_frames=FRAMES, budget_frames=6, policy=make_policy("sink-window"))
+    full, _ = generate(Engine(model, num_pages=200, page_size=4, backend="torch"), cfg)
+    kept, snap = generate(Engine(model, num_pages=200, page_size=4, backend="torch"),
+                          dataclasses.replace(cfg, retain_frames=6), snap_at=4)
+    assert snap.meta["version"] == 2 and snap.meta["session"]["retain_frames"] == 6
+    assert snap.meta["session"]["latents_start_frame"] == 6 and snap.tensors["latents"].shape[0] == 6
+    assert torch.equal(snap.tensors["latents"], full[6:12])
+    e = Engine(model, num_pages=200, page_size=4, backend="torch")
+    restored = []
+    tail = resume(e, snap, on_restore=lambda engine, s: restored.append((s.latents_start_frame, s.cfg.retain_frames)))
+    assert restored == [(6, 6)] and torch.equal(tail, full[-6:]) and torch.equal(kept, full[-6:])
+    session = {**snap.meta["session"], "latents_start_frame": 3}
+    shifted = SessionSnapshot({**snap.meta, "session": session}, snap.tensors)
+    with pytest.raises(SnapshotError, match="latents"):  # the window must end at the snapshot's block
+        e.restore(shifted)
+    assert not e.sessions and e.cache.pool.num_free == e.cache.num_pages
+
+
+def test_a_version_1_snapshot_still_loads(model, good):
+    """Format 1 had neither retain_frames nor latents_start_frame: every frame from 0 is kept."""
+    session = {k: v for k, v in good.meta["session"].items() if k not in ("retain_frames", "latents_start_frame")}
+    old = SessionSnapshot.from_bytes(_with(good, meta={"version": 1, "session": session}))
+    expect = resume(Engine(model, num_pages=200, page_size=4, backend="torch"), good)
+    assert torch.equal(resume(Engine(model, num_pages=200, page_size=4, backend="torch"), old), expect)
+
+
 def test_config_fields_are_all_carried():
     assert {f.name for f in dataclasses.fields(SessionConfig)} == set(CONFIG_FIELDS)
 
@@ -197,6 +226,7 @@ def _with(snap, meta=None, drop=(), **tensors):
         lambda s: _with(s, **{"cache.0.positions": torch.zeros(3, 3, dtype=torch.int32)}),
         lambda s: _with(s, **{"rng.generator": torch.zeros(3)}),
         lambda s: _with(s, extra=torch.zeros(1)),
+        lambda s: _with(s, meta={"session": {**s.meta["session"], "retain_frames": -1}}),
     ],
 )
 def test_malformed_bytes_are_refused(good, make_bad):

@@ -27,6 +27,7 @@ import torch
 from ff_engine.distributed import persist
 from ff_engine.distributed.model_spec import build_model
 from ff_engine.engine.engine import BlockResult, Engine
+from ff_engine.engine.recache import streaming_config
 from ff_engine.engine.scheduler import Scheduler
 from ff_engine.engine.session import SessionConfig
 from ff_engine.engine.snapshot import SessionSnapshot, restore_session, snapshot_session
@@ -180,7 +181,8 @@ class EngineWorker:
                 log.warning("stream %s: snapshot not usable (%s); restarting it from block 0", sid, exc)
         elif path is not None:
             persist.remove_snapshot(self.output_dir, sid)  # a stale one of an earlier stream with this id
-        self.scheduler.submit(s.cfg)
+        # blocks go to consumers (and disk) as they come: keep only the latents a prompt switch's re-cache reads
+        self.scheduler.submit(streaming_config(s.cfg, self.engine.geometry.frames_per_block))
         return 0
 
     def _persist(self, r: BlockResult) -> BlockResult:

@@ -165,6 +165,10 @@ class Engine:
             isinstance(cfg.budget_frames, bool) or not isinstance(cfg.budget_frames, int) or cfg.budget_frames < 0
         ):
             raise ConfigError(f"budget_frames must be a non-negative integer, got {cfg.budget_frames!r}")
+        if cfg.retain_frames is not None and (
+            isinstance(cfg.retain_frames, bool) or not isinstance(cfg.retain_frames, int) or cfg.retain_frames < 0
+        ):
+            raise ConfigError(f"retain_frames must be None (keep all) or an integer >= 0, got {cfg.retain_frames!r}")
         if not isinstance(cfg.prompt, torch.Tensor):
             raise ConfigError(f"prompt must be a tensor of text embeddings, got {type(cfg.prompt).__name__}")
         if not isinstance(cfg.policy, CachePolicy):
@@ -253,7 +257,7 @@ class Engine:
         """The one place a session moves to its next block (``block``: its latents [F, C, H, W] to keep, or None
         when the caller does not record them, e.g. teacher-forced evaluation)."""
         if block is not None:
-            session.latents.append(block.float())
+            session.record(block.float())
         session.block += 1
 
     def commit_block(self, sessions: list[Session], x0: torch.Tensor, record: bool = True) -> dict[str, str]:
@@ -371,6 +375,8 @@ class Engine:
 
     def generate(self, cfg: SessionConfig, on_block=None) -> torch.Tensor:
         """Run one stream to the end; returns latents [num_frames, C, H, W]. ``on_block(result, engine)``."""
+        if getattr(cfg, "retain_frames", None) is not None:
+            raise ConfigError("retain_frames must be None for generate (it returns the whole video); stream with step")
         s = self.add_session(cfg)
         try:
             while s.id in self.sessions:

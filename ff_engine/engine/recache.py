@@ -33,9 +33,24 @@ from ff_engine.errors import ConfigError, FFEngineError
 def longlive_default_frames(session) -> int:
     """LongLive's re-cache length: the frames a block attends (local_attn_size = budget + one block), or every
     frame so far under global attention; never more than the stream has generated."""
-    bounded = session.policy.bounded and session.cfg.budget_frames is not None
-    frames = session.cfg.budget_frames + session.frames_per_block if bounded else session.start_frame
-    return min(frames, session.start_frame)
+    frames = retain_for_recache(session.cfg, session.frames_per_block)
+    return session.start_frame if frames is None else min(frames, session.start_frame)
+
+
+def retain_for_recache(cfg, frames_per_block: int) -> int | None:
+    """The ``retain_frames`` a stream needs for LongLive's default re-cache: budget + one block under a bounded
+    policy, None (every frame) under global attention (whose pages hold the whole stream anyway)."""
+    if cfg.policy.bounded and cfg.budget_frames is not None:
+        return cfg.budget_frames + frames_per_block
+    return None
+
+
+def streaming_config(cfg, frames_per_block: int):
+    """``cfg`` for a service that hands every block to its consumers as it comes: with ``retain_frames`` (when the
+    request left it None) just what the default re-cache needs, so an endless stream's host memory stays bounded."""
+    if cfg.retain_frames is not None:
+        return cfg
+    return dataclasses.replace(cfg, retain_frames=retain_for_recache(cfg, frames_per_block))
 
 
 def _attend(q, k, v, bias):
@@ -103,10 +118,14 @@ def switch_prompt(engine, session_id: str, prompt: torch.Tensor, recache_frames:
     frames = longlive_default_frames(s) if recache_frames is None else min(recache_frames, now)
     first = max(now - frames, s.policy.sink_frames)  # sink frames keep their K/V (LongLive's global sink)
     if first < now:
-        have = sum(b.shape[0] for b in s.latents)
-        if have < now:
-            raise ConfigError(f"session {session_id!r} kept no latents for frames [{first}, {now}) (its blocks were "
-                              f"not recorded), so they cannot be re-cached; pass recache_frames=0")
+        kept = (s.latents_start_frame, s.latents_start_frame + sum(b.shape[0] for b in s.latents))
+        if kept[0] > first or kept[1] < now:
+            most = now - kept[0] if kept[1] == now else 0  # the largest recache_frames the kept window covers
+            raise ConfigError(
+                f"recache_frames: session {session_id!r} keeps latents for frames [{kept[0]}, {kept[1]}) only "
+                f"(retain_frames={s.cfg.retain_frames}; unrecorded blocks keep none) but re-caching needs "
+                f"[{first}, {now}); pass recache_frames <= {most} or submit with retain_frames >= {now - first}"
+            )
         video = torch.cat(s.latents)
     s.prompt_state = state
     s.cfg = dataclasses.replace(s.cfg, prompt=prompt)  # snapshots restore the prompt in force
@@ -114,7 +133,7 @@ def switch_prompt(engine, session_id: str, prompt: torch.Tensor, recache_frames:
         start = first
         while start < now:
             end = min(now, (start // fpb + 1) * fpb)  # the stream's own block grid
-            x = video[start:end][None].to(engine.dtype)
+            x = video[start - s.latents_start_frame : end - s.latents_start_frame][None].to(engine.dtype)
             t = torch.full((1, end - start), float(engine.context_noise))
             attention = RecacheAttention(engine.cache, s.id, start, end, engine.geometry)
             with torch.no_grad():

@@ -30,6 +30,10 @@ class SessionConfig:
     budget_frames: latent frames of past K/V each layer keeps between blocks (None: unbounded policy only).
     initial_noise: optional [num_frames, C, H, W]; step_noise: optional list of [F, C, H, W] tensors consumed
     in order (block 0 step 1, block 0 step 2, ...).  Both default to a per-session seeded generator.
+    retain_frames: latent frames of generated latents the session keeps on the host (``Session.latents``), the most
+    recent ones, in whole blocks and never less than the newest block; None keeps all (``Engine.generate`` needs
+    that).  A streaming consumer that takes each block as it comes sets it so an endless stream's host memory stays
+    bounded; a prompt switch re-caches only frames still retained (``recache.retain_for_recache``).
     """
 
     prompt: torch.Tensor
@@ -40,6 +44,7 @@ class SessionConfig:
     initial_noise: torch.Tensor | None = None
     step_noise: list[torch.Tensor] | None = None
     session_id: str | None = None
+    retain_frames: int | None = None
 
 
 class Session:
@@ -61,7 +66,8 @@ class Session:
         self.geometry = geometry
         self._step_noise = list(cfg.step_noise) if cfg.step_noise is not None else None
         self.step_noise_pos = 0  # next entry of ``step_noise`` to consume (a cursor, so a step can be undone)
-        self.latents: list[torch.Tensor] = []  # one [F, C, H, W] per finished block
+        self.latents: list[torch.Tensor] = []  # one [F, C, H, W] per retained block, oldest first, contiguous
+        self.latents_start_frame = 0  # the first frame of ``latents`` (frames before it were dropped)
         c, (h, w) = geometry.latent_channels, geometry.latent_hw
         self.block_shape = (frames_per_block, c, h, w)
         if cfg.initial_noise is not None and tuple(cfg.initial_noise.shape) != (self.num_frames, c, h, w):
@@ -82,6 +88,22 @@ class Session:
         if self.cfg.budget_frames is None:
             return None
         return self.cfg.budget_frames * self.geometry.tokens_per_frame
+
+    def record(self, block: torch.Tensor) -> None:
+        """Keep a finished block's latents, then drop the oldest blocks beyond ``retain_frames``.
+
+        Invariant: ``latents`` are frames ``[latents_start_frame, latents_start_frame + sum of their lengths)``,
+        the newest block always among them, and with ``retain_frames`` set at most ``max(retain_frames, one
+        block) + one block - 1`` frames are kept."""
+        self.latents.append(block)
+        keep = self.cfg.retain_frames
+        if keep is None:
+            return
+        held = sum(b.shape[0] for b in self.latents)
+        while len(self.latents) > 1 and held - self.latents[0].shape[0] >= keep:
+            dropped = self.latents.pop(0).shape[0]
+            held -= dropped
+            self.latents_start_frame += dropped
 
     def block_noise(self) -> torch.Tensor:
         if self.cfg.initial_noise is not None:

@@ -9,8 +9,9 @@ What goes in (``tensors`` names; the rest is JSON in ``meta``):
   * the request: ``config.prompt``, ``config.initial_noise`` and ``config.step_noise`` [n, F, C, H, W] when
     given (float32, as the engine consumes them), num_frames, seed, budget_frames, the policy as its registered
     name plus its dataclass init fields (``ff_engine.policies.POLICIES``);
-  * progress: the block index, ``latents`` produced so far [block * F, C, H, W], the noise generator's state
-    ``rng.generator`` (uint8) and the step-noise cursor;
+  * progress: the block index, the retained ``latents`` [block * F - start, C, H, W] with their first frame
+    ``latents_start_frame`` (all of them, start 0, unless the request set ``retain_frames``), the noise
+    generator's state ``rng.generator`` (uint8) and the step-noise cursor;
   * the cache: ``cache.<layer>.{k,v,positions,log_mass}`` of every layer *in table order*.  Compaction permutes
     tokens and attention reduces in token order, so bit-identity needs that order: restore appends each layer's
     tokens in it (with any page size).  Page summaries are recomputed from storage by those appends; with the
@@ -47,10 +48,12 @@ if TYPE_CHECKING:
     from ff_engine.engine.engine import Engine
 
 FORMAT = "ff-engine/session-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: retain_frames and latents_start_frame (version 1 kept every frame from 0)
+READABLE_VERSIONS = (1, 2)
 META_KEY = "ff_engine.snapshot"
 #: SessionConfig fields a snapshot carries (a test keeps this in step with SessionConfig)
-CONFIG_FIELDS = ("prompt", "num_frames", "seed", "policy", "budget_frames", "initial_noise", "step_noise", "session_id")
+CONFIG_FIELDS = ("prompt", "num_frames", "seed", "policy", "budget_frames", "initial_noise", "step_noise", "session_id",
+                 "retain_frames")
 _CACHE_PARTS = {"k": None, "v": None, "positions": torch.int32, "log_mass": torch.float32}  # None: model dtype
 _JSON_SCALARS = (type(None), bool, int, float, str)
 
@@ -205,7 +208,9 @@ def snapshot_session(engine: Engine, session_id: str) -> SessionSnapshot:
             "num_frames": cfg.num_frames,
             "seed": cfg.seed,
             "budget_frames": cfg.budget_frames,
+            "retain_frames": cfg.retain_frames,
             "block": s.block,
+            "latents_start_frame": s.latents_start_frame,
             "step_noise_pos": s.step_noise_pos,
         },
         "policy": {**policy_config(s.policy), "state": numbers},
@@ -249,8 +254,9 @@ def check_snapshot(snap: SessionSnapshot) -> None:
     m = snap.meta
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise SnapshotError(f"not an ff-engine session snapshot (meta format must be {FORMAT!r})")
-    if m.get("version") != FORMAT_VERSION:
-        raise SnapshotError(f"snapshot format version {m.get('version')!r} is not supported (this is {FORMAT_VERSION})")
+    if m.get("version") not in READABLE_VERSIONS or isinstance(m.get("version"), bool):
+        raise SnapshotError(f"snapshot format version {m.get('version')!r} is not supported (this reads "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})")
     for key in ("model", "sampler"):
         _field(m, key, dict, "")
     sess, pol, cache = _field(m, "session", dict, ""), _field(m, "policy", dict, ""), _field(m, "cache", dict, "")
@@ -260,6 +266,12 @@ def check_snapshot(snap: SessionSnapshot) -> None:
     _field(sess, "budget_frames", int, "session", optional=True)
     block = _field(sess, "block", int, "session")
     pos = _field(sess, "step_noise_pos", int, "session")
+    start = 0
+    if m["version"] >= 2:
+        retain = _field(sess, "retain_frames", int, "session", optional=True)
+        start = _field(sess, "latents_start_frame", int, "session")
+        if (retain is not None and retain < 0) or start < 0:
+            raise SnapshotError(f"snapshot retain_frames {retain} and latents_start_frame {start} must be >= 0")
     _field(pol, "name", str, "policy")
     params, state = _field(pol, "params", dict, "policy"), _field(pol, "state", dict, "policy")
     if any(not isinstance(v, _JSON_SCALARS) for v in params.values()):
@@ -285,8 +297,9 @@ def check_snapshot(snap: SessionSnapshot) -> None:
         _tensor(snap, "config.initial_noise", torch.float32, 4)
     if num_frames < 1 or block < 0:
         raise SnapshotError(f"snapshot num_frames {num_frames} must be >= 1 and block {block} >= 0")
-    if fpb is not None and latents.shape[0] != block * fpb:
-        raise SnapshotError(f"snapshot latents hold {latents.shape[0]} frames, block {block} needs {block * fpb}")
+    if fpb is not None and start + latents.shape[0] != block * fpb:
+        raise SnapshotError(f"snapshot latents hold frames [{start}, {start + latents.shape[0]}), block {block} "
+                            f"needs them to end at {block * fpb}")
     names = {"config.prompt", "rng.generator", "latents", "config.step_noise", "config.initial_noise"}
     for layer, n in enumerate(tokens):
         k = _tensor(snap, f"cache.{layer}.k", None, 3)
@@ -317,7 +330,8 @@ def _check_compatible(engine: Engine, snap: SessionSnapshot) -> None:
         raise SnapshotError(f"snapshot block {m['session']['block']} must be < {num_blocks} (a finished session)")
     if len(m["cache"]["tokens"]) != g.num_layers:
         raise SnapshotError(f"snapshot has {len(m['cache']['tokens'])} layers, the model {g.num_layers}")
-    if tuple(snap.tensors["latents"].shape) != (m["session"]["block"] * fpb, g.latent_channels, *g.latent_hw):
+    kept = m["session"]["block"] * fpb - m["session"].get("latents_start_frame", 0)
+    if tuple(snap.tensors["latents"].shape) != (kept, g.latent_channels, *g.latent_hw):
         raise SnapshotError(
             f"snapshot latents {tuple(snap.tensors['latents'].shape)} do not fit block "
             f"{m['session']['block']} of this model"
@@ -353,6 +367,7 @@ def _session_config(snap: SessionSnapshot, session_id: str | None) -> SessionCon
         initial_noise=t.get("config.initial_noise"),
         step_noise=list(steps.unbind(0)) if steps is not None else None,
         session_id=m["session"]["id"] if session_id is None else session_id,
+        retain_frames=m["session"].get("retain_frames"),  # version 1: kept every frame
     )
 
 
@@ -374,9 +389,9 @@ def restore_session(engine: Engine, snap: SessionSnapshot, session_id: str | Non
         session.policy.load_state_dict(state)
         engine.cache.import_session(session.id, layers)
         session.block = m["session"]["block"]
-        session.latents = (
-            [b.to(dev, copy=True) for b in t["latents"].split(session.frames_per_block)] if session.block else []
-        )
+        kept = t["latents"].split(session.frames_per_block) if t["latents"].shape[0] else ()
+        session.latents = [b.to(dev, copy=True) for b in kept]
+        session.latents_start_frame = m["session"].get("latents_start_frame", 0)
         session.generator.set_state(t["rng.generator"].clone())
         session.step_noise_pos = m["session"]["step_noise_pos"]
     except BaseException:

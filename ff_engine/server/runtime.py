@@ -101,8 +101,10 @@ class Runtime:
         self.model = model if model is not None else load_model(settings)
         g = self.model.geometry
         self.geometry = g
-        self.limits = RequestLimits(
-            max_frames=g.max_frames, latent_fps=g.fps / g.vae_stride[0], frames_per_block=g.frames_per_block
+        self.limits = RequestLimits(  # no RoPE table cap: --max-seconds (and memory, at admission) bound a stream
+            max_frames=g.latent_frames(settings.max_seconds),
+            latent_fps=g.fps / g.vae_stride[0],
+            frames_per_block=g.frames_per_block,
         )
         self.prompts = PromptCatalog(settings.prompts_dir, self.model.cfg)
         self.model_id = model_id(settings)
@@ -128,7 +130,8 @@ class Runtime:
         budget = req.budget_frames if req.budget_frames is not None else self.limits.default_budget_frames
         frames = req.latent_frames(self.geometry, self.limits)
         if frames > self.limits.max_frames:
-            raise ConfigError(f"seconds: {frames} latent frames exceed the model's {self.limits.max_frames}")
+            raise ConfigError(f"seconds: {frames} latent frames exceed this server's {self.limits.max_frames} "
+                              f"(--max-seconds {self.settings.max_seconds})")
         try:
             policy.validate(budget if policy.bounded else None, self.geometry.frames_per_block)
         except ConfigError as exc:
@@ -152,7 +155,7 @@ class Runtime:
             "owned_by": "ff-engine",
             "fps": g.fps,
             "frames_per_block": g.frames_per_block,
-            "max_frames": g.max_frames,
+            "max_frames": self.limits.max_frames,
             "max_seconds": self.limits.max_seconds,
             "latent_shape": [g.latent_channels, h, w],
             "num_layers": g.num_layers,

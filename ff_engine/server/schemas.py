@@ -1,7 +1,8 @@
 """Request and event models: every field typed strictly, bounded, and unknown fields refused.
 
 Bounds come in two layers: absolute caps here (so no request can ask for unbounded work), and the served
-model's own limits (``RequestLimits``: its RoPE table, its block size) through ``request_model(limits)``.
+server's own limits (``RequestLimits``: ``--max-seconds``, the model's block size) through ``request_model(limits)``.
+No RoPE table bounds a stream (adapters compute angles for any frame); memory does, at admission.
 Policy parameters are validated by a pydantic model built from the policy's declared fields
 (``ff_engine.policies.policy_schema``): a name the policy does not declare, a wrong type or a value out of its
 range is refused before anything is built.  A ``ValidationError`` becomes one message naming the field
@@ -18,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ff_engine.errors import ConfigError
 
-MAX_FRAMES_CAP = 4096  # latent frames; the model's RoPE table usually binds first
-MAX_SECONDS_CAP = 3600.0
+MAX_FRAMES_CAP = 2**31 - 2**16  # latent frames: int32 token positions (engine.MAX_STREAM_FRAMES); --max-seconds binds
+MAX_SECONDS_CAP = 86400.0  # the largest --max-seconds
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
@@ -30,7 +31,8 @@ class Strict(BaseModel):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What the served model allows: latent frames (RoPE table), frames per second of video, block size."""
+    """What the server allows: latent frames (``--max-seconds`` in the model's latent frames), latent frames per
+    second of video, block size."""
 
     max_frames: int
     latent_fps: float  # latent frames per second of video

@@ -39,6 +39,7 @@ class ServerSettings:
     workers: int = 1
     torch_threads: int = 0  # intra-op threads of the local engine (0 = torch's default)
     snapshot_every: int = 8  # Ray: blocks between snapshots (0 = none: a dead worker fails its streams)
+    max_seconds: int = 600  # longest video one request may ask for (10 min); no RoPE table caps a stream
 
     def validate(self) -> ServerSettings:
         checks = {
@@ -55,6 +56,7 @@ class ServerSettings:
             "workers": (1, 1024),
             "snapshot_every": (0, 1 << 20),
             "torch_threads": (0, 1024),
+            "max_seconds": (1, 86400),
         }
         for name, (lo, hi) in checks.items():
             v = getattr(self, name)
@@ -87,6 +89,7 @@ _HELP = {
     "host": "bind address (127.0.0.1: this machine only)",
     "ray": "serve from Ray: 'auto' (join the running cluster), an address, or 'local' (start one here)",
     "snapshot_every": "Ray: snapshot each stream every N blocks so a dead worker's streams resume elsewhere",
+    "max_seconds": "longest video (seconds) a request may ask for; streams are endless, memory and this bound them",
 }
 
 

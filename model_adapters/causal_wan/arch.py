@@ -58,5 +58,4 @@ ARCH = register(Architecture(
     claims=claims,
     param_count=param_count,
     decoder=decoder,
-
 ))
