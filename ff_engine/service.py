@@ -83,6 +83,17 @@ class StreamHandle(Protocol):
         """Cancel a queued or running stream; its pages return to the pool at once. Idempotent."""
         ...
 
+    def update(self, prompt: torch.Tensor, recache_frames: int | None = None) -> int | None:
+        """Switch the stream to ``prompt`` ([L, text_dim] text embeddings) from the next block boundary of the
+        stream on (LongLive's switch with KV re-cache, ``Engine.switch_prompt``; ``recache_frames`` as there).
+        Updates apply in the order sent.  A running stream's update is applied by its worker between two steps
+        and this call waits for that (about two blocks at most); a queued stream's request takes the new prompt
+        (its shape is then checked at admission, where a bad one fails the stream).  Returns the block index
+        from which the new prompt is in force, or None when the service cannot know it yet.  Raises
+        ``FFEngineError`` for a bad prompt or ``recache_frames`` (nothing changes) or a terminal stream; a
+        re-cache that fails midway ends the stream ``failed`` (its ``status().error`` says why) and raises."""
+        ...
+
 
 class StreamService(Protocol):
     def submit(self, cfg) -> StreamHandle:

@@ -173,6 +173,8 @@ def test_a_killed_workers_streams_resume_elsewhere_bit_identical(snapshotting, m
         st = h.status()
         assert st.state == "finished" and st.worker == "worker-1", st
         assert st.resumed == (1 if h in victims else 0)
+        if h is victims[0]:  # it had 3 blocks when its worker died: it continued from the snapshot of block 2
+            assert st.extra["resumed_from_block"] >= 2
         ref = Engine(model, num_pages=PAGES, page_size=PAGE, backend="vllm-cpu").generate(cfgs[handles.index(h)])
         assert torch.equal(outs[h.id], ref), h.id  # batch 1 everywhere: exactly the uninterrupted run
         assert not persist.snapshot_path(snapshotting.output_dir, h.id).exists()

@@ -153,3 +153,32 @@ def test_a_worker_resumes_a_stream_from_its_snapshot_bit_identically(model, tmp_
     assert torch.equal(got, ref)
     assert not persist.snapshot_path(str(tmp_path), "s7").exists()  # removed when the stream ended
     assert b.audit()["pages_used"] == 0
+
+
+def test_a_prompt_update_equals_an_engine_switch_at_the_same_boundary(model):
+    """``handle.update`` returns the block from which the new prompt is in force; the stream equals an engine run
+    that calls ``switch_prompt`` at that boundary.  A bad prompt raises and changes nothing; a finished stream
+    refuses an update."""
+    c = cfg(7, frames=60, budget=6)
+    new = torch.randn(3, 256, generator=torch.Generator().manual_seed(99))
+    with LocalService(model, num_pages=400, page_size=PAGE, backend="vllm-cpu") as svc:
+        h = svc.submit(c)
+        blocks = h.blocks(timeout=60)
+        got = [next(blocks).latents]
+        with pytest.raises(ConfigError, match="text embeddings"):
+            h.update(torch.randn(3, 7))
+        at = h.update(new)
+        got += [b.latents for b in blocks]
+        assert h.status().state == "finished"
+        with pytest.raises(ConfigError, match="finished"):
+            h.update(new)
+    assert 1 <= at < 20
+    e = Engine(model, num_pages=400, page_size=PAGE, backend="vllm-cpu")
+    s = e.add_session(c)
+    ref = []
+    while s.id in e.sessions:
+        if s.block == at:
+            e.switch_prompt(s.id, new)
+        ref += [r.latents for r in e.step([s.id])]
+    assert torch.equal(torch.cat(got), torch.cat(ref))
+    assert not torch.equal(torch.cat(got), reference(model, c))  # the switch changed the stream

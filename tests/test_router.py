@@ -29,7 +29,7 @@ class FakeWorker:
     def validate(self, cfg):
         return (ConfigError("num_frames must be a positive integer"), 0) if cfg.num_frames <= 0 else (None, cfg.seed)
 
-    def step(self, cancel, start):
+    def step(self, cancel, start, update=()):
         fut = cf.Future()
         self.calls.append((list(cancel), [s.cfg.session_id for s in start], fut))
         return fut

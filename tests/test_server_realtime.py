@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from server_support import LiveServer, torch_threads
 
 from ff_engine.client import Client, ServerError
@@ -108,3 +109,27 @@ def test_old_streams_are_forgotten_with_their_files(server):
         assert e.value.status == 404
         assert not (Path(server.settings.output_dir) / f"{ids[0]}.mp4").exists() and not rec_dirs[0].exists()
         assert c.status(ids[-1])["file_ready"] and rec_dirs[-1].is_dir()
+
+
+def test_session_update_switches_the_prompt_and_the_stream_finishes(server, monkeypatch):
+    """``session.update`` with a prompt name: ``session.updated`` names the block it applies at and the stream runs
+    to its end; an unknown name or a policy change gets an ``error`` naming the field and changes nothing.  (The
+    embedded world model is unconditional, so the catalogue is given one name for its zero prompt.)"""
+    catalog = server.runtime.prompts
+    real_load = catalog.load
+    monkeypatch.setattr(
+        catalog, "load", lambda name, seed: torch.zeros(1, 16) if name == "calm" else real_load(name, seed)
+    )
+    with Client(server.url) as c, c.realtime(frames=36, seed=11, policy="sink-window") as rt:
+        it = iter(rt)
+        next(it)
+        rt.send({"type": "session.update", "event_id": "bad", "prompt": "nope"})
+        rt.send({"type": "session.update", "event_id": "policy", "policy_params": {"sink_frames": 2}})
+        rt.send({"type": "session.update", "event_id": "good", "prompt": "calm"})
+        blocks = 1 + sum(1 for _ in it)
+    assert rt.done["state"] == "finished" and blocks == 12
+    errors = {e["event_id"]: e for e in rt.events if e["type"] == "error"}
+    assert errors["bad"]["param"] == "prompt" and "unknown prompt" in errors["bad"]["message"]
+    assert errors["policy"]["param"] == "policy_params" and errors["policy"]["code"] == "unsupported"
+    updated = [e for e in rt.events if e["type"] == "session.updated"]
+    assert len(updated) == 1 and updated[0]["event_id"] == "good" and 1 <= updated[0]["applies_at_block"] < 12

@@ -27,7 +27,7 @@ from ray.exceptions import RayActorError
 
 from ff_engine.distributed.router import Router, WorkerLost
 from ff_engine.distributed.streams import Handle
-from ff_engine.distributed.worker import EngineWorker, Start
+from ff_engine.distributed.worker import EngineWorker, Start, Update
 from ff_engine.engine.session import SessionConfig
 from ff_engine.errors import ConfigError, FFEngineError
 
@@ -60,8 +60,8 @@ class RayEndpoint:
     def __init__(self, name: str, actor):
         self.name, self.actor = name, actor
 
-    def step(self, cancel: list[str], start: list[Start]):
-        return self.actor.step.remote(cancel, start).future()
+    def step(self, cancel: list[str], start: list[Start], update: list[Update]):
+        return self.actor.step.remote(cancel, start, update).future()
 
     def validate(self, cfg: SessionConfig):
         try:
@@ -156,6 +156,10 @@ class RayCluster:
 
     def cancel(self, stream_id: str) -> None:
         self.router.cancel(stream_id)
+
+    def update(self, stream_id: str, prompt: torch.Tensor, recache_frames: int | None = None) -> int | None:
+        """``StreamHandle.update`` of stream ``stream_id`` (``Router.update``)."""
+        return self.router.update(stream_id, prompt, recache_frames)
 
     def stats(self) -> dict:
         return self.router.stats()

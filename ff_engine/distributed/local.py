@@ -17,7 +17,7 @@ import torch
 
 from ff_engine.distributed.router import Router
 from ff_engine.distributed.streams import Handle
-from ff_engine.distributed.worker import EngineWorker, Start
+from ff_engine.distributed.worker import EngineWorker, Start, Update
 from ff_engine.engine.session import SessionConfig
 
 
@@ -34,8 +34,8 @@ class LocalEndpoint:
             initargs=(torch.get_num_threads(),),
         )
 
-    def step(self, cancel: list[str], start: list[Start]) -> cf.Future:
-        return self._thread.submit(self.worker.step, cancel, start)
+    def step(self, cancel: list[str], start: list[Start], update: list[Update]) -> cf.Future:
+        return self._thread.submit(self.worker.step, cancel, start, update)
 
     def validate(self, cfg: SessionConfig):
         return self.worker.validate(cfg)  # read-only: safe beside a running step
@@ -103,6 +103,10 @@ class LocalService:
 
     def cancel(self, stream_id: str) -> None:
         self.router.cancel(stream_id)
+
+    def update(self, stream_id: str, prompt: torch.Tensor, recache_frames: int | None = None) -> int | None:
+        """``StreamHandle.update`` of stream ``stream_id`` (``Router.update``)."""
+        return self.router.update(stream_id, prompt, recache_frames)
 
     def stats(self) -> dict:
         return self.router.stats()

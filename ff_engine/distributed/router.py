@@ -23,6 +23,11 @@ its lock and wake it.
   refused at ``submit`` (``BudgetError``); a request the worker's engine rejects fails alone.
 * **Cancel** frees the stream's pages in the router's book at once (a waiting stream may be placed in the same
   instant) and on the worker with its next call, before anything else that call does.
+* **Prompt updates** (``update``) of a running stream ride with its worker's next call, after that call's cancels
+  and starts, and are applied between two steps (a block boundary), in the order sent; the caller waits for the
+  worker's answer (at most the call in flight plus the next one), so a refusal is raised to it.  A queued stream
+  (or one whose start is not sent yet) gets the new prompt in its request, applied at admission.  On success the
+  record's request takes the new prompt, so a stream restarted or resumed after a worker death continues with it.
 * **Worker death.** The streams placed on a dead worker go back to the *front* of the queue (ahead of new
   streams, not counted against ``max_queue``) and resume on live workers from the last snapshot their worker
   wrote (``snapshot_every`` > 0), or from block 0 when none was written yet — generation is deterministic, so
@@ -43,8 +48,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from ff_engine.distributed.streams import Handle, StreamRecord, StreamTable
-from ff_engine.distributed.worker import Start, WorkerReport
+from ff_engine.distributed.worker import Start, Update, WorkerReport
 from ff_engine.engine.session import SessionConfig, new_session_id
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 from ff_engine.service import Overloaded
@@ -61,7 +68,7 @@ class Endpoint(Protocol):
 
     name: str
 
-    def step(self, cancel: list[str], start: list[Start]) -> cf.Future: ...  # of a WorkerReport
+    def step(self, cancel: list[str], start: list[Start], update: list[Update]) -> cf.Future: ...  # WorkerReport
 
     def validate(self, cfg: SessionConfig) -> tuple[FFEngineError | None, int]: ...  # WorkerLost if gone
 
@@ -83,6 +90,8 @@ class WorkerState:
     placed: dict[str, int] = field(default_factory=dict)
     to_cancel: list[str] = field(default_factory=list)
     to_start: list[Start] = field(default_factory=list)
+    to_update: list[tuple[Update, cf.Future]] = field(default_factory=list)
+    updating: list[tuple[Update, cf.Future]] = field(default_factory=list)  # sent with the call in flight
     inflight: cf.Future | None = None
     last_call: float = 0.0
     pages_used: int = 0  # the worker's own pool, as of its last report
@@ -187,6 +196,33 @@ class Router:
             self._place()
         self._kick()
 
+    def update(self, stream_id: str, prompt, recache_frames: int | None = None) -> int | None:
+        """Switch a stream's prompt at its next block boundary (``StreamHandle.update``).  Returns the block from
+        which the new prompt is in force (None when not known: a queued stream that resumes from a snapshot).
+        Raises ``UnknownStream``, ``ConfigError`` for a terminal stream or a bad argument, or the worker's
+        ``FFEngineError`` (a refused switch changes nothing; a failed re-cache ends the stream ``failed``)."""
+        if not isinstance(prompt, torch.Tensor):
+            raise ConfigError(f"prompt must be a tensor of text embeddings, got {type(prompt).__name__}")
+        if recache_frames is not None and (
+            isinstance(recache_frames, bool) or not isinstance(recache_frames, int) or recache_frames < 0
+        ):
+            raise ConfigError(f"recache_frames must be None or an integer >= 0, got {recache_frames!r}")
+        with self._lock:
+            record = self.table.get(stream_id)
+            if record.terminal:
+                raise ConfigError(f"stream {stream_id!r} is {record.state}: only a queued or running stream is updated")
+            w = self._worker(record.worker) if record.worker is not None else None
+            unsent = [s for s in w.to_start if s.cfg.session_id == stream_id] if w is not None else []
+            if w is None or unsent:  # not on a worker yet: the request itself changes
+                record.cfg = dataclasses.replace(record.cfg, prompt=prompt)
+                for s in unsent:
+                    s.cfg = record.cfg
+                return None if record.resumed else 0
+            answer = cf.Future()
+            w.to_update.append((Update(stream_id, prompt, recache_frames), answer))
+        self._kick()
+        return answer.result()
+
     def retry_after(self) -> float:
         """Seconds until the first running stream is expected to end (1 s when nothing measured yet)."""
         with self._lock:
@@ -240,6 +276,8 @@ class Router:
             for record in self.table.records():
                 self._fail(record, "the service shut down")
             self.queue.clear()
+            for w in self.workers:
+                self._refuse_updates(w, "the service shut down before the update was applied")
 
     # ---- placement (under the lock) ---------------------------------------------------------------
     def _best(self, pages: int) -> WorkerState | None:
@@ -308,6 +346,8 @@ class Router:
             with self._lock:
                 for record in self.table.records():
                     self._fail(record, f"the router crashed: {type(exc).__name__}: {exc}")
+                for w in self.workers:
+                    self._refuse_updates(w, "the router crashed before the update was applied")
             raise
 
     def _loop(self) -> None:
@@ -321,7 +361,13 @@ class Router:
                     if (
                         w.alive
                         and w.inflight is None
-                        and (w.to_cancel or w.to_start or w.placed or now - w.last_call >= self.heartbeat_s)
+                        and (
+                            w.to_cancel
+                            or w.to_start
+                            or w.to_update
+                            or w.placed
+                            or now - w.last_call >= self.heartbeat_s
+                        )
                     ):
                         self._send(w, now)
                 calls = {w.inflight: w for w in self.workers if w.inflight is not None}
@@ -333,10 +379,10 @@ class Router:
                         self._on_report(calls[fut], fut)
 
     def _send(self, w: WorkerState, now: float) -> None:
-        cancel, start = w.to_cancel, w.to_start
-        w.to_cancel, w.to_start, w.last_call = [], [], now
+        cancel, start, w.updating = w.to_cancel, w.to_start, w.to_update
+        w.to_cancel, w.to_start, w.to_update, w.last_call = [], [], [], now
         try:
-            w.inflight = w.endpoint.step(cancel, start)
+            w.inflight = w.endpoint.step(cancel, start, [u for u, _ in w.updating])
         except Exception as exc:  # noqa: BLE001 - an endpoint that cannot even take a call is lost
             self._lose(w, exc)
 
@@ -347,6 +393,13 @@ class Router:
         except Exception as exc:  # noqa: BLE001 - RayActorError, or a worker bug: either way the worker is gone
             self._lose(w, exc)
             return
+        assert len(rep.updated) == len(w.updating), "a worker answers every update it was sent"
+        for (u, answer), (block, error) in zip(w.updating, rep.updated):
+            record = self.table.find(u.session_id)
+            if error is None and record is not None:  # what a restart or resume after a worker death continues with
+                record.cfg = dataclasses.replace(record.cfg, prompt=u.prompt)
+            answer.set_exception(error) if error is not None else answer.set_result(block)
+        w.updating = []
         w.pages_used, w.pages_reserved = rep.pages_used, rep.pages_reserved
         if rep.batch:
             wall = rep.step_s + rep.persist_s + rep.snapshot_s
@@ -361,7 +414,7 @@ class Router:
         for sid, first in rep.started.items():
             record = self.table.find(sid)
             if record is not None and sid in w.placed:
-                record.skip_to(first)
+                record.started(first)
         for r in rep.results:
             record = self.table.find(r.session_id)
             if record is None or record.terminal or r.session_id not in w.placed:
@@ -392,6 +445,7 @@ class Router:
         w.placed.clear()
         w.to_start.clear()
         w.to_cancel.clear()
+        self._refuse_updates(w, f"worker {w.name} died before the update was applied; send it again")
         resume = []
         for sid in orphans:
             record = self.table.find(sid)
@@ -408,6 +462,12 @@ class Router:
                 )
         self.queue.extendleft(reversed(resume))
         self._place()
+
+    def _refuse_updates(self, w: WorkerState, why: str) -> None:
+        for _, answer in w.updating + w.to_update:
+            if not answer.done():
+                answer.set_exception(FFEngineError(why))
+        w.updating, w.to_update = [], []
 
     def _validate(self, cfg: SessionConfig) -> tuple[FFEngineError | None, int]:
         """Validate on a live worker's engine (all workers run the same model); a worker that died meanwhile is

@@ -47,6 +47,7 @@ class StreamRecord:
         self.worker: str | None = None
         self.error: str | None = None
         self.resumed = 0
+        self.resumed_from: int | None = None  # the block its last move continued from
         self.pages_held = 0
         self.blocks_done = 0
         self.ended_at: float | None = None
@@ -74,10 +75,13 @@ class StreamRecord:
             self._notify()
             return True
 
-    def skip_to(self, block: int) -> None:
-        """Blocks below ``block`` are on disk (a dead worker persisted them before its snapshot, which this stream
-        resumed from) though the service never received them: make them readable."""
+    def started(self, block: int) -> None:
+        """Its worker continues it from ``block``: 0, or after a move the block of the snapshot it was restored
+        from.  Blocks below that which the service never received are on disk (the dead worker persisted them
+        before it wrote the snapshot): make them readable."""
         with self._cond:
+            if self.resumed:
+                self.resumed_from = block
             if block > self.blocks_done:
                 if self.output_dir is None:
                     raise AssertionError("resuming past unreceived blocks needs an output directory")
@@ -155,6 +159,7 @@ class StreamRecord:
                 worker=self.worker,
                 error=self.error,
                 resumed=self.resumed,
+                extra={} if self.resumed_from is None else {"resumed_from_block": self.resumed_from},
                 output_dir=str(persist.stream_dir(self.output_dir, self.id)) if self.output_dir else None,
             )
 
@@ -191,6 +196,9 @@ class Handle:
 
     def cancel(self) -> None:
         self._service.cancel(self.id)
+
+    def update(self, prompt: torch.Tensor, recache_frames: int | None = None) -> int | None:
+        return self._service.update(self.id, prompt, recache_frames)
 
 
 class StreamTable:

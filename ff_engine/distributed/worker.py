@@ -4,10 +4,13 @@ The worker is a plain class: ``RayCluster`` wraps it as a Ray actor (one per GPU
 thread), ``LocalService`` calls it in-process.  Either way the router is its only caller and ``step`` is its only
 mutating entry point, so the engine is never touched by two threads (``validate`` / ``describe`` only read).
 
-One ``step(cancel, start)``, in this order:
+One ``step(cancel, start, update)``, in this order:
   1. cancel streams (their pages return to the pool before anything is admitted in the same call);
   2. start streams: a fresh request goes to the scheduler; a resumed one is restored from the snapshot its
-     previous worker wrote (or started from its request when there is none yet);
+     previous worker wrote (or started from its request when there is none yet), and switched to the request's
+     prompt when the stream's prompt changed after that snapshot;
+  2b. prompt updates, in the order sent (``Engine.switch_prompt``: between steps, so at a block boundary; a
+     stream still waiting in the scheduler gets the prompt in its request); each answer goes back in order;
   3. one scheduler step (one block of up to ``max_batch`` streams, batched);
   4. persist every finished block under ``output_dir`` (atomic file per block) — only then is it reported;
   5. snapshot every stream whose finished block count is a multiple of ``snapshot_every``.
@@ -18,6 +21,7 @@ fails (bad request, engine error, a block that cannot be persisted) comes back a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,12 +49,23 @@ class Start:
     resume: bool = False
 
 
+@dataclass(eq=False)
+class Update:
+    """Switch stream ``session_id`` to ``prompt`` at its next block boundary (``Engine.switch_prompt``)."""
+
+    session_id: str
+    prompt: torch.Tensor
+    recache_frames: int | None = None
+
+
 @dataclass
 class WorkerReport:
     name: str
     results: list[BlockResult] = field(default_factory=list)
     started: dict[str, int] = field(default_factory=dict)  # stream id -> first block this worker produces
     snapshots: dict[str, int] = field(default_factory=dict)  # stream id -> blocks its new snapshot covers
+    updated: list[tuple[int | None, FFEngineError | None]] = field(default_factory=list)  # per Update, in order:
+    # (the block from which the new prompt is in force, None) or (None, why it was refused)
     pages: dict[str, int] = field(default_factory=dict)  # active stream id -> pages held
     pages_total: int = 0
     pages_used: int = 0
@@ -121,7 +136,7 @@ class EngineWorker:
             return exc, 0
 
     # ---- the one mutating entry point ------------------------------------------------------------
-    def step(self, cancel: list[str] = (), start: list[Start] = ()) -> WorkerReport:
+    def step(self, cancel: list[str] = (), start: list[Start] = (), update: list[Update] = ()) -> WorkerReport:
         self._use_torch_threads()
         report = WorkerReport(self.name)
         for sid in cancel:
@@ -133,6 +148,7 @@ class EngineWorker:
                 report.started[sid] = self._start(s)
             except FFEngineError as exc:
                 report.results.append(BlockResult(sid, 0, None, True, str(exc)))
+        report.updated = [self._update(u, report) for u in update]
         t0, c0 = time.perf_counter(), time.thread_time()
         results = self.scheduler.step()
         report.step_s, report.step_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
@@ -176,7 +192,10 @@ class EngineWorker:
         path = persist.snapshot_path(self.output_dir, sid) if self.output_dir else None
         if s.resume and path is not None and path.exists():
             try:
-                return restore_session(self.engine, SessionSnapshot.load(path), sid).block
+                session = restore_session(self.engine, SessionSnapshot.load(path), sid)
+                if not torch.equal(session.cfg.prompt, s.cfg.prompt):  # switched after the snapshot: keep its prompt
+                    self.engine.switch_prompt(sid, s.cfg.prompt)
+                return session.block
             except SnapshotError as exc:  # unreadable or foreign: start over from the request (deterministic)
                 log.warning("stream %s: snapshot not usable (%s); restarting it from block 0", sid, exc)
         elif path is not None:
@@ -184,6 +203,24 @@ class EngineWorker:
         # blocks go to consumers (and disk) as they come: keep only the latents a prompt switch's re-cache reads
         self.scheduler.submit(streaming_config(s.cfg, self.engine.geometry.frames_per_block))
         return 0
+
+    def _update(self, u: Update, report: WorkerReport) -> tuple[int | None, FFEngineError | None]:
+        """Apply one prompt update between steps.  A refused one (``ConfigError``) changes nothing; a re-cache that
+        fails ends the stream (``Engine.switch_prompt``), which is then reported as a failed result too."""
+        sid = u.session_id
+        waiting = [i for i, cfg in enumerate(self.scheduler.waiting) if cfg.session_id == sid]
+        if waiting:  # not admitted yet: the prompt of its request (checked by the model at admission)
+            cfg = self.scheduler.waiting[waiting[0]]
+            self.scheduler.waiting[waiting[0]] = dataclasses.replace(cfg, prompt=u.prompt)
+            return 0, None
+        session = self.engine.sessions.get(sid)
+        try:
+            self.engine.switch_prompt(sid, u.prompt, u.recache_frames)
+        except FFEngineError as exc:
+            if session is not None and sid not in self.engine.sessions:
+                report.results.append(BlockResult(sid, session.block, None, True, session.error or str(exc)))
+            return None, exc
+        return session.block, None
 
     def _persist(self, r: BlockResult) -> BlockResult:
         if r.latents is None or self.output_dir is None:

@@ -2,7 +2,8 @@
 
 Client -> server (JSON text; ``event_id`` optional, at most 64 of ``[A-Za-z0-9_.:-]``):
   ``session.start``  the fields of ``POST /v1/videos`` + ``slow_client`` ("wait" | "drop") + ``include_latents``
-  ``session.update`` ``policy_params`` / ``prompt``, applied at the next block boundary where the service can
+  ``session.update`` ``prompt`` (a server-side name): the stream switches to it at its next block boundary
+                     (``StreamHandle.update``); ``policy_params`` cannot change mid-stream (an ``error`` names it)
   ``session.cancel`` (alias ``session.stop``), ``session.ping``
 Server -> client (JSON text, each with ``seq``: 0, 1, 2... per connection, in send order):
   ``session.started`` {session_id, config, num_blocks, frames_per_block, fps}; per block ``video.block``
@@ -201,44 +202,40 @@ class RealtimeSession:
         return answer
 
     async def _on_update(self, ev) -> dict | None:
+        """A new prompt (by server-side name) from the stream's next block boundary on (``StreamHandle.update``,
+        which waits for the worker to apply it: this connection's next event is read after that, at most about
+        two blocks later).  ``policy_params`` are checked, then refused: a running stream's policy is fixed."""
         if not self.running:
             await self.error(409, "type: no running session to update", "type", "no_session", ev.event_id)
             return None
-        update = getattr(self.rec.handle, "update", None)
-        changes = {}
         if ev.policy_params is not None:
             try:
-                changes["policy_params"] = validate_policy_params(self.rec.request["policy"], ev.policy_params)
+                validate_policy_params(self.rec.request["policy"], ev.policy_params)
             except ValueError as exc:
                 await self.error(422, str(exc), getattr(exc, "field", "policy_params"), "invalid_value", ev.event_id)
                 return None
-        if ev.prompt is not None:
-            try:
-                changes["prompt"] = self.state["runtime"].prompts.load(ev.prompt, 0)
-            except ValueError as exc:
-                await self.error(422, str(exc), "prompt", "invalid_value", ev.event_id)
-                return None
-        if update is None:
-            await self.error(
-                422,
-                f"{next(iter(changes), 'policy_params')}: this service cannot change a running "
-                "stream; start a new session",
-                next(iter(changes), "policy_params"),
-                "unsupported",
-                ev.event_id,
-            )
+            msg = "policy_params: a running stream's cache policy cannot change; start a new session"
+            await self.error(422, msg, "policy_params", "unsupported", ev.event_id)
             return None
+        if ev.prompt is None:
+            await self.error(422, "prompt: session.update needs a prompt name", "prompt", "invalid_value", ev.event_id)
+            return None
+        handle = self.rec.handle
         try:
-            applies_at = await asyncio.to_thread(update, **changes)
-        except ValueError as exc:
-            await self.error(422, str(exc).splitlines()[0], "policy_params", "unsupported", ev.event_id)
+            prompt = self.state["runtime"].prompts.load(ev.prompt, 0)
+            applies_at = await asyncio.to_thread(handle.update, prompt)
+        except ValueError as exc:  # FFEngineError: a bad prompt, or the stream ended meanwhile
+            ended = (await asyncio.to_thread(handle.status)).terminal
+            status, code = (409, "no_session") if ended else (422, "invalid_value")
+            msg = str(exc).splitlines()[0]
+            await self.error(status, msg if msg.startswith("prompt") else f"prompt: {msg}", "prompt", code, ev.event_id)
             return None
         answer = {
             "type": "session.updated",
             "event_id": ev.event_id,
             "session_id": self.rec.id,
             "applies_at_block": applies_at,
-            "changed": sorted(changes),
+            "changed": ["prompt"],
         }
         await self.emit(answer)
         return answer
