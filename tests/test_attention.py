@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from ff_engine.attention import AttentionBatch, get_backend
-from ff_engine.attention.torch_ref import TorchReferenceBackend
 from ff_engine.attention.vllm_cpu import VllmCpuBackend
 from ff_engine.cache import PagedKVCache
 from ff_engine.errors import ConfigError

@@ -7,10 +7,17 @@ import torch
 
 from ff_engine.attention import AttentionBatch, get_backend
 from ff_engine.attention.cuda_backends import VllmFlashAttnBackend
-from ff_engine.attention.flex import FlexAttentionBackend, paged_block_mask, varlen_block_mask
+from ff_engine.attention.flex import (
+    QUERY_BLOCK,
+    FlexAttentionBackend,
+    padded_rows,
+    paged_block_mask,
+    row_sequences,
+    varlen_block_mask,
+)
 from ff_engine.cache import PagedKVCache
 from ff_engine.errors import ConfigError
-from kernels import attention_with_lse
+from kernels import attention_with_lse, combine_lse
 from test_attention import CASES, TOL, dense_reference, make_batch, rel_err
 
 
@@ -40,9 +47,9 @@ def _expand(bm, n_q, n_kv):
     return out, mm
 
 
-def test_paged_block_mask_is_exact():
+def _fragmented_pool():
     """Sequences of many lengths (empty, one token, page-aligned, query blocks straddling sequences) over a
-    fragmented pool: listed blocks reproduce exactly 'row r sees the live slots of its own sequence's pages'."""
+    fragmented pool: (block_table, page lists, kv lens, cu_seqlens, page_size, slots)."""
     ps, lens_q, lens_kv = 16, [50, 300, 3, 0, 147, 1, 60], [33, 40, 16, 0, 5, 64, 1]
     g = torch.Generator().manual_seed(0)
     num_pages = 40
@@ -56,17 +63,52 @@ def test_paged_block_mask_is_exact():
     for i, t in enumerate(tables):
         bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
     cu = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
-    slots = (num_pages + 1) * ps
-    bm, row_seq = paged_block_mask(bt, torch.tensor(lens_kv, dtype=torch.int32), cu, ps, slots)
-    truth = torch.zeros(int(cu[-1]), slots, dtype=torch.bool)
+    return bt, tables, lens_kv, cu, ps, (num_pages + 1) * ps
+
+
+def _paged_truth(row_seq, tables, lens_kv, ps, slots):
+    truth = torch.zeros(row_seq.numel(), slots, dtype=torch.bool)
     for r in range(truth.shape[0]):
         i = int(row_seq[r])
         for t in range(lens_kv[i]):
             truth[r, tables[i][t // ps] * ps + t % ps] = True
+    return truth
+
+
+def test_paged_block_mask_is_exact():
+    """Listed blocks reproduce exactly 'row r sees the live slots of its own sequence's pages'."""
+    bt, tables, lens_kv, cu, ps, slots = _fragmented_pool()
+    bm, row_seq = paged_block_mask(bt, torch.tensor(lens_kv, dtype=torch.int32), cu, ps, slots)
+    truth = _paged_truth(row_seq, tables, lens_kv, ps, slots)
     listed, mm = _expand(bm, truth.shape[0], slots)
     assert torch.equal(listed, truth)
     assert torch.equal(mm, truth)  # mask_mod alone is exact too (PyTorch's eager path uses only it)
     assert int(bm.full_kv_num_blocks.sum()) > 0  # full pages skip mask_mod
+
+
+def _listed(bm, b):
+    return [j for num, idx in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices))
+            for j in idx[0, 0, b, : int(num[0, 0, b])].tolist()]
+
+
+def test_padded_paged_block_mask_lists_one_sequence_per_query_block():
+    """The compiled (CUDA) layout: rows padded per sequence to the query block, so no query block lists pages of
+    two sequences (a kernel that reads a listed page whole and masks afterwards never touches another stream);
+    the real rows still see exactly their own live slots."""
+    bt, tables, lens_kv, cu, ps, slots = _fragmented_pool()
+    cu_p, rows = padded_rows(cu)
+    assert int(cu_p[-1]) % QUERY_BLOCK == 0 and torch.equal(rows, torch.unique(rows))
+    bm, row_seq = paged_block_mask(bt, torch.tensor(lens_kv, dtype=torch.int32), cu_p, ps, slots)
+    page_owner = {p: i for i, t in enumerate(tables) for p in t}
+    for b in range(int(cu_p[-1]) // QUERY_BLOCK):
+        seqs = set(row_seq[b * QUERY_BLOCK:(b + 1) * QUERY_BLOCK].tolist())
+        assert len(seqs) == 1 and {page_owner[j] for j in _listed(bm, b)} <= seqs
+    truth = _paged_truth(row_sequences(cu), tables, lens_kv, ps, slots)
+    listed, mm = _expand(bm, int(cu_p[-1]), slots)
+    assert torch.equal(listed[rows], truth) and torch.equal(mm[rows], truth)
+    # the unpadded layout does straddle here: the padding is what the assertion above tests
+    bm_u, row_seq_u = paged_block_mask(bt, torch.tensor(lens_kv, dtype=torch.int32), cu, ps, slots)
+    assert any(len({page_owner[j] for j in _listed(bm_u, b)}) > 1 for b in range(bm_u.kv_num_blocks.shape[-1]))
 
 
 def test_varlen_block_mask_is_exact():
@@ -77,6 +119,31 @@ def test_varlen_block_mask_is_exact():
     listed, mm = _expand(bm, n, n)
     truth = row_seq[:, None] == row_seq[None, :]
     assert torch.equal(listed, truth) and torch.equal(mm, truth)
+
+
+def test_padded_varlen_block_mask_masks_pad_keys_and_never_straddles():
+    lens = [50, 100, 3, 0, 147, 1, 60]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu_p, rows = padded_rows(cu)
+    bm, row_seq = varlen_block_mask(cu_p, key_lens=cu[1:] - cu[:-1])
+    n_p = int(cu_p[-1])
+    for b in range(n_p // QUERY_BLOCK):  # query and KV blocks both lie inside one sequence
+        assert all(row_seq[j * QUERY_BLOCK] == row_seq[b * QUERY_BLOCK] for j in _listed(bm, b))
+    listed, mm = _expand(bm, n_p, n_p)
+    real = torch.zeros(n_p, dtype=torch.bool)
+    real[rows] = True
+    truth = (row_seq[:, None] == row_seq[None, :]) & real[None, :]  # pad keys are seen by no row
+    assert torch.equal(listed, truth) and torch.equal(mm, truth)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_flex_padded_layout_matches_dense_reference(case):
+    """The compiled path's padded layout, run eagerly on finite data: padding and unpadding lose no row."""
+    batch, dense = make_batch(*case, torch.float32, bias=True)
+    be = FlexAttentionBackend()
+    parts = [be.block_part(batch, padded=True), be.cache_part(batch, padded=True)]
+    out = combine_lse(parts)[0]
+    assert rel_err(out, dense_reference(batch, dense)) <= TOL[torch.float32]
 
 
 def _one_session_cache(k, v, lm, scatter: bool, ps=16):

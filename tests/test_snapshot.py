@@ -18,16 +18,6 @@ FRAMES = 18  # 6 blocks of 3 frames, 6 tokens per frame
 SUMMARY_KEYS = ("valid", "log_mass", "centroid", "radius")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from a second thread, and on a shared 2-core box OpenMP's
-    spinning threads made this module 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()

@@ -58,8 +58,8 @@ def flex_call(q, k, v, block_mask, scale, score_mod=None, compiled=False, kernel
     Uses ``return_aux=AuxRequest(lse=True)`` where PyTorch has it (>= 2.9) and ``return_lse`` before."""
     fa = _flex()
     fn = _compiled_flex() if compiled else fa.flex_attention
-    kw = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-              kernel_options=kernel_options)
+    kw = {"score_mod": score_mod, "block_mask": block_mask, "scale": scale, "enable_gqa": q.shape[1] != k.shape[1],
+          "kernel_options": kernel_options}
     with warnings.catch_warnings():
         # the eager path is intended off CUDA (tests, rehearsals): PyTorch's "not compiled" advice is noise there
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -138,27 +138,55 @@ def paged_block_mask(block_table, seq_lens, cu_seqlens, page_size, num_slots):
     return bm, row_seq
 
 
-def varlen_block_mask(cu_seqlens):
-    """BlockMask of the block part: each query row attends to the rows of its own sequence (block-diagonal)."""
+def varlen_block_mask(cu_seqlens, key_lens=None):
+    """BlockMask of the block part: each query row attends to the rows of its own sequence (block-diagonal).
+    ``key_lens`` [S] (padded layout, see ``padded_rows``): only the first ``key_lens[i]`` rows of sequence ``i``
+    are keys, the rest are padding that no row may see."""
     fa = _flex()
     row_seq = row_sequences(cu_seqlens)
-    n = row_seq.numel()
+    n, dev = row_seq.numel(), row_seq.device
+    if key_lens is None:
+        real = torch.ones(n, dtype=torch.bool, device=dev)
+    else:
+        real = torch.arange(n, device=dev) - cu_seqlens[:-1].long()[row_seq] < key_lens.long()[row_seq]
     qlo, qhi = _block_spans(row_seq, QUERY_BLOCK)
     klo, khi = _block_spans(row_seq, BLOCK_KV_BLOCK)
+    pad_in_block = torch.zeros(klo.numel() * BLOCK_KV_BLOCK, dtype=torch.int32, device=dev)
+    pad_in_block[:n] = (~real).to(torch.int32)
+    all_real = pad_in_block.view(-1, BLOCK_KV_BLOCK).sum(-1) == 0
     overlap = (qlo[:, None] <= khi[None, :]) & (klo[None, :] <= qhi[:, None])
-    full = (qlo == qhi)[:, None] & (klo == khi)[None, :] & (qlo[:, None] == klo[None, :])
-    cand = torch.arange(klo.numel(), device=row_seq.device).expand_as(overlap)
+    full = (qlo == qhi)[:, None] & (klo == khi)[None, :] & (qlo[:, None] == klo[None, :]) & all_real[None, :]
+    cand = torch.arange(klo.numel(), device=dev).expand_as(overlap)
     partial = overlap & ~full
     kv_num, kv_idx = _compact(cand, partial, cand.shape[1])
     full_num, full_idx = _compact(cand, full, cand.shape[1])
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return row_seq[q_idx] == row_seq[kv_idx]
+        return (row_seq[q_idx] == row_seq[kv_idx]) & real[kv_idx]
 
     bm = fa.BlockMask.from_kv_blocks(kv_num[None, None], kv_idx[None, None], full_num[None, None],
                                      full_idx[None, None], BLOCK_SIZE=(QUERY_BLOCK, BLOCK_KV_BLOCK),
                                      mask_mod=mask_mod, seq_lengths=(n, n), compute_q_blocks=False)
     return bm, row_seq
+
+
+def padded_rows(cu_seqlens: torch.Tensor, multiple: int = QUERY_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded layout: every sequence's rows padded to a multiple of ``multiple``, so no block of ``multiple``
+    rows holds rows of two sequences.  Returns (cu_padded int32 [S+1], rows int64 [N]: the padded row of every
+    real row, in order); pad rows belong to the sequence they pad."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    cu_padded = torch.zeros_like(cu_seqlens, dtype=torch.int64)
+    cu_padded[1:] = ((lens + multiple - 1) // multiple * multiple).cumsum(0)
+    row_seq = row_sequences(cu_seqlens)
+    offset = torch.arange(row_seq.numel(), device=row_seq.device) - cu_seqlens[:-1].long()[row_seq]
+    return cu_padded.to(torch.int32), cu_padded[:-1][row_seq] + offset
+
+
+def _pad(x: torch.Tensor, rows: torch.Tensor, n_padded: int) -> torch.Tensor:
+    """[N, H, D] -> [1, H, n_padded, D] with ``x``'s rows at ``rows`` and zeros (finite) elsewhere."""
+    out = x.new_zeros((n_padded, *x.shape[1:]))
+    out[rows] = x
+    return out.transpose(0, 1)[None]
 
 
 def _rows_out(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,38 +226,96 @@ class FlexAttentionBackend(AttentionBackend):
         # The Triton kernel's BLOCK_N must divide the sparse KV block (one page); its default tiles are 64/128.
         return {"BLOCK_N": page_size} if device.type == "cuda" and page_size < 64 else None
 
+    @staticmethod
+    def _padded(compiled: bool, padded: bool | None) -> bool:
+        # the padded layout is the compiled kernel's; eager flex computes dense scores, so it goes per sequence
+        return compiled if padded is None else padded
+
     def forward(self, batch: AttentionBatch) -> torch.Tensor:
         q, view = batch.q, batch.cache
         compiled = self._compile(q.device)
-        q4 = q.transpose(0, 1)[None]
-        cu = batch.cu_seqlens.to(q.device)
-        bm, _ = varlen_block_mask(cu)
-        parts = [_rows_out(*flex_call(q4, batch.k.transpose(0, 1)[None], batch.v.transpose(0, 1)[None], bm,
-                                      batch.scale, compiled=compiled))]
+        parts = [self.block_part(batch, compiled=compiled)]
         if view is not None and int(view.seq_lens.max()) > 0:
             parts.append(self.cache_part(batch, compiled=compiled))
         return combine_lse(parts)[0].to(q.dtype)
 
-    def cache_part(self, batch: AttentionBatch, compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_part(self, batch: AttentionBatch, compiled: bool | None = None,
+                   padded: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out [N, H, D], lse [N, H]) of the batch's queries over their own block's K/V (block-diagonal)."""
+        q, k, v = batch.q, batch.k, batch.v
+        compiled = self._compile(q.device) if compiled is None else compiled
+        cu = batch.cu_seqlens.to(q.device)
+        if self._padded(compiled, padded):
+            cu_p, rows = padded_rows(cu)
+            n_p = int(cu_p[-1])
+            bm, _ = varlen_block_mask(cu_p, key_lens=cu[1:] - cu[:-1])
+            out, lse = _rows_out(*flex_call(_pad(q, rows, n_p), _pad(k, rows, n_p), _pad(v, rows, n_p), bm,
+                                            batch.scale, compiled=compiled))
+            return out[rows], lse[rows]
+        outs = [_rows_out(*flex_call(q[s].transpose(0, 1)[None], k[s].transpose(0, 1)[None],
+                                     v[s].transpose(0, 1)[None], None, batch.scale, compiled=compiled))
+                for s in map(batch.seq, range(batch.num_seqs)) if s.stop > s.start]
+        return _cat_rows(outs, q)
+
+    def cache_part(self, batch: AttentionBatch, compiled: bool | None = None,
+                   padded: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(out [N, H, D], lse [N, H]) of the batch's queries over their cached pages only."""
         q, view = batch.q, batch.cache
         compiled = self._compile(q.device) if compiled is None else compiled
         if len(set(view.session_ids)) != len(view.session_ids):
             raise ConfigError(f"a batch holds a session twice: {view.session_ids} (session_ids)")
-        cache, ps = view.cache, view.page_size
-        hkv, d = view.key_cache.shape[2], view.key_cache.shape[3]
+        if not self.bias and view.has_bias():
+            raise ConfigError("bias=False but the cache holds merged tokens (log-mass != 0)")
+        if self._padded(compiled, padded):
+            return self._cache_padded(batch, compiled)
+        seqs = [i for i in range(batch.num_seqs) if batch.seq(i).stop > batch.seq(i).start]
+        return _cat_rows([self._cache_one(batch, i, compiled) for i in seqs], q)
+
+    def _score_mod(self, log_mass: torch.Tensor):
+        if not self.bias:
+            return None
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + log_mass[kv_idx].to(score.dtype)
+
+        return score_mod
+
+    def _cache_padded(self, batch: AttentionBatch, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole pool viewed as one KV sequence (no copy), query rows in the padded layout: every query block
+        lies inside one sequence, so it lists only that sequence's pages."""
+        q, view = batch.q, batch.cache
+        ps, hkv, d = view.page_size, view.key_cache.shape[2], view.key_cache.shape[3]
         kc = view.key_cache.view(-1, hkv, d).transpose(0, 1)[None]  # [1, Hkv, slots, D]: a view, no copy
         vc = view.value_cache.view(-1, hkv, d).transpose(0, 1)[None]
-        bm, _ = paged_block_mask(view.block_table.to(q.device), view.seq_lens.to(q.device),
-                                 batch.cu_seqlens.to(q.device), ps, kc.shape[2])
-        score_mod = None
-        if self.bias:
-            log_mass = cache.log_mass.view(-1)
+        cu_p, rows = padded_rows(batch.cu_seqlens.to(q.device))
+        bm, _ = paged_block_mask(view.block_table.to(q.device), view.seq_lens.to(q.device), cu_p, ps, kc.shape[2])
+        out, lse = _rows_out(*flex_call(_pad(q, rows, int(cu_p[-1])), kc, vc, bm, batch.scale,
+                                        self._score_mod(view.cache.log_mass.view(-1)), compiled,
+                                        self._kernel_options(ps, q.device)))
+        return out[rows], lse[rows]
 
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + log_mass[kv_idx].to(score.dtype)
-        elif view.has_bias():
-            raise ConfigError("bias=False but the cache holds merged tokens (log-mass != 0)")
-        out, lse = flex_call(q.transpose(0, 1)[None], kc, vc, bm, batch.scale, score_mod, compiled,
-                             self._kernel_options(ps, q.device))
-        return _rows_out(out, lse)
+    def _cache_one(self, batch: AttentionBatch, i: int, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence ``i``'s rows over a compact copy of its own pages only (``index_select``): the kernel sees no
+        slot of another stream, whatever it computes densely."""
+        q, view, s = batch.q[batch.seq(i)], batch.cache, batch.seq(i)
+        ps, hkv, d = view.page_size, view.key_cache.shape[2], view.key_cache.shape[3]
+        seq_len = view.seq_lens[i : i + 1].to(q.device)
+        n_pages = (int(seq_len) + ps - 1) // ps
+        if n_pages == 0:
+            return q.new_zeros(q.shape), torch.full(q.shape[:2], float("-inf"), device=q.device)
+        pages = view.block_table[i, :n_pages].to(q.device).long()
+        kc = view.key_cache.index_select(0, pages).view(-1, hkv, d).transpose(0, 1)[None]
+        vc = view.value_cache.index_select(0, pages).view(-1, hkv, d).transpose(0, 1)[None]
+        compact_table = torch.arange(n_pages, dtype=torch.int32, device=q.device)[None]
+        cu = torch.tensor([0, s.stop - s.start], dtype=torch.int32, device=q.device)
+        bm, _ = paged_block_mask(compact_table, seq_len, cu, ps, n_pages * ps)
+        score_mod = self._score_mod(view.cache.log_mass.index_select(0, pages).view(-1))
+        return _rows_out(*flex_call(q.transpose(0, 1)[None], kc, vc, bm, batch.scale, score_mod, compiled,
+                                    self._kernel_options(ps, q.device)))
+
+
+def _cat_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (out, lse) pairs, in row order, as one (out [N, H, D], lse [N, H]); N = 0 gives empty ones."""
+    if not parts:
+        return q.new_zeros(q.shape), torch.full(q.shape[:2], float("-inf"), device=q.device)
+    return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])

@@ -25,8 +25,8 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from ff_engine.distributed.routed import RoutedService
 from ff_engine.distributed.router import Router, WorkerLost
-from ff_engine.distributed.streams import Handle
 from ff_engine.distributed.worker import EngineWorker, Start, Update
 from ff_engine.engine.session import SessionConfig
 from ff_engine.errors import ConfigError, FFEngineError
@@ -82,7 +82,7 @@ class RayEndpoint:
         ray.kill(self.actor, no_restart=True)
 
 
-class RayCluster:
+class RayCluster(RoutedService):
     """``model``: a ``ModelSpec`` or an ``nn.Module``.  ``num_workers``: default one per GPU (one CPU worker when
     there are none).  Engine arguments per worker as ``Engine`` (``num_pages`` is each worker's pool);
     ``snapshot_every``: blocks between a stream's snapshots, 0 = off; the rest as ``Router``."""
@@ -147,22 +147,6 @@ class RayCluster:
         except BaseException:
             self.shutdown_workers()
             raise
-
-    def submit(self, cfg: SessionConfig) -> Handle:
-        return self.router.submit(cfg)
-
-    def get(self, stream_id: str) -> Handle:
-        return self.router.get(stream_id)
-
-    def cancel(self, stream_id: str) -> None:
-        self.router.cancel(stream_id)
-
-    def update(self, stream_id: str, prompt: torch.Tensor, recache_frames: int | None = None) -> int | None:
-        """``StreamHandle.update`` of stream ``stream_id`` (``Router.update``)."""
-        return self.router.update(stream_id, prompt, recache_frames)
-
-    def stats(self) -> dict:
-        return self.router.stats()
 
     def describe(self) -> dict:
         """A live worker's model and pool (``EngineWorker.describe``)."""

@@ -15,8 +15,8 @@ import concurrent.futures as cf
 
 import torch
 
+from ff_engine.distributed.routed import RoutedService
 from ff_engine.distributed.router import Router
-from ff_engine.distributed.streams import Handle
 from ff_engine.distributed.worker import EngineWorker, Start, Update
 from ff_engine.engine.session import SessionConfig
 
@@ -50,7 +50,7 @@ class LocalEndpoint:
         self._thread.shutdown(wait=True, cancel_futures=True)
 
 
-class LocalService:
+class LocalService(RoutedService):
     """``model``: an ``nn.Module`` or a ``ModelSpec``.  Engine arguments as ``Engine``; ``max_batch`` as
     ``Scheduler``; ``max_queue``, ``keep_blocks``, ``retention_s``, ``max_terminal`` as ``Router``."""
 
@@ -94,22 +94,6 @@ class LocalService:
         except BaseException:
             self._endpoint.kill()
             raise
-
-    def submit(self, cfg: SessionConfig) -> Handle:
-        return self.router.submit(cfg)
-
-    def get(self, stream_id: str) -> Handle:
-        return self.router.get(stream_id)
-
-    def cancel(self, stream_id: str) -> None:
-        self.router.cancel(stream_id)
-
-    def update(self, stream_id: str, prompt: torch.Tensor, recache_frames: int | None = None) -> int | None:
-        """``StreamHandle.update`` of stream ``stream_id`` (``Router.update``)."""
-        return self.router.update(stream_id, prompt, recache_frames)
-
-    def stats(self) -> dict:
-        return self.router.stats()
 
     def describe(self) -> dict:
         """The worker's model and pool (``EngineWorker.describe``): geometry, model config, pages, page size."""

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ff_engine.errors import ConfigError
 from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens, layer_tensors_state, take_layer_state
 from ff_engine.policies.future_forcing import FutureForcing, FutureQueryProxy
 from ff_engine.policies.params import MAX_POLICY_SEED, param
