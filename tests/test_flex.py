@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from test_attention import CASES, TOL, dense_reference, make_batch, rel_err
 
 from ff_engine.attention import AttentionBatch, get_backend
 from ff_engine.attention.cuda_backends import VllmFlashAttnBackend
@@ -18,7 +19,6 @@ from ff_engine.attention.flex import (
 from ff_engine.cache import PagedKVCache
 from ff_engine.errors import ConfigError
 from kernels import attention_with_lse, combine_lse
-from test_attention import CASES, TOL, dense_reference, make_batch, rel_err
 
 
 @pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
@@ -107,7 +107,7 @@ def test_padded_paged_block_mask_lists_one_sequence_per_query_block():
     listed, mm = _expand(bm, int(cu_p[-1]), slots)
     assert torch.equal(listed[rows], truth) and torch.equal(mm[rows], truth)
     # the unpadded layout does straddle here: the padding is what the assertion above tests
-    bm_u, row_seq_u = paged_block_mask(bt, torch.tensor(lens_kv, dtype=torch.int32), cu, ps, slots)
+    bm_u, _ = paged_block_mask(bt, torch.tensor(lens_kv, dtype=torch.int32), cu, ps, slots)
     assert any(len({page_owner[j] for j in _listed(bm_u, b)}) > 1 for b in range(bm_u.kv_num_blocks.shape[-1]))
 
 

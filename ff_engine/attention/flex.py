@@ -4,24 +4,40 @@ Why FlexAttention: it ships with PyTorch (no vLLM wheel, no flash-attn build), i
 ``score_mod`` (a merged token's ``log m``), it returns the LSE, and its block-sparse ``BlockMask`` can *be* the
 page table.  It is the one CUDA path every machine with PyTorch has.
 
-How the page table becomes a block mask:
+Isolation (the rule, enforced by construction): the kernel is never shown a slot that does not belong to the
+sequence whose rows it computes.  Masking is not enough: a masked probability is 0, and ``0 * NaN = NaN``, so a
+live stream whose K/V overflowed would poison every row that merely *reads* its slots.  The cache guarantees
+the rest (``PagedKVCache``: every slot without a live token is all-zero, so a sequence's own partly filled last
+page is safe to read whole).  Two layouts keep the rule:
+  * eager (off CUDA): PyTorch's eager path computes dense scores for all rows x all KV, so it goes one sequence
+    at a time, over a compact ``index_select`` copy of that sequence's own pages
+    (``[1, Hkv, n_pages * page_size, D]``, page ids remapped to ``0 .. n_pages - 1``; ``log_mass`` likewise).
+  * padded (compiled, CUDA): one call for the batch, each sequence's query rows padded to a multiple of
+    ``QUERY_BLOCK`` (``padded_rows``; pad rows are zero and dropped from the output), so no query tile straddles
+    two sequences and a query block lists only its own sequence's pages.  The block part pads K/V rows the same
+    way (its KV tile is ``BLOCK_KV_BLOCK = QUERY_BLOCK``) and masks pad keys.  Cost: up to ``QUERY_BLOCK - 1``
+    extra query rows per sequence (56 for a 3-latent-frame Wan block of 4680 rows: 1.2 %); no copy of the cache.
+
+How the page table becomes a block mask (``paged_block_mask``, in either layout):
   * The physical cache ``[pages + 1, page_size, Hkv, D]`` is viewed, without a copy, as one KV sequence
     ``[1, Hkv, (pages + 1) * page_size, D]``; KV block ``j`` of the block mask (``KV_BLOCK = page_size``) is
-    physical page ``j``.
-  * Query rows are the batch's rows, in blocks of ``QUERY_BLOCK``.  A query block lists the pages of every
-    sequence its rows belong to.  A page is a *full* block (no ``mask_mod`` call) when the query block lies inside
-    one sequence and the page is full; the last, partly filled page of a sequence and every page of a query block
-    that straddles sequences are *partial* blocks, where ``mask_mod`` keeps key slot ``s`` for row ``r`` iff page
-    ``s // page_size`` belongs to ``r``'s sequence and ``s % page_size`` is below that page's fill.
+    physical page ``j`` (in the eager layout: compact page ``j`` of the one sequence).
+  * Query rows are the call's rows, in blocks of ``QUERY_BLOCK``.  A query block lists the pages of every
+    sequence its rows belong to (one, in both layouts above; the builder stays exact for straddling blocks too).
+    A page is a *full* block (no ``mask_mod`` call) when the query block lies inside one sequence and the page
+    is full; the last, partly filled page of a sequence is a *partial* block, where ``mask_mod`` keeps key slot
+    ``s`` for row ``r`` iff page ``s // page_size`` belongs to ``r``'s sequence and ``s % page_size`` is below
+    that page's fill.
   * ``mask_mod`` is exact on its own (PyTorch's eager path uses only it), and the block lists are exact for it
-    (``tests/test_flex.py`` expands them element by element and compares).
+    (``tests/test_flex.py`` expands them element by element and compares, and checks the padded layout lists one
+    sequence per query block).
   * ``score_mod`` adds ``log_mass[slot]`` to the logit: merged tokens are served here, not by a fallback.
 
-The block's own K/V are a second call with a block-diagonal (varlen) mask over the batch's rows; the two parts
+The block's own K/V are a second call with a block-diagonal (varlen) mask over the call's rows; the two parts
 are combined exactly by their LSE (``kernels.combine_lse``), as the flash-attn backends do.
 
-On CUDA ``flex_attention`` is compiled (Triton); elsewhere it runs eagerly: PyTorch's reference path, which
-materialises the scores over the whole pool -- for tests and rehearsals only (the CPU engine uses vLLM's op).
+On CUDA ``flex_attention`` is compiled (Triton) and uses the padded layout; elsewhere it runs eagerly, one
+sequence at a time -- for tests and rehearsals only (the CPU engine uses vLLM's op).
 Invariants: a page is owned by at most one sequence of a batch (a view holds distinct sessions of one layer);
 rows with no key at all (an empty cache) have LSE ``-inf`` and contribute nothing.
 """
