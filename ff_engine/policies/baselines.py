@@ -17,7 +17,7 @@ def attention_to_cache(q: torch.Tensor, k: torch.Tensor, log_mass: torch.Tensor)
     """Mean over queries and heads of softmax(q.k / sqrt d + log m) over the cached keys: [N]."""
     nq, h, d = q.shape
     kk = k.float().repeat_interleave(h // k.shape[1], dim=1)
-    out = torch.zeros(k.shape[0])
+    out = torch.zeros(k.shape[0], device=k.device)
     for hh in range(h):  # one head at a time keeps memory at O(Nq * N)
         logits = q[:, hh].float() @ kk[:, hh].T / math.sqrt(d) + log_mass.float()[None]
         out += torch.softmax(logits, dim=1).mean(0)
@@ -56,8 +56,9 @@ class H2O(_QuerySample, CachePolicy):
 
     def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         n = tokens.num_tokens
-        acc = self._acc.get(ctx.layer, torch.zeros(0))
-        acc = torch.cat([acc, torch.zeros(n - acc.numel())])
+        dev = ctx.cache.device  # the accumulator lives beside the keys it scores
+        acc = self._acc.get(ctx.layer, torch.zeros(0, device=dev))
+        acc = torch.cat([acc, torch.zeros(n - acc.numel(), device=dev)])
         if ctx.layer in self._q:
             acc = acc + attention_to_cache(self._q[ctx.layer], tokens.k, tokens.log_mass)
         self._acc[ctx.layer] = acc

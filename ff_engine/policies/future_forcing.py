@@ -38,10 +38,11 @@ from kernels import expected_attention_scores, proxy_factors
 
 # ---- rotations --------------------------------------------------------------------------------------
 def pair_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Dense [D, D] block-diagonal matrix of 2x2 blocks [[c, -s], [s, c]] acting on adjacent pairs."""
+    """Dense [D, D] block-diagonal matrix of 2x2 blocks [[c, -s], [s, c]] acting on adjacent pairs, float64 on
+    ``cos``'s device."""
     d2 = cos.numel()
-    m = torch.zeros(2 * d2, 2 * d2, dtype=torch.float64)
-    i = torch.arange(d2)
+    m = torch.zeros(2 * d2, 2 * d2, dtype=torch.float64, device=cos.device)
+    i = torch.arange(d2, device=cos.device)
     m[2 * i, 2 * i], m[2 * i, 2 * i + 1] = cos, -sin
     m[2 * i + 1, 2 * i], m[2 * i + 1, 2 * i + 1] = sin, cos
     return m
@@ -56,7 +57,7 @@ def rotation_average(angles: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     n = angles.shape[0]
     up = lambda x: x.repeat_interleave(2, 0).repeat_interleave(2, 1)  # noqa: E731  [D/2, D/2] -> [D, D]
     cc, cs, sc, ss = (up(a.T @ b / n) for a, b in ((c, c), (c, s), (s, c), (s, s)))
-    j = pair_matrix(torch.zeros(c.shape[1], dtype=torch.float64), torch.ones(c.shape[1], dtype=torch.float64))
+    j = pair_matrix(torch.zeros_like(c[0]), torch.ones_like(c[0]))
     m = m.double()
     return cc * m - cs * (m @ j) + sc * (j @ m) - ss * (j @ m @ j)
 
@@ -178,12 +179,13 @@ class FutureQueryProxy:
         mu, sigma = self.moments(layer)
         if not self.rotate or rope is None:
             return mu[None], sigma[None]
-        angles = rope.phases(self.future_positions(newest_frame, token_grid, getattr(rope, "max_frames", None)))  # [M, D/2]
+        positions = self.future_positions(newest_frame, token_grid, getattr(rope, "max_frames", None))
+        angles = rope.phases(positions).to(mu.device)  # [M, D/2]; the adapter's RoPE table lives on the CPU
         if self.form in ("cheap", "moment"):  # the mean rotation Rbar
             mats = pair_matrix(torch.cos(angles).mean(0), torch.sin(angles).mean(0))[None]
         else:
             g = torch.Generator().manual_seed(self.seed + 7919 * newest_frame)
-            pick = torch.randperm(angles.shape[0], generator=g)[: self.samples]
+            pick = torch.randperm(angles.shape[0], generator=g)[: self.samples].to(mu.device)
             mats = torch.stack([pair_matrix(torch.cos(a), torch.sin(a)) for a in angles[pick]])
         mu_f = torch.einsum("pde,he->phd", mats, mu)
         if self.form != "moment":
@@ -393,15 +395,16 @@ class FutureForcing(CachePolicy):
         if not (self.page_candidates if use_pages is None else use_pages):
             return (~protected).nonzero().flatten(), None
         est, page_mass = self.page_estimates(ctx, mu_f, sigma_f)
-        free_per_page = torch.zeros(est.numel(), dtype=torch.long)
-        page_of = torch.arange(n) // ps
+        dev = protected.device
+        free_per_page = torch.zeros(est.numel(), dtype=torch.long, device=dev)
+        page_of = torch.arange(n, device=dev) // ps
         free_per_page.index_add_(0, page_of, (~protected).long())
         est = est.masked_fill(free_per_page == 0, float("inf"))
         order = torch.argsort(est)
         need = math.ceil(self.candidate_oversample * n_remove)
         cum = torch.cumsum(free_per_page[order], 0)
-        take = int(torch.searchsorted(cum, torch.tensor(min(need, int(cum[-1]))))) + 1
-        chosen = torch.zeros(est.numel(), dtype=torch.bool)
+        take = int(torch.searchsorted(cum, torch.tensor(min(need, int(cum[-1])), device=dev))) + 1
+        chosen = torch.zeros(est.numel(), dtype=torch.bool, device=dev)
         chosen[order[:take]] = True
         cand = (chosen[page_of] & ~protected).nonzero().flatten()
         rest = ~chosen & (free_per_page > 0)
@@ -422,7 +425,7 @@ class FutureForcing(CachePolicy):
     def _merge(self, k, v, lm, victims, partners_pool, mu_f, sigma_f):
         """Return (victim -> partner assignment or -1, merged k/v/log-mass of partners that received merges)."""
         hkv, d = k.shape[1], k.shape[2]
-        assign = torch.full((victims.numel(),), -1, dtype=torch.long)
+        assign = torch.full((victims.numel(),), -1, dtype=torch.long, device=victims.device)
         if self.merge == "none" or partners_pool.numel() == 0 or victims.numel() == 0:
             return assign, None
         mu_g, basis = self._subspace(mu_f, sigma_f, hkv)
@@ -442,29 +445,30 @@ class FutureForcing(CachePolicy):
         sources = torch.cat([victims[ok], assign[ok].unique()])
         targets, gid = members.unique(return_inverse=True)
         kk, vv, ll = k[sources].double(), v[sources].double(), lm[sources].double()
+        f64 = {"dtype": torch.float64, "device": k.device}  # the merge arithmetic, on the cache's device
         if self.merge == "log-mass":
             w = torch.exp(ll - ll.max())
-            wsum = torch.zeros(targets.numel(), dtype=torch.float64).index_add_(0, gid, w)
-            nk = torch.zeros(targets.numel(), hkv, d, dtype=torch.float64).index_add_(0, gid, w[:, None, None] * kk)
+            wsum = torch.zeros(targets.numel(), **f64).index_add_(0, gid, w)
+            nk = torch.zeros(targets.numel(), hkv, d, **f64).index_add_(0, gid, w[:, None, None] * kk)
             nv = torch.zeros_like(nk).index_add_(0, gid, w[:, None, None] * vv)
             nk, nv = nk / wsum[:, None, None], nv / wsum[:, None, None]
             nl = torch.log(wsum) + ll.max()
         else:  # affine: keep the group's proxy logit mass on the hyperplane mu_g . k = c, no bias needed
             zl = torch.einsum("nhd,hd->nh", kk, mu_g) / math.sqrt(d) + ll[:, None]  # [n, Hkv]
-            zmax = torch.full((targets.numel(), hkv), float("-inf"), dtype=torch.float64).scatter_reduce_(
+            zmax = torch.full((targets.numel(), hkv), float("-inf"), **f64).scatter_reduce_(
                 0, gid[:, None].expand_as(zl), zl, "amax")
             ez = torch.exp(zl - zmax[gid])
-            esum = torch.zeros(targets.numel(), hkv, dtype=torch.float64).index_add_(0, gid, ez)
+            esum = torch.zeros(targets.numel(), hkv, **f64).index_add_(0, gid, ez)
             c = math.sqrt(d) * (torch.log(esum) + zmax)  # [T, Hkv]
             w = torch.exp(ll - ll.max())
-            wsum = torch.zeros(targets.numel(), dtype=torch.float64).index_add_(0, gid, w)
-            kbar = torch.zeros(targets.numel(), hkv, d, dtype=torch.float64).index_add_(0, gid, w[:, None, None] * kk)
+            wsum = torch.zeros(targets.numel(), **f64).index_add_(0, gid, w)
+            kbar = torch.zeros(targets.numel(), hkv, d, **f64).index_add_(0, gid, w[:, None, None] * kk)
             kbar = kbar / wsum[:, None, None]
             step = (c - torch.einsum("thd,hd->th", kbar, mu_g)) / mu_g.pow(2).sum(-1).clamp_min(1e-12)
             nk = kbar + step[..., None] * mu_g[None]
             att = ez / esum[gid]  # softmax within the group, per kv head
-            nv = torch.zeros(targets.numel(), hkv, d, dtype=torch.float64).index_add_(0, gid, att[..., None] * vv)
-            nl = torch.zeros(targets.numel(), dtype=torch.float64)
+            nv = torch.zeros(targets.numel(), hkv, d, **f64).index_add_(0, gid, att[..., None] * vv)
+            nl = torch.zeros(targets.numel(), **f64)
         return assign, (targets, nk.to(k.dtype), nv.to(v.dtype), nl.float())
 
     # budgets ---------------------------------------------------------------------------------------------
@@ -535,7 +539,7 @@ class FutureForcing(CachePolicy):
         scoring removes: 1 is as good as exact, 2 removes twice the attention the future queries would pay.
         Recall counts a near-tie miss like a disaster; this weighs what is lost."""
         cand, _, _, _, imp, *_ = self._rank(ctx, use_pages=False)
-        full = torch.zeros(ctx.num_tokens)
+        full = torch.zeros(ctx.num_tokens, device=imp.device)
         full[cand] = imp
         exact = full[self._lowest(cand, imp, ctx)].sum()
         return float(full[self.victims(ctx, use_pages=True)].sum() / exact.clamp_min(1e-30))
@@ -567,7 +571,7 @@ class FutureForcing(CachePolicy):
         if merged is not None:
             targets, nk, nv, nl = merged
             cache.update(sid, layer, cand[targets], nk, nv, nl)
-        drop = torch.zeros(n, dtype=torch.bool)
+        drop = torch.zeros(n, dtype=torch.bool, device=cand.device)
         drop[cand[victims_local]] = True
         keep = (~drop).nonzero().flatten()
         self.on_compact(layer, cache.compact(sid, layer, keep))
