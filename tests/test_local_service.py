@@ -173,3 +173,39 @@ def test_a_prompt_update_equals_an_engine_switch_at_the_same_boundary(model):
         ref += [r.latents for r in e.step([s.id])]
     assert torch.equal(torch.cat(got), torch.cat(ref))
     assert not torch.equal(torch.cat(got), reference(model, c))  # the switch changed the stream
+
+
+def test_a_snapshot_newer_than_the_blocks_on_disk_restarts_the_stream_from_block_0(model, tmp_path):
+    """``started(k)`` makes blocks below k readable at once, so a resumed worker must not trust a snapshot whose
+    blocks are not all on disk (here block 1's file is gone): it restarts from block 0 and rewrites them."""
+    c = cfg(7, 15, FutureForcing(), 6)
+    kw = {"num_pages": 60, "page_size": PAGE, "backend": "vllm-cpu", "max_batch": 1, "snapshot_every": 2}
+    a = EngineWorker("a", model, output_dir=str(tmp_path), **kw)
+    a.step(start=[Start(c)]), a.step()
+    assert persist.snapshot_path(str(tmp_path), "s7").exists()
+    persist.block_path(str(tmp_path), "s7", 1).unlink()
+    b = EngineWorker("b", model, output_dir=str(tmp_path), **kw)
+    report = b.step(start=[Start(c, resume=True)])
+    assert report.started == {"s7": 0} and [r.block for r in report.results] == [0]
+    out = report.results
+    while b.engine.sessions:
+        out += b.step().results
+    assert not persist.missing_blocks(str(tmp_path), "s7", 5)
+    assert torch.equal(torch.cat([r.latents for r in out]), reference(model, c))
+
+
+def test_two_writers_of_one_block_in_one_process_both_succeed(tmp_path, monkeypatch):
+    """The second writer starts while the first is between writing its temporary file and renaming it (as a
+    resumed worker beside the one it replaces would): each must rename its own file, none fails "No such file"."""
+    real_save, nested = persist.save_file, []
+
+    def save_then_interleave(tensors, filename):
+        real_save(tensors, filename)
+        if not nested:
+            nested.append(filename)
+            persist.write_block(str(tmp_path), "s", 5, torch.full((1, 2), 2.0))
+
+    monkeypatch.setattr(persist, "save_file", save_then_interleave)
+    persist.write_block(str(tmp_path), "s", 5, torch.ones(1, 2))
+    assert torch.equal(persist.read_block(str(tmp_path), "s", 5), torch.ones(1, 2))
+    assert [p.name for p in persist.stream_dir(str(tmp_path), "s").iterdir()] == ["block_00005.safetensors"]

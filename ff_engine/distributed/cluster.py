@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 
 import ray
@@ -114,7 +115,8 @@ class RayCluster(RoutedService):
             ray.init(address=address, **(ray_init or {}))
         gpus = int(ray.cluster_resources().get("GPU", 0))
         num_workers = num_workers or max(gpus, 1)
-        self.output_dir = output_dir or tempfile.mkdtemp(prefix="ff-engine-cluster-")
+        # Absolute: the driver and every worker process must name the same folder whatever their working directory.
+        self.output_dir = os.path.abspath(output_dir or tempfile.mkdtemp(prefix="ff-engine-cluster-"))
         source = ray.put(model) if isinstance(model, torch.nn.Module) else model
         resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         self.actors = {

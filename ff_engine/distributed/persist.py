@@ -15,6 +15,7 @@ bucket): recovery reads the snapshot a dead worker wrote.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,18 +36,27 @@ def snapshot_path(output_dir: str | Path, stream_id: str) -> Path:
     return stream_dir(output_dir, stream_id) / SNAPSHOT_NAME
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_block(output_dir: str | Path, stream_id: str, block: int, latents: torch.Tensor) -> Path:
-    """Persist one finished block atomically; returns its path."""
+    """Persist one finished block atomically; returns its path.  The temporary name is unique per call
+    (``mkstemp``), not per process: two writers of the same block in one process (a resumed worker beside the
+    one it replaces, both in-process) would otherwise share it, and the second ``os.replace`` fail with
+    "No such file" (or install the other writer's half-written file)."""
     path = block_path(output_dir, stream_id, block)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def missing_blocks(output_dir: str | Path, stream_id: str, blocks: int) -> list[int]:
+    """Which of blocks ``0 .. blocks - 1`` have no file (a snapshot covering them is only safe when none)."""
+    return [i for i in range(blocks) if not block_path(output_dir, stream_id, i).exists()]
 
 
 def read_block(output_dir: str | Path, stream_id: str, block: int) -> torch.Tensor:

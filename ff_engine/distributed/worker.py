@@ -192,7 +192,9 @@ class EngineWorker:
         path = persist.snapshot_path(self.output_dir, sid) if self.output_dir else None
         if s.resume and path is not None and path.exists():
             try:
-                session = restore_session(self.engine, SessionSnapshot.load(path), sid)
+                snap = SessionSnapshot.load(path)
+                self._check_blocks_on_disk(sid, snap)
+                session = restore_session(self.engine, snap, sid)
                 if not torch.equal(session.cfg.prompt, s.cfg.prompt):  # switched after the snapshot: keep its prompt
                     self.engine.switch_prompt(sid, s.cfg.prompt)
                 return session.block
@@ -203,6 +205,15 @@ class EngineWorker:
         # blocks go to consumers (and disk) as they come: keep only the latents a prompt switch's re-cache reads
         self.scheduler.submit(streaming_config(s.cfg, self.engine.geometry.frames_per_block))
         return 0
+
+    def _check_blocks_on_disk(self, sid: str, snap: SessionSnapshot) -> None:
+        """A snapshot at block k makes the router report blocks below k as done (``StreamRecord.started``), so it
+        is usable only when every one of their files is on disk; otherwise the stream restarts from block 0
+        (deterministic: the missing files are regenerated before anything past them is reported)."""
+        block = snap.meta.get("session", {}).get("block") if isinstance(snap.meta, dict) else None
+        missing = persist.missing_blocks(self.output_dir, sid, block) if isinstance(block, int) else []
+        if missing:
+            raise SnapshotError(f"it covers {block} blocks but block file(s) {missing[:4]} are not on disk")
 
     def _update(self, u: Update, report: WorkerReport) -> tuple[int | None, FFEngineError | None]:
         """Apply one prompt update between steps.  A refused one (``ConfigError``) changes nothing; a re-cache that
