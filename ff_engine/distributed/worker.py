@@ -35,7 +35,7 @@ from ff_engine.engine.recache import streaming_config
 from ff_engine.engine.scheduler import Scheduler
 from ff_engine.engine.session import SessionConfig
 from ff_engine.engine.snapshot import SessionSnapshot, restore_session, snapshot_session
-from ff_engine.errors import BudgetError, ConfigError, FFEngineError, SnapshotError
+from ff_engine.errors import ConfigError, FFEngineError, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,7 @@ class EngineWorker:
         than raising it, so it crosses a process boundary as itself, without a remote traceback."""
         try:
             self.engine.validate(cfg)
-            need = self.engine.pages_needed(cfg)
-            if need > self.engine.cache.num_pages:
-                raise BudgetError(
-                    f"stream needs {need} pages, more than a worker's whole pool of "
-                    f"{self.engine.cache.num_pages} (num_pages)"
-                )
-            return None, need
+            return None, self.engine.pages_that_fit(cfg)
         except FFEngineError as exc:
             return exc, 0
 

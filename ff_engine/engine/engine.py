@@ -151,9 +151,18 @@ class Engine:
     def pages_needed(self, cfg: SessionConfig) -> int:
         return reservation_pages(self.geometry, self.cache.page_size, cfg)
 
+    def pages_that_fit(self, cfg: SessionConfig) -> int:
+        """``pages_needed`` of a validated request; ``BudgetError`` if even the empty pool could not hold it."""
+        need = self.pages_needed(cfg)
+        if need > self.cache.num_pages:
+            raise BudgetError(f"stream needs {need} pages, more than the whole pool of {self.cache.num_pages} "
+                              f"(num_pages); lower budget_frames or raise num_pages")
+        return need
+
     def validate(self, cfg: SessionConfig) -> None:
         """Check a request completely without allocating anything; raises a one-line ``FFEngineError``.  (The
-        prompt's shape is checked by the model when ``add_session`` encodes it.)"""
+        prompt's shape is checked by the model when ``add_session`` encodes it; whether the reservation could ever
+        fit the pool, by ``pages_that_fit``.)"""
         g = self.geometry
         if not isinstance(cfg, SessionConfig):
             raise ConfigError(f"a request must be a SessionConfig, got {type(cfg).__name__}")
@@ -210,13 +219,7 @@ class Engine:
         with torch.no_grad():
             prompt_state = self.model.encode_prompt(cfg.prompt)
         session = Session(cfg, self.geometry, prompt_state, self.geometry.frames_per_block)
-        pages = self.pages_needed(cfg)
-        if pages > self.cache.num_pages:
-            raise BudgetError(
-                f"session needs {pages} pages but the engine has {self.cache.num_pages} (num_pages); "
-                f"lower budget_frames or raise num_pages"
-            )
-        self.cache.add_session(session.id, pages)
+        self.cache.add_session(session.id, self.pages_that_fit(cfg))
         self.sessions[session.id] = session
         return session
 

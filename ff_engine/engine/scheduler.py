@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ff_engine.engine.engine import BlockResult, Engine
 from ff_engine.engine.session import SessionConfig, new_session_id
-from ff_engine.errors import BudgetError, ConfigError, FFEngineError
+from ff_engine.errors import ConfigError, FFEngineError
 from ff_engine.service import Overloaded
 
 
@@ -57,9 +57,7 @@ class Scheduler:
         is full; nothing is queued then."""
         e = self.engine
         e.validate(cfg)
-        need = e.pages_needed(cfg)
-        if need > e.cache.num_pages:
-            raise BudgetError(f"stream needs {need} pages, more than the whole pool of {e.cache.num_pages}")
+        e.pages_that_fit(cfg)
         if cfg.session_id is None:
             cfg = dataclasses.replace(cfg, session_id=new_session_id())
         elif cfg.session_id in e.sessions or any(w.session_id == cfg.session_id for w in self.waiting):

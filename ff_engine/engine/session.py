@@ -48,11 +48,10 @@ class SessionConfig:
 
 
 class Session:
-    """Engine-side state of one stream. Created by ``Engine.add_session`` (which validates and reserves)."""
+    """Engine-side state of one stream. Created by ``Engine.add_session`` from a request ``Engine.validate``
+    accepted (lengths, seed, noise shapes), which then reserves its pages."""
 
     def __init__(self, cfg: SessionConfig, geometry, prompt_state, frames_per_block: int):
-        if not isinstance(cfg.num_frames, int) or cfg.num_frames <= 0:
-            raise ConfigError(f"num_frames must be a positive integer, got {cfg.num_frames!r}")
         self.id = cfg.session_id or new_session_id()
         self.cfg = cfg
         self.policy: CachePolicy = copy.deepcopy(cfg.policy)  # per-session state
@@ -70,10 +69,6 @@ class Session:
         self.latents_start_frame = 0  # the first frame of ``latents`` (frames before it were dropped)
         c, (h, w) = geometry.latent_channels, geometry.latent_hw
         self.block_shape = (frames_per_block, c, h, w)
-        if cfg.initial_noise is not None and tuple(cfg.initial_noise.shape) != (self.num_frames, c, h, w):
-            raise ConfigError(
-                f"initial_noise must be [{self.num_frames}, {c}, {h}, {w}], got {tuple(cfg.initial_noise.shape)}"
-            )
 
     @property
     def start_frame(self) -> int:
