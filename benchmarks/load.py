@@ -139,21 +139,28 @@ def stream_request(rng: random.Random) -> dict:
     }
 
 
+async def admitted(start, rng: random.Random, st: Stats, what: str, transport_what: str, transport_errors):
+    """Await a stream's start; None after counting a 429 (and backing off for a random share of its Retry-After,
+    at most 2 s) or an error."""
+    try:
+        return await start
+    except ServerError as exc:
+        if exc.status != 429:
+            st.error(f"{what}: {exc}")
+        else:
+            st.rejected += 1
+            await asyncio.sleep(min(exc.retry_after or 1.0, 2.0) * rng.random())
+    except transport_errors as exc:
+        st.error(f"{transport_what}: {type(exc).__name__}: {exc}")
+    return None
+
+
 async def rest_client(c: AsyncClient, rng: random.Random, stop: float, st: Stats) -> None:
     while time.monotonic() < stop:
         req, cancel = stream_request(rng), rng.random() < 0.2
         t0 = time.monotonic()
-        try:
-            v = await c.submit(**req)
-        except ServerError as exc:
-            if exc.status != 429:
-                st.error(f"rest submit: {exc}")
-            else:
-                st.rejected += 1
-                await asyncio.sleep(min(exc.retry_after or 1.0, 2.0) * rng.random())
-            continue
-        except httpx.HTTPError as exc:
-            st.error(f"rest submit: {type(exc).__name__}: {exc}")
+        v = await admitted(c.submit(**req), rng, st, "rest submit", "rest submit", httpx.HTTPError)
+        if v is None:
             continue
         frames, last_block, t_last = 0, -1, t0
         try:
@@ -182,17 +189,8 @@ async def ws_client(c: AsyncClient, rng: random.Random, stop: float, st: Stats) 
     while time.monotonic() < stop:
         req, cancel = stream_request(rng), rng.random() < 0.2
         t0 = time.monotonic()
-        try:
-            rt = await c.realtime(**req)
-        except ServerError as exc:
-            if exc.status != 429:
-                st.error(f"ws start: {exc}")
-            else:
-                st.rejected += 1
-                await asyncio.sleep(min(exc.retry_after or 1.0, 2.0) * rng.random())
-            continue
-        except OSError as exc:
-            st.error(f"ws connect: {type(exc).__name__}: {exc}")
+        rt = await admitted(c.realtime(**req), rng, st, "ws start", "ws connect", OSError)
+        if rt is None:
             continue
         frames, t_last = 0, t0
         try:
