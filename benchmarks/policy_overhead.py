@@ -38,8 +38,9 @@ SPECS = [
 ]
 
 
-#: where the policy's time goes (nested in ``compress``; reported each on its own, so they do not add up to it)
-PHASES = ("observe", "_proxy", "candidates", "head_logits", "fused_importance", "_merge")
+#: where the policy's time goes (nested in ``compress``; reported each on its own, so they do not add up to it):
+#: ``observe`` on the policy, each other phase on the innermost stage of its composition that has it
+PHASES = ("observe", "projected", "candidates", "head_logits", "fused_importance", "merge")
 CACHE_PHASES = ("update", "compact")
 
 
@@ -53,11 +54,13 @@ class Timed:
         self.phases: dict[str, float] = {}
         for n in names:
             setattr(policy, n, self._wrap(getattr(policy, n), None))
-        for obj, phases in ((policy, PHASES), (cache, CACHE_PHASES)):
-            for n in phases:
-                if hasattr(obj, n):
-                    self.phases[n] = 0.0
-                    setattr(obj, n, self._wrap(getattr(obj, n), n))
+        stages = policy.chain() if hasattr(policy, "chain") else [policy]
+        owners = [(n, policy if n == "observe" else next((s for s in reversed(stages) if hasattr(s, n)), None))
+                  for n in PHASES] + [(n, cache) for n in CACHE_PHASES]
+        for n, obj in owners:
+            if obj is not None and hasattr(obj, n):
+                self.phases[n] = 0.0
+                setattr(obj, n, self._wrap(getattr(obj, n), n))
 
     def _wrap(self, fn, phase):
         def inner(*a, **kw):

@@ -209,9 +209,11 @@ class DevicePlacementError(RuntimeError):
     ("future-forcing", {"form": "exact", "samples": 3, "merge_key_tol": 1e3, "merge_value_tol": 1e3,
                         "fused_scoring": True, "page_candidates": True}),
     ("expected-attention", {}),
-    ("h2o", {}),
+    ("expected-attention-post-rope", {}),
+    ("h2o", {"normalize": True}),
     ("snapkv", {"kernel": 3}),
-], ids=["future-forcing", "ff-moment-affine-pages", "ff-exact-fused", "expected-attention", "h2o", "snapkv"])
+], ids=["future-forcing", "ff-moment-affine-pages", "ff-exact-fused", "expected-attention", "ea-post-rope", "h2o",
+        "snapkv"])
 def test_policies_with_statistics_keep_device_placement(policy, params):
     """Query statistics, RoPE rotations, masks, merge buffers and accumulators all live on the cache's device."""
     try:

@@ -168,7 +168,8 @@ def test_compaction_preserves_the_survivor_multiset(keep_mask, ps):
 
 POLICY_SPECS = [
     ("window", {}), ("sink-window", {"sink_frames": 3}), ("deep-sink", {"sink_frames": 3}), ("h2o", {"num_queries": 16}),
-    ("snapkv", {"num_queries": 16, "kernel": 3}), ("expected-attention", {}), ("random", {}), ("key-norm", {}),
+    ("snapkv", {"num_queries": 16, "kernel": 3}), ("expected-attention", {}), ("expected-attention-post-rope", {}),
+    ("h2o", {"normalize": True}), ("random", {}), ("key-norm", {}),
     ("future-forcing", {}), ("future-forcing", {"merge": "affine"}), ("future-forcing", {"form": "exact", "samples": 4}),
     ("future-forcing", {"budget_split": "importance"}), ("future-forcing", {"merge_key_tol": 5.0, "merge_value_tol": 5.0}),
     ("future-forcing", {"page_candidates": False, "sink_frames": 3}),
@@ -221,7 +222,8 @@ def test_budget_below_protected_size_and_unknown_parameters():
     with pytest.raises(ConfigError, match="no parameter"):
         make_policy("future-forcing", horizn=3)
     assert set(POLICIES) >= {"unbounded", "window", "sink-window", "deep-sink", "h2o", "snapkv",
-                             "expected-attention", "future-forcing", "random", "key-norm"}
+                             "expected-attention", "expected-attention-post-rope", "future-forcing", "random",
+                             "key-norm"}
 
 
 def _recall_run(model, prompt, page_size, oversample, budget=21, frames=48):

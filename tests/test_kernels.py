@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ff_engine.engine import Engine, SessionConfig
-from ff_engine.policies import ExpectedAttention, FutureForcing
+from ff_engine.policies import FutureForcing, PostRopeExpectedAttention
 from kernels import compaction_ref, proxy_factors, scoring_ref
 
 from test_engine import tiny_model
@@ -103,14 +103,14 @@ def test_triton_compaction_copies_match_reference(dtype):
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want, strict=True))
 
 
-@pytest.mark.parametrize("policy", ["future-forcing", "expected-attention"])
+@pytest.mark.parametrize("policy", ["future-forcing", "expected-attention-post-rope"])
 def test_fused_scoring_flag_keeps_the_policy_decisions(policy):
     """The same stream with the policy's scoring routed through the fused kernel path generates the same video."""
     m = tiny_model()
     prompt = torch.randn(5, m.cfg.text_dim)
     outs = []
     for fused in (False, True):
-        pol = (FutureForcing if policy == "future-forcing" else ExpectedAttention)(fused_scoring=fused)
+        pol = (FutureForcing if policy == "future-forcing" else PostRopeExpectedAttention)(fused_scoring=fused)
         e = Engine(m, num_pages=200, page_size=4, backend="torch")
         outs.append(e.generate(SessionConfig(prompt=prompt, num_frames=12, policy=pol, budget_frames=6, seed=1)))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)

@@ -64,7 +64,8 @@ def test_values_outside_the_declared_range_are_one_config_error(name, param, val
         ("snapkv", {"kernel": 0}),
         ("future-forcing", {"merge_key_tol": float("nan")}),
         ("future-forcing", {"candidate_oversample": float("nan")}),
-        ("expected-attention", {"merge": "mean"}),
+        ("expected-attention-post-rope", {"merge": "mean"}),
+        ("expected-attention", {"n_future_positions": 0}),
         ("deep-sink", {"sink_frames": -1}),
         ("random", {"seed": 2**70}),
     ],
@@ -93,8 +94,8 @@ def test_boundary_values_and_none_are_accepted_where_declared():
 
 
 def test_subclasses_keep_their_base_range_with_their_own_default():
-    """ExpectedAttention only changes Future Forcing's defaults; DeepSink SinkWindow's."""
-    ea = policy_schema("expected-attention")["parameters"]
+    """PostRopeExpectedAttention only changes Future Forcing's defaults; DeepSink SinkWindow's."""
+    ea = policy_schema("expected-attention-post-rope")["parameters"]
     assert ea["merge"]["default"] == "none" and ea["merge"]["enum"] == ["none", "log-mass", "affine"]
     assert policy_schema("deep-sink")["parameters"]["sink_frames"] == {
         **policy_schema("sink-window")["parameters"]["sink_frames"],

@@ -7,14 +7,16 @@ import sys
 
 from ff_engine.errors import ConfigError
 from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens, top_tokens
-from ff_engine.policies.baselines import H2O, DeepSink, ExpectedAttention, KeyNorm, Random, SnapKV
+from ff_engine.policies.baselines import H2O, DeepSink, KeyNorm, PostRopeExpectedAttention, Random, SnapKV
+from ff_engine.policies.expected_attention import ExpectedAttention
 from ff_engine.policies.future_forcing import FutureForcing, FutureQueryProxy
 from ff_engine.policies.params import declared_params, field_schema
 from ff_engine.policies.window import SinkWindow, Unbounded, Window
 
 POLICIES: dict[str, type[CachePolicy]] = {
     p.name: p
-    for p in (Unbounded, Window, SinkWindow, DeepSink, H2O, SnapKV, ExpectedAttention, FutureForcing, Random, KeyNorm)
+    for p in (Unbounded, Window, SinkWindow, DeepSink, H2O, SnapKV, ExpectedAttention, PostRopeExpectedAttention,
+              FutureForcing, Random, KeyNorm)
 }
 
 
@@ -60,5 +62,5 @@ def make_policy(name: str, **params) -> CachePolicy:
 
 
 __all__ = ["CachePolicy", "CompressContext", "LayerTokens", "top_tokens", "Unbounded", "Window", "SinkWindow",
-           "DeepSink", "H2O", "SnapKV", "ExpectedAttention", "FutureForcing", "FutureQueryProxy", "Random",
-           "KeyNorm", "POLICIES", "make_policy", "policy_params", "policy_schema"]
+           "DeepSink", "H2O", "SnapKV", "ExpectedAttention", "PostRopeExpectedAttention", "FutureForcing",
+           "FutureQueryProxy", "Random", "KeyNorm", "POLICIES", "make_policy", "policy_params", "policy_schema"]

@@ -1,8 +1,12 @@
 """The cache-policy interface (kvpress style): a small dataclass per policy with one ``score()``.
 
-After every cache write the engine calls ``policy.compress(ctx)`` for every layer of the session.  The default
-``compress`` keeps the ``budget`` highest-scoring tokens (protected tokens always survive, ties go to the
-newer token) and compacts the survivors in place.  Policies that merge (Future Forcing) override ``compress``.
+After every cache write the engine calls ``policy.compress(ctx)`` for every layer of the session.  ``compress`` is
+one template, the same for every policy: when the layer is over budget, ``rank`` (which tokens compete and their
+``score()``), then ``remove`` (bring the layer to budget: by default keep the ``budget`` highest-scoring tokens,
+protected tokens always survive, ties go to the newer token, and compact the survivors in place), then
+``on_compact``.  A *scorer* only writes ``score()``; wrappers in ``compose`` / ``merge`` / ``page_candidates`` /
+``budget_split`` change one step around any scorer (merge instead of evict, pre-select candidates from page
+summaries, split the budget over layers), and Future Forcing is a composition of them (docs/policies.md).
 The engine never needs to know which policy runs; policies never touch model code (RoPE phases come from the
 adapter's ``geometry.rope`` object, an interface).
 
@@ -12,7 +16,8 @@ statistics, accumulated attention) never leaks between streams.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +38,9 @@ class CompressContext:
     tokens_per_frame: int
     token_grid: tuple[int, int]
     rope: Any = None  # object with .phases(positions [N, 3]) -> angles [N, head_dim / 2] (float64)
+    #: scratch for one ``compress`` call: what a policy derives from this context alone (Future Forcing's projected
+    #: statistics) is computed once however many steps ask for it; it dies with the context
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -40,41 +48,91 @@ class CompressContext:
 
 
 class LayerTokens:
-    """What a policy may read about one layer's cached tokens, in the table's current order.  Each field is
-    gathered on first use, so a policy that scores by position never copies keys or values."""
+    """What a policy may read about one layer's cached tokens: the whole layer in table order, or the subset at
+    table indices ``index`` (increasing).  Each field is gathered on first use and kept, so a policy that scores by
+    position never copies keys or values, and a wrapper that reads them after the scorer does not copy them again.
 
-    def __init__(self, ctx: CompressContext):
-        self._ctx, self._slots = ctx, ctx.cache.slots(ctx.session_id, ctx.layer)
+    ``outside_log_mass`` [H] (or None): set by ``PageCandidates`` when it hands a scorer only some of the removable
+    tokens; the per-head log attention mass the scorer's own page estimates give the removable tokens left out.  A
+    scorer whose scores are a softmax over the tokens it is given adds it to its normaliser (Future Forcing)."""
+
+    def __init__(self, ctx: CompressContext, index: torch.Tensor | None = None,
+                 outside_log_mass: torch.Tensor | None = None, layer_slots: torch.Tensor | None = None):
+        self._ctx, self._index = ctx, index
+        self._layer_slots = ctx.cache.slots(ctx.session_id, ctx.layer) if layer_slots is None else layer_slots
+        self.slots = self._layer_slots if index is None else self._layer_slots[index]  # [N] flat page-storage slots
         self.layer, self.newest_frame, self.tokens_per_frame = ctx.layer, ctx.newest_frame, ctx.tokens_per_frame
+        self.outside_log_mass = outside_log_mass
 
     @classmethod
-    def gather(cls, ctx: CompressContext) -> "LayerTokens":
+    def gather(cls, ctx: CompressContext) -> LayerTokens:
         return cls(ctx)
 
-    def _read(self, storage, *tail):
-        return storage.view(-1, *tail)[self._slots] if tail else storage.view(-1)[self._slots]
+    def subset(self, index: torch.Tensor, outside_log_mass: torch.Tensor | None = None) -> LayerTokens:
+        """The tokens at table indices ``index`` [M] (int64, increasing, on the cache's device)."""
+        return LayerTokens(self._ctx, index, outside_log_mass, self._layer_slots)
 
-    @property
+    @cached_property
+    def index(self) -> torch.Tensor:  # [N] int64 table indices on the cache's device
+        if self._index is not None:
+            return self._index
+        return torch.arange(self.slots.numel(), device=self.slots.device)
+
+    def _read(self, storage, *tail):
+        return storage.view(-1, *tail)[self.slots] if tail else storage.view(-1)[self.slots]
+
+    @cached_property
     def k(self) -> torch.Tensor:  # [N, Hkv, D] post-RoPE
         c = self._ctx.cache
         return self._read(c.key_cache, c.num_kv_heads, c.head_dim)
 
-    @property
+    @cached_property
     def v(self) -> torch.Tensor:
         c = self._ctx.cache
         return self._read(c.value_cache, c.num_kv_heads, c.head_dim)
 
-    @property
+    @cached_property
     def positions(self) -> torch.Tensor:  # [N, 3] int32 (frame, h, w)
         return self._read(self._ctx.cache.positions, 3)
 
-    @property
+    @cached_property
     def log_mass(self) -> torch.Tensor:  # [N]
         return self._read(self._ctx.cache.log_mass)
 
     @property
     def num_tokens(self) -> int:
-        return self._slots.numel()
+        return self.slots.numel()
+
+
+@dataclass
+class Ranking:
+    """One layer's tokens that compete for the budget and their scores (``CachePolicy.rank``).
+
+    Invariants: ``tokens.index`` [M] increasing table indices; ``scores`` [M] float32 on the cache's device, higher =
+    keep; ``protected`` [N] bool over the whole layer (N = tokens in the layer).  ``tokens`` may include protected
+    tokens (scorers with ``scores_whole_layer``) or only removable ones; tokens outside ``tokens`` are kept."""
+
+    tokens: LayerTokens
+    scores: torch.Tensor
+    protected: torch.Tensor
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self.tokens.index
+
+    def removable(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table indices [R], scores [R]) of the ranked tokens that are not protected."""
+        free = ~self.protected[self.index]
+        if bool(free.all()):
+            return self.index, self.scores
+        return self.index[free], self.scores[free]
+
+    def keep_scores(self) -> torch.Tensor:
+        """[N] scores over the whole layer: +inf for protected tokens and for tokens that were not ranked."""
+        full = torch.full_like(self.protected, float("inf"), dtype=torch.float32)
+        full[self.index] = self.scores
+        full[self.protected] = float("inf")
+        return full
 
 
 class CachePolicy:
@@ -84,6 +142,11 @@ class CachePolicy:
     sink_frames: int = 0
     #: the newest block is never evicted (its tokens have not been attended by any later block yet)
     protect_newest_block: ClassVar[bool] = True
+    #: True: ``score`` is handed every token of the layer, protected ones too (their scores are ignored), which is
+    #: what per-token state indexed by table position needs (H2O's accumulator).  False: only the removable
+    #: (unprotected) tokens, or a subset of them under ``PageCandidates``, and the scores may be relative to that
+    #: set (Future Forcing normalises a softmax over it)
+    scores_whole_layer: ClassVar[bool] = True
 
     def __post_init__(self):
         """Every declared parameter (``params.param``) in its range: one ``ConfigError`` otherwise.  Subclasses
@@ -112,7 +175,35 @@ class CachePolicy:
         return [budget_tokens] * num_layers
 
     def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:  # pragma: no cover - abstract
+        """The scorer contract: importance of each of ``tokens``, higher = keep.
+
+        Returns a float tensor [tokens.num_tokens] (any float dtype, on the CPU or the cache's device: the caller
+        converts it to float32 on the cache's device), one score per token in the order of ``tokens``, no NaN.
+        Called once per compression of a layer, and only when the layer is over budget (``ctx.num_tokens >
+        ctx.budget_tokens``), after the write pass's ``observe`` of the same block.  ``tokens`` is the whole layer
+        (``scores_whole_layer``, the default) or the removable tokens / a subset of them (``tokens.index``).
+        Protected tokens (``protected``: sink frames, the newest block) are the caller's business: they survive
+        whatever they score.  Stateful scorers may update state here and re-align it in ``on_compact``."""
         raise NotImplementedError
+
+    @property
+    def scorer(self) -> CachePolicy:
+        """The policy whose ``score`` ranks tokens: itself; a wrapper answers its inner policy's scorer."""
+        return self
+
+    def rank(self, ctx: CompressContext) -> Ranking:
+        """Score the tokens that compete for the budget (``scores_whole_layer`` says which) once."""
+        tokens = LayerTokens(ctx)
+        protected = self.protected(tokens.positions, ctx)
+        if not self.scores_whole_layer:
+            tokens = tokens.subset((~protected).nonzero().flatten())
+        return Ranking(tokens, self.score(tokens, ctx).float().to(ctx.cache.device), protected)
+
+    def remove(self, ctx: CompressContext, ranking: Ranking) -> torch.Tensor:
+        """Bring the layer to ``ctx.budget_tokens``: keep the highest-scoring tokens (protected and unranked ones
+        always), compact.  Returns ``survivors`` (``cache.compact``'s order) for ``on_compact``."""
+        keep = top_tokens(ranking.keep_scores(), ctx.budget_tokens)
+        return ctx.cache.compact(ctx.session_id, ctx.layer, keep)
 
     def protected(self, positions: torch.Tensor, ctx: CompressContext) -> torch.Tensor:
         """Tokens that must survive: sink frames and (by default) the newest block, or as many of its newest
@@ -142,13 +233,11 @@ class CachePolicy:
         now at index i."""
 
     def compress(self, ctx: CompressContext) -> None:
+        """The template every policy runs: over budget only, ``rank`` -> ``remove`` -> ``on_compact`` (wrappers
+        change a step by overriding it and delegate the others, so the outermost object drives the chain)."""
         if not self.bounded or ctx.num_tokens <= ctx.budget_tokens:
             return
-        tokens = LayerTokens.gather(ctx)
-        scores = self.score(tokens, ctx).float().to(ctx.cache.device).clone()  # scores may come from the CPU
-        scores[self.protected(tokens.positions, ctx)] = float("inf")
-        keep = top_tokens(scores, ctx.budget_tokens)
-        self.on_compact(ctx.layer, ctx.cache.compact(ctx.session_id, ctx.layer, keep))
+        self.on_compact(ctx.layer, self.remove(ctx, self.rank(ctx)))
 
 
 def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
