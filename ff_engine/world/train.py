@@ -25,6 +25,7 @@ reproduces the same checkpoint on the same software.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -43,9 +44,9 @@ N_TARGET = 2  # target blocks at the end of a memory clip
 class _TeacherForcingAttention:
     """Masked dense attention for the two training passes (the engine's paged path is for inference)."""
 
-    def __init__(self, batch: int, frames: int, tokens_per_frame: int, frames_per_block: int):
+    def __init__(self, batch: int, frames: int, tokens_per_frame: int, frames_per_block: int, device="cpu"):
         self.b, self.n = batch, frames * tokens_per_frame
-        block_of = torch.arange(frames).repeat_interleave(tokens_per_frame) // frames_per_block
+        block_of = (torch.arange(frames).repeat_interleave(tokens_per_frame) // frames_per_block).to(device)
         self.causal = block_of[:, None] >= block_of[None, :]  # clean pass: blocks <= own
         self.past = block_of[:, None] > block_of[None, :]  # noisy pass -> clean keys of earlier blocks
         self.same = block_of[:, None] == block_of[None, :]  # noisy pass -> its own block
@@ -63,6 +64,59 @@ class _TeacherForcingAttention:
             mask = torch.cat([self.past, self.same], dim=1)
             out = F.scaled_dot_product_attention(q, torch.cat([ck, k], 2), torch.cat([cv, v], 2), attn_mask=mask)
         return out.transpose(1, 2).reshape(b * n, out.shape[1], out.shape[3])
+
+
+class _CachedAttention:
+    """KV-cached attention for the no-grad rollouts of rollout training: a block's queries attend to every
+    earlier block's K/V and to their own block (as the engine's cache does, unbounded); ``write`` appends."""
+
+    def __init__(self, batch: int):
+        self.b, self.kv, self.write = batch, {}, False
+
+    def __call__(self, layer, q, k, v, q_pre_rope, positions):
+        b = self.b
+        q, k, v = (x.reshape(b, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))  # [B, H, n, D]
+        if layer in self.kv:
+            pk, pv = self.kv[layer]
+            kk, vv = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        else:
+            kk, vv = k, v
+        if self.write:
+            self.kv[layer] = (kk, vv)
+        out = F.scaled_dot_product_attention(q, kk, vv)
+        return out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])
+
+
+@torch.no_grad()
+def rollout_context(model, x0: torch.Tensor, times: torch.Tensor, prefix_blocks: int, fpb: int,
+                    sigmas: list[float], write_sigma: float, rng: torch.Generator) -> torch.Tensor:
+    """The clip as the model itself would have continued it: the first ``prefix_blocks`` blocks are the ground
+    truth, every later block is generated block by block (deterministic Euler over ``sigmas``, the last x0
+    prediction kept) from the K/V of the blocks before it, each finished block written to the cache re-noised
+    to ``write_sigma`` as inference writes it.  Exposure-bias training (Resampling / Self-Forcing style): the
+    loss then asks for the ground truth given this history, so the model learns to pull its own drift back."""
+    b, n_frames = x0.shape[:2]
+    prompts = [model.encode_prompt(torch.zeros(1, model.cfg.text_dim, device=x0.device))] * b
+    attn = _CachedAttention(b)
+    out = x0.clone()
+    for blk in range(n_frames // fpb):
+        sl = slice(blk * fpb, (blk + 1) * fpb)
+        tb = [t[sl] for t in times]
+        if blk >= prefix_blocks:
+            x = torch.randn(x0[:, sl].shape, generator=rng).to(x0.device)
+            attn.write = False
+            for i, sig in enumerate(sigmas):
+                flow = model.forward(x, torch.full((b, fpb), sig * 1000, device=x0.device), prompts, tb, attn)
+                x0_hat = x - sig * flow
+                nxt = sigmas[i + 1] if i + 1 < len(sigmas) else None
+                if nxt is not None:
+                    x = (1 - nxt) * x0_hat + nxt * (x0_hat + flow)
+            out[:, sl] = x0_hat
+        attn.write = True
+        noise = torch.randn(x0[:, sl].shape, generator=rng).to(x0.device)
+        model.forward((1 - write_sigma) * out[:, sl] + write_sigma * noise,
+                      torch.full((b, fpb), write_sigma * 1000, device=x0.device), prompts, tb, attn)
+    return out
 
 
 def frame_times(rng: torch.Generator, n_blocks: int, fpb: int, p_sparse: float, max_gap: int) -> list[int]:
@@ -142,21 +196,31 @@ def sample_sigma(rng: torch.Generator, shape, shift: float) -> torch.Tensor:
 def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, seed: int = 0, shift: float = 2.0,
           p_sparse: float = 0.5, max_gap: int = 48, context_noise: float = 0.1, log_every: int = 50,
           progress: bool = True, checkpoint=None, checkpoint_every: int = 0, init: str | None = None,
-          p_memory: float = 0.0, target_weight: float = 1.0, min_gap: int = 15) -> tuple[CausalWanModel, list[dict]]:
+          p_memory: float = 0.0, target_weight: float = 1.0, min_gap: int = 15, p_context_noise: float = 0.5,
+          p_rollout: float = 0.0, rollout_steps: int = 4, rollout_write_t: float = 100.0,
+          rollout_max_prefix: int = 3, device: str = "cpu",
+          preset: str = "world-tiny") -> tuple[CausalWanModel, list[dict]]:
     """``init``: fine-tune this checkpoint instead of starting from random weights.  ``p_memory``: share of
-    memory clips (``memory_frame_times``); ``target_weight``: loss weight of every clip's last two blocks."""
+    memory clips (``memory_frame_times``); ``target_weight``: loss weight of every clip's last two blocks.
+    ``p_context_noise``: share of context blocks noised (each at its own level, uniform up to
+    ``context_noise``; the level is the context pass's timestep — Diffusion Forcing / GameNGen).  ``p_rollout``:
+    share of batches whose context after a 1..``rollout_max_prefix``-block ground-truth prefix is the model's own
+    rollout (``rollout_context``: ``rollout_steps`` Euler steps, written at timestep ``rollout_write_t``).
+    ``device``: where the model trains (every random draw still comes from the CPU generator, so a run is the
+    same on any device up to float rounding); ``preset``: the architecture when starting from scratch."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     if init:
         from model_adapters.causal_wan import load_causal_wan
 
-        model = load_causal_wan(init, preset="world-tiny")
+        model = load_causal_wan(init, preset=preset)
         cfg = model.cfg
     else:
-        cfg = PRESETS["world-tiny"]
+        cfg = PRESETS[preset]
         model = CausalWanModel(cfg)
-    model.train()
+    dev = torch.device(device)
+    model.to(dev).train()
     g = model.geometry
     fpb = g.frames_per_block
     if clip_frames % fpb:
@@ -166,25 +230,34 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
     warm = max(1, steps // 20)
     lr_at = lambda i: lr * min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))  # noqa: E731
     rng = torch.Generator().manual_seed(seed + 1)
-    prompt = torch.zeros(1, cfg.text_dim)
-    block_weight = torch.ones(n_blocks)
+    prompt = torch.zeros(1, cfg.text_dim, device=dev)
+    block_weight = torch.ones(n_blocks, device=dev)
     block_weight[-N_TARGET:] = target_weight  # the memory clips' targets (the last blocks of every clip)
+    u = [1 - i / rollout_steps for i in range(rollout_steps)]
+    rollout_sigmas = [shift * x / (1 + (shift - 1) * x) for x in u]  # the sampler's warp (FlowMatchSchedule)
     curve = []
     t0 = time.perf_counter()
     bar = tqdm(range(steps), disable=not progress, desc="train world model")
     for i in bar:
         x0, times = training_batch(rng, batch, n_blocks, fpb, p_sparse, max_gap, p_memory, N_TARGET, min_gap=min_gap)
-        attn = _TeacherForcingAttention(batch, clip_frames, g.tokens_per_frame, fpb)
+        x0 = x0.to(dev)
+        src = x0  # what the context pass sees: the ground truth, or the model's own continuation of it
+        if p_rollout and float(torch.rand(1, generator=rng)) < p_rollout:
+            prefix = int(torch.randint(1, rollout_max_prefix + 1, (1,), generator=rng))
+            model.eval()
+            src = rollout_context(model, x0, times, prefix, fpb, rollout_sigmas, rollout_write_t / 1000, rng)
+            model.train()
+        attn = _TeacherForcingAttention(batch, clip_frames, g.tokens_per_frame, fpb, dev)
         prompts = [model.encode_prompt(prompt)] * batch
         # clean pass: the context as the cache holds it, lightly noised on half the blocks (robustness to
         # the model's own imperfect frames at inference, where the context is its own output)
         sig_c = sample_sigma(rng, (batch, n_blocks), 1.0) * context_noise
-        sig_c = sig_c * (torch.rand(batch, n_blocks, generator=rng) < 0.5)
-        sig_c = sig_c.repeat_interleave(fpb, dim=1)[..., None, None, None]
-        ctx = (1 - sig_c) * x0 + sig_c * torch.randn(x0.shape, generator=rng)
+        sig_c = sig_c * (torch.rand(batch, n_blocks, generator=rng) < p_context_noise)
+        sig_c = sig_c.repeat_interleave(fpb, dim=1)[..., None, None, None].to(dev)
+        ctx = (1 - sig_c) * src + sig_c * torch.randn(x0.shape, generator=rng).to(dev)
         model.forward(ctx, sig_c[..., 0, 0, 0] * 1000, prompts, list(times), attn)  # fills attn.clean_kv
-        sig = sample_sigma(rng, (batch, n_blocks), shift).repeat_interleave(fpb, dim=1)  # one level per block
-        eps = torch.randn(x0.shape, generator=rng)
+        sig = sample_sigma(rng, (batch, n_blocks), shift).repeat_interleave(fpb, dim=1).to(dev)  # per block
+        eps = torch.randn(x0.shape, generator=rng).to(dev)
         xt = (1 - sig[..., None, None, None]) * x0 + sig[..., None, None, None] * eps
         attn.noisy = True
         flow = model.forward(xt, sig * 1000, prompts, list(times), attn)
@@ -218,6 +291,15 @@ def main(argv=None) -> int:
                     "distant blocks that show it)")
     ap.add_argument("--min-gap", type=int, default=15, help="memory clips: frames the subject was out of view")
     ap.add_argument("--target-weight", type=float, default=1.0, help="loss weight of each clip's last 2 blocks")
+    ap.add_argument("--p-context-noise", type=float, default=0.5, help="share of context blocks noised")
+    ap.add_argument("--p-rollout", type=float, default=0.0, help="share of batches trained on the model's own "
+                    "rollout after a ground-truth prefix (exposure-bias training)")
+    ap.add_argument("--rollout-steps", type=int, default=4, help="Euler steps of those rollouts")
+    ap.add_argument("--rollout-write-t", type=float, default=100.0, help="timestep rollouts write blocks at")
+    ap.add_argument("--sample-context-t", type=float, default=None, help="record this cache-writing timestep "
+                    "(context_noise) in the checkpoint's config; default: keep the model's")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (no vLLM needed)")
+    ap.add_argument("--preset", default="world-tiny", help="architecture when starting from scratch")
     ap.add_argument("--init", default=None, help="fine-tune this checkpoint (its train.json is kept as 'init')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=250, help="write the checkpoint every N steps")
@@ -230,6 +312,13 @@ def main(argv=None) -> int:
                f"--context-noise {a.context_noise} --seed {a.seed}")
     if a.p_memory or a.init:
         command += f" --p-memory {a.p_memory} --min-gap {a.min_gap} --target-weight {a.target_weight}"
+    if a.p_context_noise != 0.5 or a.p_rollout:
+        command += (f" --p-context-noise {a.p_context_noise} --p-rollout {a.p_rollout} --rollout-steps "
+                    f"{a.rollout_steps} --rollout-write-t {a.rollout_write_t}")
+    if a.sample_context_t is not None:
+        command += f" --sample-context-t {a.sample_context_t}"
+    if a.device != "cpu" or a.preset != "world-tiny":
+        command += f" --device {a.device} --preset {a.preset}"
     if a.init:
         command += f" --init {a.init}"
     init_meta = None
@@ -237,7 +326,11 @@ def main(argv=None) -> int:
         init_meta = json.loads(Path(a.init).with_suffix(".train.json").read_text())
 
     def write(model, curve, step):
+        if next(model.parameters()).device.type != "cpu":
+            model = copy.deepcopy(model).cpu()
         model.cfg = model.cfg.with_(sample_shift=a.shift)
+        if a.sample_context_t is not None:
+            model.cfg = model.cfg.with_(context_noise=a.sample_context_t)
         save_checkpoint(model, out)
         meta = {"command": command, "step": step, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "curve": curve, "init": init_meta}
@@ -245,7 +338,9 @@ def main(argv=None) -> int:
 
     model, curve = train(a.steps, a.batch, a.clip_frames, a.lr, a.seed, a.shift, a.p_sparse, a.max_gap,
                          a.context_noise, checkpoint=write, checkpoint_every=a.checkpoint_every, init=a.init,
-                         p_memory=a.p_memory, target_weight=a.target_weight, min_gap=a.min_gap)
+                         p_memory=a.p_memory, target_weight=a.target_weight, min_gap=a.min_gap,
+                         p_context_noise=a.p_context_noise, p_rollout=a.p_rollout, rollout_steps=a.rollout_steps,
+                         rollout_write_t=a.rollout_write_t, device=a.device, preset=a.preset)
     write(model, curve, a.steps)
     try:
         import matplotlib

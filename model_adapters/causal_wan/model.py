@@ -93,6 +93,12 @@ PRESETS: dict[str, CausalWanConfig] = {
                                   decoder="world-codec", conditional=False,
                                   sample_steps=(1000, 875, 750, 625, 500, 375, 250, 125), sample_shift=2.0,
                                   sample_stochastic=False, context_noise=50.0),
+    # A larger world model for a GPU's training budget (3 x 64 heads, 6 layers, 3.9 M parameters, 16 MB in float32).
+    "world-small": CausalWanConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=12, out_dim=12,
+                                   freq_dim=64, text_dim=16, text_len=1, latent_hw=(16, 24), vae_stride=(1, 2, 2),
+                                   fps=8, decoder="world-codec", conditional=False,
+                                   sample_steps=(1000, 875, 750, 625, 500, 375, 250, 125), sample_shift=2.0,
+                                   sample_stochastic=False, context_noise=100.0),
 }
 
 
