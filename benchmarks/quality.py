@@ -14,17 +14,25 @@ ground-truth cache; those predictions are scored against the ground truth itself
 subjects coming back after >= 12 frames out of view (``tf_returning_identity_recall``) — identity consistency
 against ground truth that does not depend on the model's own long rollouts staying on track.
 The in-distribution length (the training clip, 24 frames) is scored on the first frames of the same rollout.
+Free rollouts (``--rollout-seeds``, see ``free_rollouts``): ``--rollout-frames`` generated frames after the prefix
+and from pure noise, every policy of ``policy_specs`` and the unbounded cache, scored without ground-truth
+alignment (drift curve, returning-subject identity, colour read-out, VBench-style subject / background
+consistency) and paired against Future Forcing by seed.  The memory probe (``memory_probe``) runs last.
 
-    python benchmarks/quality.py            # 5 seeds, all policies and ablations, 3 budgets
-    python benchmarks/quality.py --quick    # CI smoke (< 3 min)
+    python benchmarks/quality.py            # all sections at their defaults (hours: see docs/benchmarks.md)
+    python benchmarks/quality.py --quick    # CI smoke
+    python benchmarks/quality.py --seeds 0 --probe-seeds 0 --rollout-seeds 4 --fractions 0.25 --workers 2 \
+        --rollout-policies window expected-attention future-forcing     # free rollouts only
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +56,8 @@ def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
         "deep-sink": ("deep-sink", {"sink_frames": max(3, (budget // 2) // 3 * 3)}),
         "h2o": ("h2o", {"num_queries": 64}),
         "snapkv": ("snapkv", {"num_queries": 64}),
-        "expected-attention": ("expected-attention", {}),
+        "expected-attention": ("expected-attention", {}),  # kvpress's, faithful
+        "expected-attention-post-rope": ("expected-attention-post-rope", {}),  # the earlier stand-in
         "future-forcing": ("future-forcing", {}),
         "ff-no-merge": ("future-forcing", {"merge": "none"}),
         "ff-affine-merge": ("future-forcing", {"merge": "affine"}),
@@ -67,9 +76,9 @@ def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
     }
 
 
-DEFAULT_POLICIES = ["window", "sink-window", "deep-sink", "h2o", "snapkv", "expected-attention", "future-forcing",
-                    "ff-no-merge", "ff-affine-merge", "ff-no-covariance", "ff-no-value-norm", "ff-horizon-1",
-                    "ff-page-candidates"]
+EXPLORATORY = {"random", "key-norm", "ff-page-bound", "ff-moment", "ff-exact-form", "ff-max", "ff-nocov-max",
+               "ff-importance-split"}  # settings studied once; run on request (--policies)
+DEFAULT_POLICIES = [name for name in policy_specs(0) if name not in EXPLORATORY]  # every baseline and ablation
 
 
 class AttentionTap:
@@ -102,7 +111,8 @@ def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, ta
                         budget_frames=budget)
     e = Engine(model, num_pages=reservation_pages(g, page_size, cfg), page_size=page_size, backend="torch")
     s = e.add_session(cfg)
-    e.prefill(s.id, clip_lat[:prefix])
+    if prefix:  # video extension; without a prefix the rollout starts from pure noise
+        e.prefill(s.id, clip_lat[:prefix])
     outs = AttentionTap(e) if tap else None
     if teacher is not None:  # teacher-forced: the cache is fed the reference latents block by block
         preds, first = {}, s.block
@@ -147,7 +157,80 @@ def one_step(engine, session, x0, noise, t):
     return xt[0].float(), pred[0].float()
 
 
-def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, progress=True):
+@dataclass(frozen=True)
+class ProbeJob:
+    """The memory probe of one world ``seed``: every (policy, budget) in ``specs`` (plus the ground truth)."""
+
+    seed: int
+    specs: tuple
+    history: int
+    min_gap: int
+    page_size: int
+
+
+def probe_seed(model, job: ProbeJob) -> tuple[int, dict]:
+    """(seed, {(policy, budget): {metric: [one value per probe]}}) for one seed of ``memory_probe``; {} when the
+    seed has no return to probe."""
+    seed, specs, history, min_gap, page_size = job.seed, job.specs, job.history, job.min_gap, job.page_size
+    g = model.geometry
+    fpb = g.frames_per_block
+    clip = make_clip(seed, history)
+    back = M.returning_pairs(clip.visible, min_gap=min_gap, window=fpb)  # first frames of each long-gap return
+    starts = sorted({int(t) // fpb * fpb for t, _ in back.nonzero() if t >= 2 * fpb})
+    if not starts:
+        return seed, {}
+    idx = [f for s0 in starts for f in range(s0, s0 + fpb)]
+    pairs, centre, truth = back[idx], clip.centre[idx], clip.frames[idx]
+
+    def hits(px):
+        return M.readout_hits(px, clip.identity, centre, pairs).float().tolist()
+
+    truth_hits = hits(truth)  # the read-out's ceiling
+    result = {("ground-truth", None): {"returning_readout_sampled": truth_hits,
+                                      "returning_readout_denoise": truth_hits,
+                                      "returning_denoise_error": [0.0] * int(pairs.sum()),
+                                      "returning_tokens_kept": []}}
+    lat = encode(clip.frames)
+    noise = probe_noise(lat, seed, starts, fpb)
+    tokens = [M.subject_tokens(int(clip.identity[k]), clip.centre[:, k], clip.visible[:, k], g.token_grid)
+              for k in range(clip.identity.numel())]
+
+    def kept(e, s):
+        """Per subject returning in this block: the share of its tokens in earlier frames that the cache
+        still holds (mean over layers) — what the policy kept, independent of what the model makes of it."""
+        s0 = s.start_frame
+        cached = []  # per layer: positions of the cached tokens from earlier frames
+        for layer in range(g.num_layers):
+            pos = e.cache.positions.view(-1, 3)[e.cache.slots(s.id, layer)].long()
+            cached.append(pos[pos[:, 0] < s0])
+        share = []
+        for k in back[s0:s0 + fpb].any(0).nonzero().flatten().tolist():
+            total = max(int(tokens[k][:s0].sum()), 1)
+            share.append(sum(int(tokens[k][p[:, 0], p[:, 1], p[:, 2]].sum()) / total for p in cached) / len(cached))
+        return share
+
+    def predict(e, s):
+        x0, eps = lat[s.start_frame:s.start_frame + fpb], noise[s.start_frame]
+        out = {"sampled": e.denoise([s])[0].float(), "kept": kept(e, s)}
+        for t in PROBE_TIMESTEPS:
+            out[t] = one_step(e, s, x0, eps, t)[1]
+        return out
+
+    for name, budget in specs:
+        pname, params = ("unbounded", {}) if budget is None else policy_specs(budget)[name]
+        _, preds = rollout(model, lat, fpb, history - fpb, make_policy(pname, **params), budget, seed, page_size,
+                           teacher=lat, predict_at=set(starts), predict=predict)
+        px = {k: decode(torch.cat([preds[s0][k] for s0 in starts])) for k in ["sampled", *PROBE_TIMESTEPS]}
+        kept_share = [x for s0 in starts for x in preds[s0]["kept"]]
+        errs = [M.subject_error(px[t], truth, clip.identity, centre, pairs) for t in PROBE_TIMESTEPS]
+        result[(name, budget)] = {"returning_readout_sampled": hits(px["sampled"]),
+                                  "returning_readout_denoise": hits(px[PROBE_READOUT_T]),
+                                  "returning_denoise_error": [sum(e) / len(e) for e in zip(*errs)],
+                                  "returning_tokens_kept": kept_share}
+    return seed, result
+
+
+def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, progress=True, pool=None):
     """Does the policy keep what the model needs when a subject comes back?  For each held-out world seed
     (``history`` ground-truth frames), every moment a subject returns after >= ``min_gap`` frames out of view
     (longer than the budget under test, so a window has evicted it) is a probe: the policy's cache is fed the
@@ -160,66 +243,13 @@ def memory_probe(model, seeds, budgets, policies, history, min_gap, page_size, p
       * the sampler generates the block from pure noise; ``returning_readout_sampled`` is the colour read-out of
         that — which also needs the model to guess *where* the subject re-enters.
     Returns one row per (policy, budget) with means over all probes and the spread of per-seed means."""
-    from tqdm import tqdm
-
-    g = model.geometry
-    fpb = g.frames_per_block
     specs = [("unbounded", None)] + [(name, b) for b in budgets for name in policies]
     per = {k: {} for k in [("ground-truth", None)] + specs}  # (policy, budget) -> {seed: {metric: [values]}}
-    for seed in tqdm(seeds, desc="memory probe", disable=not progress):
-        clip = make_clip(seed, history)
-        back = M.returning_pairs(clip.visible, min_gap=min_gap, window=fpb)  # first frames of each long-gap return
-        starts = sorted({int(t) // fpb * fpb for t, _ in back.nonzero() if t >= 2 * fpb})
-        if not starts:
-            continue
-        idx = [f for s0 in starts for f in range(s0, s0 + fpb)]
-        pairs, centre, truth = back[idx], clip.centre[idx], clip.frames[idx]
-
-        def hits(px):
-            return M.readout_hits(px, clip.identity, centre, pairs).float().tolist()
-
-        truth_hits = hits(truth)  # the read-out's ceiling
-        per[("ground-truth", None)][seed] = {"returning_readout_sampled": truth_hits,
-                                             "returning_readout_denoise": truth_hits,
-                                             "returning_denoise_error": [0.0] * int(pairs.sum()),
-                                             "returning_tokens_kept": []}
-        lat = encode(clip.frames)
-        noise = probe_noise(lat, seed, starts, fpb)
-        tokens = [M.subject_tokens(int(clip.identity[k]), clip.centre[:, k], clip.visible[:, k], g.token_grid)
-                  for k in range(clip.identity.numel())]
-
-        def kept(e, s):
-            """Per subject returning in this block: the share of its tokens in earlier frames that the cache
-            still holds (mean over layers) — what the policy kept, independent of what the model makes of it."""
-            s0 = s.start_frame
-            cached = []  # per layer: positions of the cached tokens from earlier frames
-            for layer in range(g.num_layers):
-                pos = e.cache.positions.view(-1, 3)[e.cache.slots(s.id, layer)].long()
-                cached.append(pos[pos[:, 0] < s0])
-            share = []
-            for k in back[s0:s0 + fpb].any(0).nonzero().flatten().tolist():
-                total = max(int(tokens[k][:s0].sum()), 1)
-                share.append(sum(int(tokens[k][p[:, 0], p[:, 1], p[:, 2]].sum()) / total for p in cached) / len(cached))
-            return share
-
-        def predict(e, s):
-            x0, eps = lat[s.start_frame:s.start_frame + fpb], noise[s.start_frame]
-            out = {"sampled": e.denoise([s])[0].float(), "kept": kept(e, s)}
-            for t in PROBE_TIMESTEPS:
-                out[t] = one_step(e, s, x0, eps, t)[1]
-            return out
-
-        for name, budget in specs:
-            pname, params = ("unbounded", {}) if budget is None else policy_specs(budget)[name]
-            _, preds = rollout(model, lat, fpb, history - fpb, make_policy(pname, **params), budget, seed, page_size,
-                               teacher=lat, predict_at=set(starts), predict=predict)
-            px = {k: decode(torch.cat([preds[s0][k] for s0 in starts])) for k in ["sampled", *PROBE_TIMESTEPS]}
-            kept_share = [x for s0 in starts for x in preds[s0]["kept"]]
-            errs = [M.subject_error(px[t], truth, clip.identity, centre, pairs) for t in PROBE_TIMESTEPS]
-            per[(name, budget)][seed] = {"returning_readout_sampled": hits(px["sampled"]),
-                                         "returning_readout_denoise": hits(px[PROBE_READOUT_T]),
-                                         "returning_denoise_error": [sum(e) / len(e) for e in zip(*errs)],
-                                         "returning_tokens_kept": kept_share}
+    jobs = [ProbeJob(seed, tuple(specs), history, min_gap, page_size) for seed in seeds]
+    done = run_jobs(model, probe_seed, jobs, pool, "memory probe", progress)
+    for seed, by_spec in sorted(done, key=lambda r: r[0]):  # seed order, however the workers finished
+        for key, values in by_spec.items():
+            per[key][seed] = values
     rows = []
     for (name, budget), by_seed in per.items():
         row = {"policy": name, "budget_frames": budget,
@@ -238,9 +268,9 @@ PROBE_METRICS = ["returning_denoise_error", "returning_readout_denoise", "return
                  "returning_tokens_kept"]
 
 
-def paired_differences(probe, reference="future-forcing", resamples=2000):
+def paired_differences(probe, reference="future-forcing", resamples=2000, metrics=PROBE_METRICS):
     """Every policy minus ``reference`` on the same probes (same seeds, same returns, same noise): the mean
-    difference of each probe metric and a 90 % interval from a bootstrap over seeds (seeds resampled with their
+    difference of each of ``metrics`` and a 90 % interval from a bootstrap over seeds (seeds resampled with their
     probes, as the probes of one seed are not independent).  Policies are compared on identical probes, so this
     is much tighter than the seed spread of each policy's own mean."""
     ref = {r["budget_frames"]: r for r in probe if r["policy"] == reference}
@@ -254,7 +284,7 @@ def paired_differences(probe, reference="future-forcing", resamples=2000):
         if not seeds:  # no seed had a return to probe
             continue
         item = {"policy": r["policy"], "budget_frames": r["budget_frames"], "reference": reference}
-        for m in PROBE_METRICS:
+        for m in metrics:
             diffs = [[a - b for a, b in zip(r["per_seed"][k][m], base["per_seed"][k][m])] for k in seeds]
             sums = torch.tensor([sum(d) for d in diffs], dtype=torch.float64)
             counts = torch.tensor([len(d) for d in diffs], dtype=torch.float64)
@@ -264,6 +294,241 @@ def paired_differences(probe, reference="future-forcing", resamples=2000):
             item[m + "_ci90"] = [float(boot.quantile(0.05)), float(boot.quantile(0.95))]
         out.append(item)
     return out
+
+
+# ---- free rollouts: generated frames from a ground-truth prefix or from pure noise, no alignment needed ------
+
+ROLLOUT_SEED_BASE = EVAL_SEED_BASE + 2000  # held-out worlds; the main run uses +0.., the memory probe +1000..
+ROLLOUT_STARTS = ("prefix", "noise")
+ROLLOUT_METRICS = ["returning_identity_consistency", "identity_consistency", "drift_ratio", "drift_first",
+                   "drift_last", "subject_consistency", "background_consistency", "world_presence", "foreign_presence"]
+
+
+def to_budget(fraction: float, total: int, fpb: int) -> int:
+    """A budget fraction of a ``total``-frame unbounded cache, in whole blocks (at least two)."""
+    return max(2 * fpb, round(fraction * total / fpb) * fpb)
+
+
+@dataclass(frozen=True)
+class RolloutJob:
+    """One free rollout: world ``seed``, ``start`` "prefix" (``prefix`` ground-truth frames written first) or
+    "noise" (generation from pure noise, seeded by ``seed``), ``frames`` generated frames under ``policy`` (a
+    ``policy_specs`` name or "unbounded") at ``budget`` frames."""
+
+    seed: int
+    start: str
+    policy: str
+    budget: int | None
+    prefix: int
+    frames: int
+    page_size: int
+    return_gap: int
+
+
+def rollout_jobs(seeds, starts, fractions, policies, prefix, frames, page_size, return_gap, fpb) -> list[RolloutJob]:
+    """Every (seed, start, policy, budget) plus each (seed, start)'s unbounded rollout; budgets are ``fractions``
+    of what the unbounded cache holds at the end (prefix + generated frames, or generated frames from noise)."""
+    jobs = []
+    for seed in seeds:
+        for start in starts:
+            p = prefix if start == "prefix" else 0
+            jobs.append(RolloutJob(seed, start, "unbounded", None, p, frames, page_size, return_gap))
+            for b in sorted({to_budget(f, p + frames, fpb) for f in fractions}):
+                jobs += [RolloutJob(seed, start, n, b, p, frames, page_size, return_gap) for n in policies]
+    return jobs
+
+
+def score_rollout(px: torch.Tensor, start: str, prefix: int, identity: torch.Tensor | None, return_gap: int) -> dict:
+    """The free-rollout metrics of one video ``px`` [prefix + frames, 3, H, W] (ground truth first, then
+    generated).  The world's subjects are the clip's (``metrics.world_from_truth``) after a prefix, and the first
+    ones the rollout establishes (``metrics.world_from_sightings``) from noise; colour consistency counts the
+    generated frames from the first frame a world subject is known."""
+    gen = px[prefix:]
+    colours, shapes = M.subject_sightings(px)
+    world = M.world_from_truth(identity, prefix) if start == "prefix" else M.world_from_sightings(colours, shapes)
+    known = min(world.known_from.values(), default=len(px))
+    curve = M.drift_curve(gen)
+    row = {"drift_curve": curve, "drift_ratio": M.drift_ratio(curve), "drift_first": curve[0], "drift_last": curve[-1],
+           "identity_consistency": M.world_colour_consistency(colours[known:], world),
+           "returning_identity_consistency": M.returning_identity_consistency(colours, shapes, world, return_gap),
+           "returning_events": len(M.returning_events(colours, world, return_gap)),
+           "subject_consistency": M.subject_consistency(gen), "background_consistency": M.background_consistency(gen),
+           "world": {str(k): v for k, v in world.subjects.items()},
+           "world_known_from": {str(k): v for k, v in world.known_from.items()},
+           **M.colour_presence(colours[prefix:], world)}
+    if prefix >= M.DRIFT_WINDOW:
+        row["drift_prefix"] = M.drift_curve(px[:prefix])[-1]  # the ground truth's own level in this world
+    return row
+
+
+def run_rollout(model, job: RolloutJob) -> dict:
+    """Generate and score one ``RolloutJob`` -> a result row (with its wall and CPU time: ``seconds``,
+    ``cpu_seconds``; on a shared box the CPU time is the one to extrapolate from)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    clip = make_clip(job.seed, job.prefix + job.frames) if job.prefix else None
+    lat = encode(clip.frames) if clip else None
+    pname, params = ("unbounded", {}) if job.budget is None else policy_specs(job.budget)[job.policy]
+    px = decode(rollout(model, lat, job.prefix, job.frames, make_policy(pname, **params), job.budget, job.seed,
+                        job.page_size))
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    total = job.prefix + job.frames
+    return {"seed": job.seed, "start": job.start, "policy": job.policy, "budget_frames": job.budget,
+            "budget_fraction": None if job.budget is None else job.budget / total, "prefix": job.prefix,
+            "frames": job.frames, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            **score_rollout(px, job.start, job.prefix, clip.identity if clip else None, job.return_gap)}
+
+
+def ground_truth_rollouts(seeds, prefix, frames, return_gap) -> list[dict]:
+    """The ground-truth continuation of each prefix world, scored like a rollout: the metrics' ceiling and the
+    drift ratio of real video (about 1)."""
+    rows = []
+    for seed in seeds:
+        clip = make_clip(seed, prefix + frames)
+        rows.append({"seed": seed, "start": "prefix", "policy": "ground-truth", "budget_frames": None,
+                     "budget_fraction": None, "prefix": prefix, "frames": frames, "seconds": 0.0, "cpu_seconds": 0.0,
+                     **score_rollout(clip.frames, "prefix", prefix, clip.identity, return_gap)})
+    return rows
+
+
+_WORKER_MODEL = None
+
+
+def _init_worker(model_path: str) -> None:
+    """Pool initializer: one model per worker process, one thread each (the workers share the cores)."""
+    global _WORKER_MODEL
+    from model_adapters import registry
+
+    torch.set_num_threads(1)
+    _WORKER_MODEL = registry.load(model_path, "world-tiny")
+
+
+def _worker_call(fn_job):
+    fn, job = fn_job
+    return fn(_WORKER_MODEL, job)
+
+
+@contextlib.contextmanager
+def worker_pool(model_path: str, workers: int):
+    """``workers`` spawned processes that each load ``model_path`` once (one torch thread each), or None for 1
+    (spawn, not fork: a forked child of a process that has run torch's OpenMP pool can hang)."""
+    if workers <= 1:
+        yield None
+        return
+    import multiprocessing as mp
+
+    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(model_path,))
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def run_jobs(model, fn, jobs, pool, desc, progress=True):
+    """Yield ``fn(model, job)`` for each of ``jobs`` as it finishes, with a progress bar: in this process, or on
+    ``pool``'s workers (their own model; order not kept).  ``fn`` must be a module-level function."""
+    from tqdm import tqdm
+
+    results = (fn(model, j) for j in jobs) if pool is None else pool.imap_unordered(_worker_call, [(fn, j) for j in jobs])
+    yield from tqdm(results, total=len(jobs), desc=desc, disable=not progress)
+
+
+def free_rollouts(model, a, out, path, pool) -> None:
+    """The free-rollout section of ``main``: every ``RolloutJob`` of the arguments ``a`` and the ground truth, into
+    ``out`` (``rollouts``, ``rollout_summary``, ``rollouts_vs_future_forcing``), written to ``path`` as it goes."""
+    seeds = [ROLLOUT_SEED_BASE + i for i in range(a.rollout_seeds)]
+    jobs = rollout_jobs(seeds, a.rollout_start, a.fractions, a.rollout_policies, a.prefix, a.rollout_frames,
+                        a.page_size, a.return_gap, model.geometry.frames_per_block)
+    rows = ground_truth_rollouts(seeds, a.prefix, a.rollout_frames, a.return_gap) if "prefix" in a.rollout_start else []
+    out.update(rollouts=rows, rollout_setup={
+        "seeds": seeds, "starts": a.rollout_start, "prefix": a.prefix, "frames": a.rollout_frames,
+        "fractions": a.fractions, "policies": a.rollout_policies, "return_gap": a.return_gap,
+        "drift_window": M.DRIFT_WINDOW, "workers": a.workers})
+    last_write = time.perf_counter()
+    for row in run_jobs(model, run_rollout, jobs, pool, "free rollouts"):
+        rows.append(row)
+        if time.perf_counter() - last_write > 20:  # a long run that dies still leaves its finished rollouts
+            path.write_text(json.dumps(out, indent=1))
+            last_write = time.perf_counter()
+    rows.sort(key=lambda r: (r["start"], r["seed"], r["policy"], r["budget_frames"] or 0))
+    out.update(rollout_summary=summarise_rollouts(rows), rollouts_vs_future_forcing=paired_rollouts(rows))
+    path.write_text(json.dumps(out, indent=1))
+
+
+def _mean_std(vals):
+    vals = [v for v in vals if not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), 0.0, 0
+    return statistics.mean(vals), (statistics.pstdev(vals) if len(vals) > 1 else 0.0), len(vals)
+
+
+def summarise_rollouts(rows) -> list[dict]:
+    """Per (start, policy, budget): mean and seed std of each of ``ROLLOUT_METRICS`` (NaN rollouts left out,
+    ``<metric>_n`` says how many counted), the seed-mean drift curve and its last / first window."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["start"], r["policy"], r["budget_frames"]), []).append(r)
+    out = []
+    for (start, p, b), rs in groups.items():
+        item = {"start": start, "policy": p, "budget_frames": b, "budget_fraction": rs[0]["budget_fraction"],
+                "n": len(rs), "returning_events": sum(r["returning_events"] for r in rs),
+                "seconds": statistics.mean(r["seconds"] for r in rs),
+                "cpu_seconds": statistics.mean(r["cpu_seconds"] for r in rs)}
+        for m in ROLLOUT_METRICS:
+            item[m], item[m + "_std"], item[m + "_n"] = _mean_std([r[m] for r in rs])
+        curve = [statistics.mean(x) for x in zip(*(r["drift_curve"] for r in rs))]
+        item["drift_curve"], item["drift_ratio_of_means"] = curve, M.drift_ratio(curve)
+        item["world_presence_curve"] = [statistics.mean(x) for x in zip(*(r["world_presence_curve"] for r in rs))]
+        out.append(item)
+    return out
+
+
+def paired_rollouts(rows, reference="future-forcing") -> list[dict]:
+    """Each policy (and the unbounded cache) minus ``reference`` at the same budget on the same rollouts (same
+    world, same noise), per start: mean difference of each of ``ROLLOUT_METRICS`` and a 90 % interval from a
+    bootstrap over seeds (``paired_differences``; a seed where either side is NaN is left out of that metric)."""
+    out = []
+    for start in sorted({r["start"] for r in rows}):
+        mine = [r for r in rows if r["start"] == start and r["policy"] != "ground-truth"]
+        for budget in sorted({r["budget_frames"] for r in mine if r["budget_frames"] is not None}):
+            by = {}
+            for r in mine:
+                if r["budget_frames"] in (budget, None):
+                    seed_values = {m: [] if math.isnan(r[m]) else [r[m]] for m in ROLLOUT_METRICS}
+                    by.setdefault(r["policy"], {})[str(r["seed"])] = seed_values
+            items = [{"policy": p, "budget_frames": budget, "per_seed": v} for p, v in by.items()]
+            out += [dict(d, start=start) for d in paired_differences(items, reference, metrics=ROLLOUT_METRICS)]
+    return out
+
+
+def print_rollouts(summary, paired) -> None:
+    cols = [("returning_identity_consistency", "ret-id", 7, 3), ("identity_consistency", "id-cons", 7, 3),
+            ("drift_ratio_of_means", "drift×", 6, 2), ("drift_first", "drift0", 7, 1), ("drift_last", "drift-1", 7, 1),
+            ("subject_consistency", "subj", 6, 3), ("background_consistency", "bg", 6, 3),
+            ("world_presence", "world", 6, 3), ("foreign_presence", "foreign", 7, 3)]
+    for start in sorted({s["start"] for s in summary}):
+        print(f"free rollouts from {start} (mean over seeds; drift× = last / first window of the mean drift curve):")
+        print(f"  {'policy':28s} {'budget':>6s} {'n':>3s} {'events':>6s} " + " ".join(f"{h:>{w}s}" for _, h, w, _ in cols))
+        for s in sorted((s for s in summary if s["start"] == start), key=lambda s: (s["budget_frames"] or 1e9, s["policy"])):
+            print(f"  {s['policy']:28s} {s['budget_frames']!s:>6s} {s['n']:3d} {s['returning_events']:6d} "
+                  + " ".join(f"{s[k]:{w}.{d}f}" for k, _, w, d in cols))
+        rows = [r for r in paired if r["start"] == start]
+        if rows:
+            print("  minus future-forcing on the same rollouts (90 % seed-bootstrap interval): ret-id, drift ratio, bg")
+            for r in sorted(rows, key=lambda r: (r["budget_frames"], r["policy"])):
+                print(f"  {r['policy']:28s} {r['budget_frames']:>6d} " + " ".join(
+                    f"{r[m]:+.3f} [{r[m + '_ci90'][0]:+.3f}, {r[m + '_ci90'][1]:+.3f}]"
+                    for m in ("returning_identity_consistency", "drift_ratio", "background_consistency")))
+
+
+def drift_figure(result, png):
+    """``benchmarks/filmstrip.py``'s drift figure (that file is a script beside this one, not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ff_filmstrip", Path(__file__).parent / "filmstrip.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.drift_figure(result, png)
 
 
 def layer_errors(outputs, ref_outputs, num_layers):
@@ -323,7 +588,7 @@ def main(argv=None):
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seeds", type=int_arg(1), default=5)
+    ap.add_argument("--seeds", type=int_arg(0), default=5, help="teacher-forced + 96-frame rollout seeds (0: none)")
     ap.add_argument("--prefix", type=int_arg(1), default=24, help="ground-truth frames written into the cache first")
     ap.add_argument("--frames", type=int_arg(1), default=96, help="generated frames (4x the training clip)")
     ap.add_argument("--fractions", type=fraction, nargs="+", default=[0.125, 0.25, 0.5])
@@ -332,13 +597,25 @@ def main(argv=None):
     ap.add_argument("--page-size", type=int_arg(1), default=16)
     ap.add_argument("--predict-every", type=int_arg(1), default=2,
                     help="teacher-forced pass: predict every n-th block from the policy's ground-truth cache")
-    ap.add_argument("--probe-seeds", type=int_arg(0), default=16, help="memory probe: held-out seeds (0: no probe)")
+    ap.add_argument("--rollout-seeds", type=int_arg(0), default=8,
+                    help=f"free rollouts: held-out worlds ({ROLLOUT_SEED_BASE} + i; 0: none)")
+    ap.add_argument("--rollout-frames", type=int_arg(M.DRIFT_WINDOW), default=240,
+                    help=f"free rollouts: generated frames (drift is scored per {M.DRIFT_WINDOW}-frame window)")
+    ap.add_argument("--rollout-start", nargs="+", choices=ROLLOUT_STARTS, default=list(ROLLOUT_STARTS),
+                    help="free rollouts: after the --prefix ground-truth frames, and/or from pure noise")
+    ap.add_argument("--rollout-policies", nargs="*", default=list(policy_specs(0)), choices=list(policy_specs(0)),
+                    help="free rollouts: policies (default: every one in policy_specs), each at every --fractions budget")
+    ap.add_argument("--return-gap", type=int_arg(1), default=M.DRIFT_WINDOW,
+                    help="free rollouts: a subject comes back after this many frames without its identity")
+    ap.add_argument("--workers", type=int_arg(1), default=1,
+                    help="free rollouts and memory probe: processes (one torch thread each; 2 on the 2-core box)")
+    ap.add_argument("--probe-seeds", type=int_arg(0), default=48, help="memory probe: held-out seeds (0: no probe)")
     ap.add_argument("--probe-history", type=int_arg(1), default=192, help="memory probe: ground-truth frames per seed")
     ap.add_argument("--probe-min-gap", type=int_arg(0), default=30,
                     help="memory probe: a return counts after this many frames out of view")
     ap.add_argument("--probe-fractions", type=fraction, nargs="+", default=[0.25],
                     help="memory probe: budgets (same frame budgets as the main run's fractions)")
-    ap.add_argument("--probe-only", action="store_true", help="run only the memory probe (no main seeds)")
+    ap.add_argument("--probe-only", action="store_true", help="run only the memory probe (no main seeds, no rollouts)")
     ap.add_argument("--probe-on-training-seeds", action="store_true",
                     help="probe training seeds (20000 + 613 i) instead of held-out ones: for studying policy "
                          "settings without touching the evaluation seeds")
@@ -356,12 +633,13 @@ def main(argv=None):
         a.seeds, a.frames, a.fractions = 2, 24, [0.25]
         a.policies = ["window", "sink-window", "expected-attention", "future-forcing"]
         a.probe_seeds, a.probe_history, a.probe_min_gap = min(a.probe_seeds, 2), 72, 15
+        a.rollout_seeds, a.rollout_frames = min(a.rollout_seeds, 2), M.DRIFT_WINDOW
+        a.rollout_policies = ["window", "expected-attention", "future-forcing"]
     total = a.prefix + a.frames
-    to_budget = lambda f: max(2 * g.frames_per_block, int(round(f * total / g.frames_per_block)) * g.frames_per_block)  # noqa: E731
-    budgets = sorted({to_budget(f) for f in a.fractions})
+    budgets = sorted({to_budget(f, total, g.frames_per_block) for f in a.fractions})
     strip_budget = min(budgets, key=lambda b: abs(b / total - a.filmstrip_fraction))
     if a.probe_only:
-        a.seeds = 0
+        a.seeds = a.rollout_seeds = 0
     rows, t0 = [], time.perf_counter()
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,15 +694,20 @@ def main(argv=None):
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
         out["summary"] = summarise(rows)
         path.write_text(json.dumps(out, indent=1))  # a long run that dies still leaves its finished seeds
-    probe = []
-    if a.probe_seeds:
-        if a.probe_on_training_seeds:
-            probe_seeds = [TRAIN_SEEDS[20_000 + 613 * i] for i in range(a.probe_seeds)]
-        else:
-            probe_seeds = [EVAL_SEED_BASE + 1000 + i for i in range(a.probe_seeds)]
-        probe = memory_probe(model, probe_seeds, sorted({to_budget(f) for f in a.probe_fractions}), a.policies,
-                             a.probe_history, a.probe_min_gap, a.page_size)
-        print(f"memory probe done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    with worker_pool(a.model, a.workers if (a.rollout_seeds or a.probe_seeds) else 1) as pool:
+        if a.rollout_seeds:
+            free_rollouts(model, a, out, path, pool)
+            print(f"free rollouts done ({time.perf_counter() - t0:.0f}s)", flush=True)
+        probe = []
+        if a.probe_seeds:
+            if a.probe_on_training_seeds:
+                probe_seeds = [TRAIN_SEEDS[20_000 + 613 * i] for i in range(a.probe_seeds)]
+            else:
+                probe_seeds = [EVAL_SEED_BASE + 1000 + i for i in range(a.probe_seeds)]
+            probe_budgets = sorted({to_budget(f, total, g.frames_per_block) for f in a.probe_fractions})
+            probe = memory_probe(model, probe_seeds, probe_budgets, a.policies, a.probe_history, a.probe_min_gap,
+                                 a.page_size, pool=pool)
+            print(f"memory probe done ({time.perf_counter() - t0:.0f}s)", flush=True)
     out.update(partial=False, memory_probe=probe, memory_probe_vs_future_forcing=paired_differences(probe),
                memory_probe_setup={"seeds": a.probe_seeds, "history": a.probe_history, "min_gap": a.probe_min_gap,
                                    "training_seeds": a.probe_on_training_seeds})
@@ -436,6 +719,9 @@ def main(argv=None):
         filmstrip(model, EVAL_SEED_BASE, a.prefix, a.frames, strip_budget, a.page_size,
                   path.with_name(path.stem + "_filmstrip.png"), policies=a.filmstrip_policies, every=a.filmstrip_every)
     print_table(summary)
+    if a.rollout_seeds:
+        print_rollouts(out["rollout_summary"], out["rollouts_vs_future_forcing"])
+        drift_figure(out, path.with_name(path.stem + "_drift.png"))
     if probe:
         print(f"memory probe ({a.probe_seeds} seeds x {a.probe_history} frames, returns after >= {a.probe_min_gap} "
               f"frames out of view, {probe[0]['probes']} probes; mean ± seed spread):")
