@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import paired_differences  # noqa: E402
+from quality import paired_differences
 
 
 def combine(paths: list[str]) -> dict:
