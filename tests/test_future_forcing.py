@@ -10,6 +10,8 @@ from ff_engine.cache import PagedKVCache
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.errors import ConfigError
 from ff_engine.policies import POLICIES, CompressContext, FutureForcing, FutureQueryProxy, make_policy
+from ff_engine.policies.future_scorer import merge_subspace
+from ff_engine.policies.merge import MergeSpace, merge_into_partners
 from model_adapters.causal_wan.model import Rope3D
 
 from test_engine import tiny_model
@@ -112,6 +114,14 @@ def _attend(cache, q):
     return TorchReferenceBackend().forward(b)
 
 
+def _merge(pol, k, v, lm, victims, partners, mu_f, sigma_f):
+    """What ``pol``'s merge stage does with these victims and partners, in the merge space of the proxy (mu_f,
+    sigma_f): (victim -> partner or -1, merged k/v/log-mass of the receiving partners or None)."""
+    mu_g, basis = merge_subspace(mu_f, sigma_f, k.shape[1], pol.merge_rank)
+    return merge_into_partners(k, v, lm, victims, partners, MergeSpace(basis, mu_g), pol.merge, pol.merge_key_tol,
+                               pol.merge_value_tol)
+
+
 def test_merging_identical_tokens_with_log2_leaves_attention_unchanged():
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(10, 2, D, generator=g), torch.randn(10, 2, D, generator=g)
@@ -122,7 +132,7 @@ def test_merging_identical_tokens_with_log2_leaves_attention_unchanged():
     pol = FutureForcing(merge="log-mass", merge_rank=2)
     pol.proxy.update(0, torch.randn(50, 2, D, generator=g))
     mu_f, sigma_f = pol.proxy.projected(0, 9, (1, 1), None)
-    assign, merged = pol._merge(k, v, torch.zeros(10), torch.tensor([7]), torch.tensor([0, 1, 2, 3, 4, 5, 6, 8, 9]), mu_f, sigma_f)
+    assign, merged = _merge(pol, k, v, torch.zeros(10), torch.tensor([7]), torch.tensor([0, 1, 2, 3, 4, 5, 6, 8, 9]), mu_f, sigma_f)
     assert assign.tolist() == [3]
     targets, nk, nv, nl = merged
     assert targets.tolist() == [3] and abs(float(nl[0]) - math.log(2)) < 1e-6
@@ -138,7 +148,7 @@ def test_affine_merge_preserves_the_proxy_logit_mass_without_bias():
     pol = FutureForcing(merge="affine", merge_rank=0, merge_key_tol=10, merge_value_tol=10)
     pol.proxy.update(0, torch.randn(50, 1, D, generator=g) + 1.0)
     mu_f, sigma_f = pol.proxy.projected(0, 9, (1, 1), None)
-    assign, (targets, nk, nv, nl) = pol._merge(k, v, torch.zeros(6), torch.tensor([5]), torch.tensor([0, 1, 2, 3, 4]), mu_f, sigma_f)
+    assign, (targets, nk, nv, nl) = _merge(pol, k, v, torch.zeros(6), torch.tensor([5]), torch.tensor([0, 1, 2, 3, 4]), mu_f, sigma_f)
     mu = mu_f[0, 0].float()
     z = lambda x: x @ mu / math.sqrt(D)  # noqa: E731
     assert targets.tolist() == [2] and float(nl[0]) == 0.0

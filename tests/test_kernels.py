@@ -44,8 +44,8 @@ def test_scoring_reference_equals_the_policy_code(p, h, hkv, cov_rank, value_nor
     mu_f, sigma_f = _proxy(p, h, d, g)
     rest = torch.randn(h, generator=g)
     ff = FutureForcing(cov_rank=cov_rank, value_norm=value_norm, aggregation=aggregation)
-    logits = ff.head_logits(kc[slots], vc[slots], lm[slots], mu_f, sigma_f)
-    want = ff.aggregate(logits, torch.logaddexp(torch.logsumexp(logits, 1), rest))
+    logits = ff.scorer.head_logits(kc[slots], vc[slots], lm[slots], mu_f, sigma_f)
+    want = ff.scorer.aggregate(logits, torch.logaddexp(torch.logsumexp(logits, 1), rest))
     u, lam = proxy_factors(sigma_f, cov_rank)
     seg = torch.tensor([0, 60])
     got_logits, _, got = scoring_ref.expected_attention_scores(kc, vc, lm, slots, seg, mu_f.float()[None], u[None],

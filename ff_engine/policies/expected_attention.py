@@ -31,14 +31,13 @@ How the engine's setting maps onto kvpress (each difference is forced by the set
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ff_engine.errors import SnapshotError
 from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens, layer_tensors_state, take_layer_state
-from ff_engine.policies.future_forcing import pair_matrix
+from ff_engine.policies.future_proxy import FutureQueryProxy, pair_matrix
 from ff_engine.policies.params import param
 
 
@@ -98,15 +97,14 @@ class ExpectedAttention(CachePolicy):
         self, k: torch.Tensor, v: torch.Tensor, log_mass: torch.Tensor, mu_f: torch.Tensor, cov_f: torch.Tensor | None
     ) -> torch.Tensor:
         """kvpress's score [Hkv, N] (higher = keep) of keys and values [N, Hkv, D] (sinks already left out): per
-        query head a softmax over the tokens, averaged over each kv group, rescaled by the value norm.  float32
-        over the tokens (the O(N) part), as Future Forcing scores."""
-        _, hkv, d = k.shape
-        rep = mu_f.shape[0] // hkv  # query head j reads kv head j // rep
-        kk = k.float().transpose(0, 1)  # [Hkv, N, D]
-        z = torch.matmul(kk, mu_f.float().reshape(hkv, rep, d).transpose(1, 2)) / math.sqrt(d)  # [Hkv, N, rep]
-        if cov_f is not None:
-            z = z + torch.einsum("gnd,grde,gne->gnr", kk, cov_f.float().reshape(hkv, rep, d, d), kk) / (2 * d)
-        p = torch.softmax(z + log_mass.float()[None, :, None], dim=1).mean(2)
+        query head a softmax over the tokens of the Gaussian expected-attention logits (the linear and covariance
+        terms Future Forcing scores with, ``FutureQueryProxy.score_terms``), averaged over each kv group (query
+        head j reads kv head j // rep), rescaled by the value norm."""
+        n, hkv, _ = k.shape
+        sigma_f = mu_f.new_zeros(*mu_f.shape, mu_f.shape[-1]) if cov_f is None else cov_f  # no covariance: term 0
+        lin, quad = FutureQueryProxy.score_terms(k, mu_f[None], sigma_f[None])  # [1, H, N]
+        z = lin[0] + quad[0] + log_mass.float()[None]  # [H, N]
+        p = torch.softmax(z, dim=1).reshape(hkv, -1, n).mean(1)
         if self.use_vnorm:
             p = (p + self.epsilon) * v.float().norm(dim=-1).T
         return p

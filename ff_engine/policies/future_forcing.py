@@ -30,8 +30,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ff_engine.policies.base import CachePolicy, CompressContext
 from ff_engine.policies.budget_split import SPLITS, BudgetSplit
 from ff_engine.policies.compose import PolicyWrapper
@@ -46,9 +44,8 @@ from ff_engine.policies.future_scorer import (
     VALUE_NORM,
     FutureForcingScorer,
     log_expected_exp_bound,
-    merge_subspace,
 )
-from ff_engine.policies.merge import KEY_TOL, MODE, OVERSAMPLE, VALUE_TOL, Merge, MergeSpace, merge_into_partners
+from ff_engine.policies.merge import KEY_TOL, MODE, OVERSAMPLE, VALUE_TOL, Merge
 from ff_engine.policies.page_candidates import PageCandidates
 from ff_engine.policies.params import check_params, param
 
@@ -112,22 +109,6 @@ class FutureForcing(PolicyWrapper):
     def stats(self) -> dict[str, int]:
         """The merge stage's decision counters: merged, evicted, candidates (tokens ranked), tokens."""
         return next(p for p in self.chain() if isinstance(p, Merge)).stats
-
-    # the scorer's pieces, on the configuration for callers that hold it (kernels' reference tests) -----------
-    def head_logits(self, k, v, log_mass, mu_f, sigma_f) -> torch.Tensor:
-        return self.scorer.head_logits(k, v, log_mass, mu_f, sigma_f)
-
-    def aggregate(self, logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        return self.scorer.aggregate(logits, lse)
-
-    def _merge(self, k, v, lm, victims, partners, mu_f, sigma_f):
-        """``merge_into_partners`` with this configuration's mode and tolerances in the merge space of the proxy
-        (mu_f, sigma_f): (victim -> partner or -1, merged k/v/log-mass of the receiving partners or None)."""
-        if self.merge == "none" or partners.numel() == 0 or victims.numel() == 0:
-            return torch.full((victims.numel(),), -1, dtype=torch.long, device=victims.device), None
-        mu_g, basis = merge_subspace(mu_f, sigma_f, k.shape[1], self.merge_rank)
-        return merge_into_partners(k, v, lm, victims, partners, MergeSpace(basis, mu_g), self.merge,
-                                   self.merge_key_tol, self.merge_value_tol)
 
     # what page candidates cost (benchmarks/page_candidates.py) ------------------------------------------
     def _candidates(self) -> PageCandidates:

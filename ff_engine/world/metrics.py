@@ -44,10 +44,15 @@ from ff_engine.errors import ConfigError
 from ff_engine.world.procedural import PALETTE, SHAPES, TRAIN_SEEDS, H, W, make_clip, subject_mask, subject_region
 
 
+def palette_distance(frames: torch.Tensor) -> torch.Tensor:
+    """frames [T, 3, H, W] -> [T, len(PALETTE), H, W]: each pixel's max-channel distance to each subject colour
+    (the one nearness every colour detector here uses)."""
+    return (frames[:, None] - PALETTE[None, :, :, None, None]).abs().amax(2)
+
+
 def detected_colours(frames: torch.Tensor, tol: float = 0.35, min_pixels: int = 6) -> torch.Tensor:
     """frames [T, 3, H, W] in [-1, 1] -> bool [T, len(PALETTE)]: which subject colours each frame shows."""
-    d = (frames[:, None] - PALETTE[None, :, :, None, None]).abs().amax(2)  # [T, P, H, W] (max-channel distance)
-    return ((d < tol).flatten(2).sum(-1)) >= min_pixels
+    return ((palette_distance(frames) < tol).flatten(2).sum(-1)) >= min_pixels
 
 
 def true_colours(identity: torch.Tensor) -> torch.Tensor:
@@ -346,7 +351,7 @@ def subject_sightings(frames: torch.Tensor, tol: float = SIGHTING_TOL,
     not coloured static scattered over a frame that has fallen apart.  The tolerance is looser than
     ``detected_colours``' 0.35 because a model draws subjects paler than the palette; on real frames of 20
     training seeds no background pixel group passes up to 0.5 (1 % of frames at 0.55)."""
-    near = (frames[:, None] - PALETTE[None, :, :, None, None]).abs().amax(2) < tol  # [T, P, H, W]
+    near = palette_distance(frames) < tol  # [T, P, H, W]
     T, P = near.shape[:2]
     box = torch.nn.functional.avg_pool2d(near.float().reshape(T * P, 1, H, W), SIGHTING_BOX, stride=1,
                                          padding=SIGHTING_BOX // 2, count_include_pad=True)
@@ -466,7 +471,7 @@ def background_features(frames: torch.Tensor, tol: float = 0.35) -> torch.Tensor
     background colour), centred, through ``frame_features``' fixed random projection.  VBench uses CLIP image
     features here; these are pixel features, *not* CLIP, so only comparisons between policies mean much."""
     x = frames.float()
-    keep = ((x[:, None] - PALETTE[None, :, :, None, None]).abs().amax(2) >= tol).all(1, keepdim=True).float()
+    keep = (palette_distance(x) >= tol).all(1, keepdim=True).float()
     mass = torch.nn.functional.avg_pool2d(keep, 4)
     pooled = torch.nn.functional.avg_pool2d(x * keep, 4) / mass.clamp_min(1e-6)
     mean = (x * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp_min(1)

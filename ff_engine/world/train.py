@@ -187,10 +187,14 @@ def training_batch(rng: torch.Generator, batch: int, n_blocks: int, fpb: int, p_
     return torch.stack(lat), torch.stack(times)
 
 
-def sample_sigma(rng: torch.Generator, shape, shift: float) -> torch.Tensor:
-    """sigma = shift * u / (1 + (shift - 1) u), u ~ U(0, 1): every noise level, weighted as the sampler uses them."""
-    u = torch.rand(shape, generator=rng)
+def shifted_sigma(u, shift: float):
+    """sigma = shift * u / (1 + (shift - 1) u): the sampler's timestep warp (``FlowMatchSchedule``) of u in [0, 1]."""
     return shift * u / (1 + (shift - 1) * u)
+
+
+def sample_sigma(rng: torch.Generator, shape, shift: float) -> torch.Tensor:
+    """``shifted_sigma`` of u ~ U(0, 1): every noise level, weighted as the sampler uses them."""
+    return shifted_sigma(torch.rand(shape, generator=rng), shift)
 
 
 def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, seed: int = 0, shift: float = 2.0,
@@ -233,8 +237,7 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
     prompt = torch.zeros(1, cfg.text_dim, device=dev)
     block_weight = torch.ones(n_blocks, device=dev)
     block_weight[-N_TARGET:] = target_weight  # the memory clips' targets (the last blocks of every clip)
-    u = [1 - i / rollout_steps for i in range(rollout_steps)]
-    rollout_sigmas = [shift * x / (1 + (shift - 1) * x) for x in u]  # the sampler's warp (FlowMatchSchedule)
+    rollout_sigmas = [shifted_sigma(1 - i / rollout_steps, shift) for i in range(rollout_steps)]
     curve = []
     t0 = time.perf_counter()
     bar = tqdm(range(steps), disable=not progress, desc="train world model")
