@@ -263,3 +263,41 @@ def test_rollout_training_runs_and_is_reproducible():
     _, c2 = train(2, **kw)
     assert [c["loss"] for c in c1] == [c["loss"] for c in c2]
     assert all(math.isfinite(c["loss"]) for c in c1)
+
+
+def test_qk_gains_get_their_own_learning_rate():
+    from ff_engine.world.train import param_groups, train
+    from model_adapters.causal_wan import PRESETS, CausalWanModel
+
+    model = CausalWanModel(PRESETS["world-tiny"])
+    rest, gains = param_groups(model, 20.0)
+    n_gain = 2 * PRESETS["world-tiny"].num_layers  # self-attention norm_q and norm_k of every block
+    assert len(gains["params"]) == n_gain and gains["lr_mult"] == 20.0 and gains["weight_decay"] == 0.0
+    assert len(rest["params"]) + n_gain == len(list(model.parameters()))
+    # one step: the gains move ~20x as far as with the common learning rate (Adam's step is ~lr per weight)
+    moved = {}
+    for mult in (1.0, 20.0):
+        m, _ = train(1, batch=1, clip_frames=6, lr=1e-3, progress=False, qk_gain_lr=mult)
+        g = m.blocks[0].self_attn.norm_q.weight.detach()
+        moved[mult] = (g - 1).abs().max().item()
+    assert moved[20.0] > 10 * moved[1.0] > 0
+
+
+def test_world_diagnostics_measure_what_they_say(tmp_path):
+    from benchmarks.world_diagnostics import SEEDS, diagnose
+    from model_adapters.causal_wan import PRESETS, CausalWanModel, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path / "random.safetensors"
+    save_checkpoint(CausalWanModel(PRESETS["world-tiny"]).eval(), path)
+    report = diagnose(str(path), frames=24)
+    frames = torch.stack([make_clip(s, 27, start=40).frames for s in SEEDS])
+    copy = (frames[:, 23:24] - frames[:, 24:27]).pow(2).mean().item()
+    assert report["next_block_error"]["copy_last_frame"] == pytest.approx(copy, rel=1e-5)
+    for row in report["attention_to_previous_frame"]:  # per head: probabilities, the same token within the frame
+        for top, prev, same in zip(row["max_weight"], row["previous_frame"], row["same_position"]):
+            assert 0 < same <= prev <= 1 and 0 < top <= 1
+    assert len(report["attention_to_previous_frame"]) == PRESETS["world-tiny"].num_layers
+    cont = report["continuation"]
+    assert len(cont["per_seed"]) == len(SEEDS) and all(len(r["drift_curve"]) == 1 for r in cont["per_seed"])
+    assert 0 < cont["mean"]["truth_world_presence"] <= 1 and cont["mean"]["mse_all"] > 0.01  # random weights
