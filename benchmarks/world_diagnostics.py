@@ -23,13 +23,19 @@ Why a script and not a test: it explains a checkpoint (a debugging tool for trai
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from ff_engine.cli import OneLineParser, int_arg
+from ff_engine.policies import make_policy
 from ff_engine.world import metrics as M
 from ff_engine.world.procedural import decode, encode, make_clip
+from ff_engine.world.train import _TeacherForcingAttention, qk_gains
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import rollout  # benchmarks/ is not a package when run as a script
 
 SEEDS = (123, 4567, 777, 31337)  # training seeds (procedural.TRAIN_SEEDS), never evaluation seeds
 START = 40
@@ -57,8 +63,6 @@ def _pixels(lat: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def next_block_error(model, sigmas=(0.3, 0.6, 0.9, 1.0)) -> dict:
-    from ff_engine.world.train import _TeacherForcingAttention
-
     x0, times = _clips(9 * FPB)
     b, f = x0.shape[:2]
     truth_last, truth_first = _pixels(x0[:, -FPB:]), _pixels(x0[:, :FPB])
@@ -75,8 +79,6 @@ def next_block_error(model, sigmas=(0.3, 0.6, 0.9, 1.0)) -> dict:
 
 @torch.no_grad()
 def attention_to_previous_frame(model) -> list[dict]:
-    from ff_engine.world.train import _TeacherForcingAttention
-
     x0, times = _clips(4 * FPB)
     b, f = x0.shape[:2]
     tpf = model.geometry.tokens_per_frame
@@ -102,21 +104,11 @@ def attention_to_previous_frame(model) -> list[dict]:
 
 @torch.no_grad()
 def continuation(model, frames: int, prefix: int = 24) -> dict:
-    from ff_engine.engine import Engine, SessionConfig
-    from ff_engine.engine.engine import reservation_pages
-    from ff_engine.policies import make_policy
-
     per_seed = []
     for seed in SEEDS:
         clip = make_clip(seed, prefix + frames)
-        cfg = SessionConfig(prompt=torch.zeros(1, model.cfg.text_dim), num_frames=prefix + frames, seed=seed,
-                            policy=make_policy("unbounded"), budget_frames=None)
-        engine = Engine(model, num_pages=reservation_pages(model.geometry, 16, cfg), page_size=16, backend="torch")
-        s = engine.add_session(cfg)
-        engine.prefill(s.id, encode(clip.frames[:prefix]))
-        while s.id in engine.sessions:
-            engine.step([s.id])
-        px, truth = decode(torch.cat(s.latents)[prefix:]), clip.frames[prefix:]
+        lat = rollout(model, encode(clip.frames), prefix, frames, make_policy("unbounded"), None, seed, page_size=16)
+        px, truth = decode(lat[prefix:]), clip.frames[prefix:]
         world = M.world_from_truth(clip.identity, 0)
         seen = [M.colour_presence(M.subject_sightings(x)[0], world)["world_presence"] for x in (px, truth)]
         per_seed.append({"seed": seed, **{f"mse_{n}": (px[:n] - truth[:n]).pow(2).mean().item() for n in (3, 12)},
@@ -131,8 +123,7 @@ def diagnose(path: str, frames: int) -> dict:
     from model_adapters.causal_wan import load_causal_wan
 
     model = load_causal_wan(path, preset="world-tiny").eval()
-    gains = {n: p.detach().abs().mean().item() for n, p in model.named_parameters()
-             if "self_attn.norm_q" in n or "self_attn.norm_k" in n}
+    gains = {n: p.detach().abs().mean().item() for n, p in qk_gains(model)}
     return {"checkpoint": path, "qk_gain_mean": gains, "next_block_error": next_block_error(model),
             "attention_to_previous_frame": attention_to_previous_frame(model),
             "continuation": continuation(model, frames)}

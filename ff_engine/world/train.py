@@ -187,6 +187,11 @@ def training_batch(rng: torch.Generator, batch: int, n_blocks: int, fpb: int, p_
     return torch.stack(lat), torch.stack(times)
 
 
+def qk_gains(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every self-attention q/k RMSNorm gain: the attention's temperature (``param_groups``)."""
+    return [(n, p) for n, p in model.named_parameters() if "self_attn.norm_q" in n or "self_attn.norm_k" in n]
+
+
 def param_groups(model: torch.nn.Module, qk_gain_lr: float) -> list[dict]:
     """AdamW groups: the self-attention q/k RMSNorm gains learn ``qk_gain_lr`` times faster (no weight decay).
 
@@ -195,7 +200,7 @@ def param_groups(model: torch.nn.Module, qk_gain_lr: float) -> list[dict]:
     attention stays diffuse and its next frame is a blur of the context instead of a copy of the right place
     (measured on v3: the sharpest head gave 18 % of its weight to the same position one frame back).  The gains
     are the attention's temperature; letting them move fast is the cheap cure."""
-    gains = [p for n, p in model.named_parameters() if "self_attn.norm_q" in n or "self_attn.norm_k" in n]
+    gains = [p for _, p in qk_gains(model)]
     ids = {id(p) for p in gains}
     rest = [p for p in model.parameters() if id(p) not in ids]
     return [{"params": rest, "lr_mult": 1.0}, {"params": gains, "lr_mult": qk_gain_lr, "weight_decay": 0.0}]
