@@ -52,6 +52,48 @@ def test_compact_preserves_survivors_and_frees_pages():
     c.check_invariants()
 
 
+class _InterruptOnFree:
+    """A storage listener that raises like Ctrl-C the first time pages are freed: the moment a compaction has
+    already shortened its page table but not yet told the pool."""
+
+    def __init__(self):
+        self.armed = True
+
+    def on_write(self, cache, slots):
+        pass
+
+    def on_free(self, cache, pages):
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def check_invariants(self, cache):
+        pass
+
+
+def test_release_after_an_interrupted_compaction_scrubs_and_frees_every_page():
+    c = PagedKVCache(2, 2, 8, page_size=4, num_pages=12)
+    c.add_session("a", 8)
+    c.add_session("b", 4)
+    for sid in ("a", "b"):
+        for layer in (0, 1):
+            c.append(sid, layer, *_kv(14 if sid == "a" else 6, seed=layer))
+    b_before = c.gather("b", 1)
+    c.listeners.append(_InterruptOnFree())
+    with pytest.raises(KeyboardInterrupt):
+        c.compact("a", 0, torch.tensor([0, 3]))
+    in_tables = sum(len(c.table("a", layer).pages) for layer in (0, 1))
+    assert len(c.pool.held_pages("a")) > in_tables  # the tables fell behind the pool: the state to clean up
+    c.release_session("a")  # the cleanup path must neither crash nor leak
+    c.check_invariants()
+    assert c.pool.num_free == c.num_pages - c.pages_held("b")
+    b_pages = {p for layer in (0, 1) for p in c.table("b", layer).pages}
+    others = torch.tensor([p for p in range(c.num_pages + 1) if p not in b_pages])
+    assert not c.key_cache[others].any() and not c.value_cache[others].any()  # a's pages scrubbed, even the lost
+    after = c.gather("b", 1)
+    assert torch.equal(after["k"], b_before["k"]) and torch.equal(after["v"], b_before["v"])  # b untouched
+
+
 def test_bad_inputs_name_the_parameter_and_write_nothing():
     with pytest.raises(ConfigError, match="page_size"):
         PagedKVCache(1, 2, 8, page_size=0, num_pages=4)

@@ -95,6 +95,11 @@ class PagePool:
     def held(self, session_id: str) -> int:
         return len(self._res(session_id).held)
 
+    def held_pages(self, session_id: str) -> list[int]:
+        """The page ids the session holds, sorted ([] for a session without a reservation)."""
+        res = self._sessions.get(session_id)
+        return sorted(res.held) if res else []
+
     def sessions(self) -> list[str]:
         return list(self._sessions)
 

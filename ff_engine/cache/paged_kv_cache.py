@@ -155,13 +155,16 @@ class PagedKVCache:
         self._tables[session_id] = [LayerPageTable() for _ in range(self.num_layers)]
 
     def release_session(self, session_id: str) -> None:
-        """Return every page of the session to vLLM's pool (finish or cancel). Idempotent."""
-        tables = self._tables.pop(session_id, None)
-        if tables:
-            held = [p for t in tables for p in t.pages]
-            assert len(held) == self.pool.held(session_id), f"{session_id}: tables and pool disagree"
-            if held:
-                self._free_pages(held)
+        """Scrub and return every page of the session to vLLM's pool (finish or cancel). Idempotent.
+
+        The pool's record of ownership, not the page tables, says what to scrub and free: ``release_session`` is
+        the cleanup path, and it runs after a mutation that an asynchronous exception (Ctrl-C lands between any
+        two bytecodes) cut short between updating a table and telling the pool.  Trusting the tables there would
+        crash the cleanup or leak pages; the pool's set is always a superset of what the tables list."""
+        self._tables.pop(session_id, None)
+        held = self.pool.held_pages(session_id)
+        if held:
+            self._free_pages(held)
         self.pool.release(session_id)
 
     def has_session(self, session_id: str) -> bool:
