@@ -111,7 +111,8 @@ def run_process(cmd: list[str], timeout: float, env: dict) -> dict:
     """Run one stage process; rc, wall seconds, whether it timed out, the tail of its output."""
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(1.0, timeout))
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(1.0, timeout),
+                           check=False)
         rc, out, timed_out = p.returncode, p.stdout + p.stderr, False
     except subprocess.TimeoutExpired as exc:
         rc, timed_out = None, True

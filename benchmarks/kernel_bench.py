@@ -47,10 +47,10 @@ DATASHEET_BW = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, 
                 "H100 NVL": 3.9e12, "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12, "A100-PCIE": 1.935e12,
                 "L40S": 0.864e12}
 
-FULL = dict(heads=12, head_dim=128, tokens_per_frame=1560, block_frames=3, cached_frames=[3, 9, 21],
-            page_sizes=[32, 128], layers=30, repeats=5)
-TINY = dict(heads=2, head_dim=64, tokens_per_frame=24, block_frames=3, cached_frames=[3], page_sizes=[16], layers=2,
-            repeats=0)
+FULL = {"heads": 12, "head_dim": 128, "tokens_per_frame": 1560, "block_frames": 3, "cached_frames": [3, 9, 21],
+        "page_sizes": [32, 128], "layers": 30, "repeats": 5}
+TINY = {"heads": 2, "head_dim": 64, "tokens_per_frame": 24, "block_frames": 3, "cached_frames": [3],
+        "page_sizes": [16], "layers": 2, "repeats": 0}
 
 
 def sync(device: torch.device) -> None:

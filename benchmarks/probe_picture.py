@@ -11,7 +11,7 @@ cache the model paints it back, without them it guesses.  Columns are crops arou
 
 from __future__ import annotations
 
-
+import quality
 import torch
 
 from ff_engine.cli import OneLineParser, int_arg
@@ -19,15 +19,13 @@ from ff_engine.policies import make_policy
 from ff_engine.world import metrics as M
 from ff_engine.world.procedural import EVAL_SEED_BASE, H, W, decode, encode, make_clip
 
-import quality
-
 T_SHOWN = 500.0
 
 
 def crop(frame: torch.Tensor, centre: torch.Tensor, size: int = 16) -> torch.Tensor:
     """A size x size crop of frame [3, H, W] around centre (y, x), shifted to stay inside the frame."""
-    y = min(max(int(round(float(centre[0]))) - size // 2, 0), H - size)
-    x = min(max(int(round(float(centre[1]))) - size // 2, 0), W - size)
+    y = min(max(round(float(centre[0])) - size // 2, 0), H - size)
+    x = min(max(round(float(centre[1])) - size // 2, 0), W - size)
     return frame[:, y:y + size, x:x + size]
 
 

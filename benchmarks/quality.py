@@ -728,11 +728,11 @@ def main(argv=None):
         print(f"  {'policy':22s} {'budget':>6s} {'denoise-err':>11s} {'readout@500':>11s} {'readout-sampled':>15s} "
               f"{'tokens-kept':>11s}")
         for r in sorted(probe, key=lambda r: (r["budget_frames"] or 1e9, r["returning_denoise_error"])):
-            print(f"  {r['policy']:22s} {str(r['budget_frames']):>6s} " + " ".join(
+            print(f"  {r['policy']:22s} {r['budget_frames']!s:>6s} " + " ".join(
                 f"{r[m]:.3f}±{r[m + '_seed_std']:.3f}".rjust(w) for m, w in zip(PROBE_METRICS, (11, 11, 15, 11))))
         print("  minus future-forcing on the same probes (90 % seed-bootstrap interval):")
         for r in sorted(out["memory_probe_vs_future_forcing"], key=lambda r: r["returning_denoise_error"]):
-            print(f"  {r['policy']:22s} {str(r['budget_frames']):>6s} " + " ".join(
+            print(f"  {r['policy']:22s} {r['budget_frames']!s:>6s} " + " ".join(
                 f"{r[m]:+.3f} [{r[m + '_ci90'][0]:+.3f}, {r[m + '_ci90'][1]:+.3f}]" for m in (*PROBE_METRICS[:2], PROBE_METRICS[3])))
     print(f"wrote {path}")
 
@@ -769,7 +769,7 @@ def print_table(summary):
             ("identity_consistency", "id-cons", 7, 3), ("subject_consistency", "subj", 6, 3)]
     print(f"{'policy':22s} {'budget':>6s} " + " ".join(f"{h:>{w}s}" for _, h, w, _ in cols))
     for s in sorted(summary, key=lambda s: (s["budget_frames"] or 1e9, s["policy"])):
-        print(f"{s['policy']:22s} {str(s['budget_frames']):>6s} " + " ".join(f"{s[k]:{w}.{d}f}" for k, _, w, d in cols))
+        print(f"{s['policy']:22s} {s['budget_frames']!s:>6s} " + " ".join(f"{s[k]:{w}.{d}f}" for k, _, w, d in cols))
 
 
 def plot(summary, budgets, total, png, probe=(), paired=()):

@@ -12,8 +12,9 @@ A stream's life: ``submit`` -> ``queued`` -> ``running`` -> one of ``finished`` 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import AsyncIterator, Iterator, Protocol
+from typing import Protocol
 
 import torch
 

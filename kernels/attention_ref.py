@@ -21,7 +21,7 @@ def attention_with_lse(
     ``bias`` [Nk] is added to every logit of key j (a merged token's ``log m``).  Returns the output
     [Nq, H, D] in q's dtype and the LSE [Nq, H] in float32 (``-inf`` rows when Nk == 0).
     """
-    nq, h, d = q.shape
+    nq, h, _d = q.shape
     nk, hkv = k.shape[0], k.shape[1]
     if nk == 0:
         return torch.zeros_like(q), torch.full((nq, h), float("-inf"), dtype=torch.float32, device=q.device)

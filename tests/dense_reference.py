@@ -18,7 +18,7 @@ class DenseRollingCache:
 
     def __call__(self, layer, q, k, v, q_pre, positions):
         n = q.shape[0]
-        start, end = self.current_start, self.current_start + n
+        end = self.current_start + n
         K, V = self.k[layer], self.v[layer]
         g, l = self.global_end[layer], self.local_end[layer]
         if end > g and n + l > self.size:  # roll: drop the oldest non-sink tokens

@@ -1,11 +1,10 @@
 import json
 
 import torch
+from test_engine import tiny_model
 
 from ff_engine.analysis import analyze_queries, drift
 from ff_engine.cli import main
-
-from test_engine import tiny_model
 
 
 def test_drift_is_zero_for_constant_means_and_grows_with_change():

@@ -3,7 +3,8 @@ import pathlib
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ff_engine.cache import PagedKVCache
 from ff_engine.errors import BudgetError, ConfigError

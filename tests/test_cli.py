@@ -9,7 +9,8 @@ from ff_engine.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "ff_engine.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "ff_engine.cli", *args], capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def test_generate_writes_a_real_mp4(tmp_path, capsys):

@@ -9,14 +9,13 @@ import random
 
 import pytest
 import torch
+from test_engine import tiny_model
 
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.scheduler import Scheduler
 from ff_engine.errors import ConfigError, FFEngineError
 from ff_engine.policies import H2O, FutureForcing, SinkWindow, Unbounded, Window
 from ff_engine.service import Overloaded
-
-from test_engine import tiny_model
 
 MODEL = tiny_model()
 FPB = MODEL.geometry.frames_per_block
@@ -144,8 +143,8 @@ def test_scheduler_api_holes_are_closed():
     assert [c.session_id for c in sched.waiting] == [a]
     with pytest.raises(ConfigError, match="prompt"):
         sched.submit(dataclasses.replace(request(3), prompt=None))
-    for bad, field in ((dict(seed=2**70), "seed"), (dict(num_frames="9"), "num_frames"), (dict(seed=-1), "seed"),
-                       (dict(num_frames=True), "num_frames"), (dict(session_id="../x"), "session_id")):
+    for bad, field in (({"seed": 2**70}, "seed"), ({"num_frames": "9"}, "num_frames"), ({"seed": -1}, "seed"),
+                       ({"num_frames": True}, "num_frames"), ({"session_id": "../x"}, "session_id")):
         with pytest.raises(FFEngineError, match=field):
             sched.submit(dataclasses.replace(request(3), **bad))
     assert len(sched.waiting) == 1  # nothing bad was queued
@@ -179,8 +178,8 @@ MENU = [request(0, frames=3), request(1, frames=6, policy=FutureForcing(), budge
 def _invalid(rng):
     base = rng.choice(MENU)
     return dataclasses.replace(base, **rng.choice([
-        dict(seed=2**70), dict(num_frames=0), dict(num_frames="9"), dict(budget_frames=-1), dict(prompt=None),
-        dict(policy=SinkWindow(sink_frames=3), budget_frames=1), dict(num_frames=2**31), dict(session_id="a/b"),
+        {"seed": 2**70}, {"num_frames": 0}, {"num_frames": "9"}, {"budget_frames": -1}, {"prompt": None},
+        {"policy": SinkWindow(sink_frames=3), "budget_frames": 1}, {"num_frames": 2**31}, {"session_id": "a/b"},
     ]))
 
 

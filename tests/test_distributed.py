@@ -125,8 +125,8 @@ def test_queue_bound_overloads_and_a_bad_request_fails_alone(plain):
     assert exc.value.retry_after > 0
     with pytest.raises(ConfigError, match="num_frames"):
         plain.submit(cfg(201, 0, Window(), 3))
-    for h in accepted:
-        assert len(list(h.blocks(timeout=120))) == 2 and h.status().state == "finished"  # nothing dropped
+    for h in accepted:  # the last waits behind 8 streams on its worker: the timeout covers the queue, not a block
+        assert len(list(h.blocks(timeout=300))) == 2 and h.status().state == "finished"  # nothing dropped
     list(bad.blocks(timeout=60))
     assert bad.status().state == "failed" and bad.status().error
     assert plain.stats()["rejected"] == 2

@@ -1,12 +1,11 @@
 import pytest
 import torch
+from dense_reference import dense_generate
 
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.errors import BudgetError, CheckpointError, ConfigError
 from ff_engine.policies import SinkWindow, Unbounded, Window, make_policy
 from model_adapters.causal_wan import PRESETS, CausalWanModel, load_causal_wan, save_checkpoint
-
-from dense_reference import dense_generate
 
 
 def tiny_model(seed=0, **kw):
@@ -84,8 +83,8 @@ def test_budget_is_never_exceeded_and_pages_return():
 
 def test_several_sessions_batched_equal_sequential():
     m = tiny_model()
-    cfgs = [dict(prompt=torch.randn(4, 256, generator=torch.Generator().manual_seed(i)), num_frames=9, seed=i,
-                 policy=Window(), budget_frames=3) for i in range(3)]
+    cfgs = [{"prompt": torch.randn(4, 256, generator=torch.Generator().manual_seed(i)), "num_frames": 9, "seed": i,
+                 "policy": Window(), "budget_frames": 3} for i in range(3)]
     seq = [Engine(m, num_pages=100, page_size=16, backend="vllm-cpu").generate(SessionConfig(**c)) for c in cfgs]
     e = Engine(m, num_pages=100, page_size=16, backend="vllm-cpu")
     ss = [e.add_session(SessionConfig(**c)) for c in cfgs]

@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_engine import tiny_model
 
 from ff_engine.attention import AttentionBatch
 from ff_engine.attention.torch_ref import TorchReferenceBackend
@@ -13,8 +15,6 @@ from ff_engine.policies import POLICIES, CompressContext, FutureForcing, FutureQ
 from ff_engine.policies.future_scorer import merge_subspace
 from ff_engine.policies.merge import MergeSpace, merge_into_partners
 from model_adapters.causal_wan.model import Rope3D
-
-from test_engine import tiny_model
 
 D = 64
 ROPE = Rope3D(D, 1024)
@@ -148,9 +148,9 @@ def test_affine_merge_preserves_the_proxy_logit_mass_without_bias():
     pol = FutureForcing(merge="affine", merge_rank=0, merge_key_tol=10, merge_value_tol=10)
     pol.proxy.update(0, torch.randn(50, 1, D, generator=g) + 1.0)
     mu_f, sigma_f = pol.proxy.projected(0, 9, (1, 1), None)
-    assign, (targets, nk, nv, nl) = _merge(pol, k, v, torch.zeros(6), torch.tensor([5]), torch.tensor([0, 1, 2, 3, 4]), mu_f, sigma_f)
+    _assign, (targets, nk, _nv, nl) = _merge(pol, k, v, torch.zeros(6), torch.tensor([5]), torch.tensor([0, 1, 2, 3, 4]), mu_f, sigma_f)
     mu = mu_f[0, 0].float()
-    z = lambda x: x @ mu / math.sqrt(D)  # noqa: E731
+    z = lambda x: x @ mu / math.sqrt(D)
     assert targets.tolist() == [2] and float(nl[0]) == 0.0
     assert abs(float(z(nk[0, 0])) - float(torch.logsumexp(torch.stack([z(k[2, 0]), z(k[5, 0])]), 0))) < 1e-4
 
@@ -169,7 +169,7 @@ def test_compaction_preserves_the_survivor_multiset(keep_mask, ps):
     keep = torch.tensor(keep_mask).nonzero().flatten()
     c.compact("s", 0, keep)
     got = c.gather("s", 0)
-    rows = lambda kk, vv, pp, ll: sorted(zip(kk.flatten(1).tolist(), vv.flatten(1).tolist(), pp.tolist(), ll.tolist()))  # noqa: E731
+    rows = lambda kk, vv, pp, ll: sorted(zip(kk.flatten(1).tolist(), vv.flatten(1).tolist(), pp.tolist(), ll.tolist()))
     assert rows(got["k"], got["v"], got["positions"], got["log_mass"]) == rows(k[keep], v[keep], pos[keep], lm[keep])
     s, ref = c.page_summaries("s", 0), c.recompute_page_summaries("s", 0)
     assert torch.equal(s["valid"], ref["valid"]) and torch.allclose(s["centroid"], ref["centroid"], atol=1e-6)
@@ -266,8 +266,9 @@ def test_page_candidate_recall_on_the_reference_model():
     the unprotected tokens removed per block; benchmarks/page_candidates.py) centroid-ranked candidates at 2x
     oversampling catch ~48 % of the exact victims (random pages: ~29 %) and remove 1.09x the importance exact
     scoring removes; at 3x 63 % / 1.05x; oversample >= unprotected/removed is exact."""
-    from model_adapters.causal_wan import load_causal_wan
     from test_causal_wan_golden import FIX
+
+    from model_adapters.causal_wan import load_causal_wan
 
     m = load_causal_wan(FIX / "model.safetensors", preset="wan-tiny")
     prompt = torch.load(FIX / "text_context.pt", weights_only=True)["prompt_embeds"][0]

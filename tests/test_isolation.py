@@ -11,14 +11,13 @@ import math
 
 import pytest
 import torch
+from test_engine import tiny_model
 
 from ff_engine.attention import BACKENDS, AttentionBatch, available_backends, get_backend
 from ff_engine.cache import PagedKVCache
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.errors import ConfigError
 from ff_engine.policies import Unbounded
-
-from test_engine import tiny_model
 
 CPU_BACKENDS = available_backends("cpu")
 H, HKV, D, PS = 2, 2, 64, 16

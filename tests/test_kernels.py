@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
+from test_engine import tiny_model
 
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.policies import FutureForcing, PostRopeExpectedAttention
 from kernels import compaction_ref, proxy_factors, scoring_ref
-
-from test_engine import tiny_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on log(0)

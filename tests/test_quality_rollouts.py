@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import filmstrip  # noqa: E402
-import quality  # noqa: E402
+import filmstrip
+import quality
 
-from ff_engine.errors import ConfigError  # noqa: E402
-from ff_engine.world.procedural import make_clip  # noqa: E402
+from ff_engine.errors import ConfigError
+from ff_engine.world.procedural import make_clip
 
 
 def test_rollout_jobs_size_budgets_by_what_the_unbounded_cache_ends_with():

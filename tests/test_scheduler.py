@@ -1,5 +1,6 @@
 import pytest
 import torch
+from test_engine import tiny_model
 
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
@@ -8,8 +9,6 @@ from ff_engine.errors import BudgetError, ConfigError
 from ff_engine.plan import parse_bytes, plan
 from ff_engine.policies import FutureForcing, Unbounded, Window
 from model_adapters.causal_wan import PRESETS
-
-from test_engine import tiny_model
 
 
 def cfg(i, frames=9, policy=None, budget=3):

@@ -1,3 +1,4 @@
+import itertools
 import math
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_sparse_training_clips_keep_blocks_whole_and_time_ordered():
         assert len(t) == 24 and t == sorted(t) and len(set(t)) == 24
         blocks = [t[i:i + 3] for i in range(0, 24, 3)]
         assert all(b == list(range(b[0], b[0] + 3)) for b in blocks)  # every block is 3 consecutive frames
-        jumps = [b2[0] - b1[-1] for b1, b2 in zip(blocks, blocks[1:])]
+        jumps = [b2[0] - b1[-1] for b1, b2 in itertools.pairwise(blocks)]
         assert sum(j > 1 for j in jumps) <= 1 and max(jumps) <= 49
         kinds.add(max(jumps) > 1)
     assert kinds == {True, False}  # both contiguous and distant-past clips occur

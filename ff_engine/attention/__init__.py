@@ -50,4 +50,4 @@ def attend(batch: AttentionBatch, backend: AttentionBackend | None = None) -> to
     return (backend or TorchReferenceBackend()).forward(batch)
 
 
-__all__ = ["AttentionBatch", "AttentionBackend", "attend", "available_backends", "get_backend", "BACKENDS"]
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionBatch", "attend", "available_backends", "get_backend"]

@@ -125,7 +125,7 @@ class VllmCpuBackend(AttentionBackend):
         try:
             _ops()
             return hasattr(torch.ops._C, "cpu_attention_with_kv_cache")
-        except Exception:
+        except Exception:  # noqa: BLE001 -- any failure to load the op means the backend is unavailable
             return False
 
     def validate(self, page_size: int, dtype: torch.dtype, head_dim: int) -> None:

@@ -3,4 +3,4 @@
 from ff_engine.cache.page_pool import PagePool
 from ff_engine.cache.paged_kv_cache import CacheView, LayerPageTable, PagedKVCache, StorageListener
 
-__all__ = ["PagePool", "PagedKVCache", "CacheView", "LayerPageTable", "StorageListener"]
+__all__ = ["CacheView", "LayerPageTable", "PagePool", "PagedKVCache", "StorageListener"]

@@ -23,7 +23,7 @@ ENV_VAR = "FF_ENGINE_BLOCK_POOL"
 
 
 class FallbackBlock:
-    __slots__ = ("block_id", "ref_cnt", "is_null")
+    __slots__ = ("block_id", "is_null", "ref_cnt")
 
     def __init__(self, block_id: int):
         self.block_id, self.ref_cnt, self.is_null = block_id, 0, False

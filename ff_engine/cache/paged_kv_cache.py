@@ -43,13 +43,13 @@ from ff_engine.memory import check_cache_fits
 
 
 class StorageListener(Protocol):
-    def on_write(self, cache: "PagedKVCache", slots: torch.Tensor) -> None:
+    def on_write(self, cache: PagedKVCache, slots: torch.Tensor) -> None:
         """``slots`` (int64, flat ``page * page_size + offset``) were (re)written in the canonical storage."""
 
-    def on_free(self, cache: "PagedKVCache", pages: list[int]) -> None:
+    def on_free(self, cache: PagedKVCache, pages: list[int]) -> None:
         """``pages`` were scrubbed to zero and are going back to the pool: derived copies must clear them."""
 
-    def check_invariants(self, cache: "PagedKVCache") -> None:
+    def check_invariants(self, cache: PagedKVCache) -> None:
         """Assert the derived layout holds nothing of pages that no table holds (called by the cache's check)."""
 
 
@@ -69,7 +69,7 @@ class CacheView:
     int32 ``seq_lens``; storage tensors are the shared physical ones.
     """
 
-    cache: "PagedKVCache"
+    cache: PagedKVCache
     session_ids: list[str]
     layer: int
     block_table: torch.Tensor

@@ -4,4 +4,4 @@ from ff_engine.engine.engine import BlockResult, Engine, PagedSelfAttention
 from ff_engine.engine.schedule import FlowMatchSchedule
 from ff_engine.engine.session import Session, SessionConfig
 
-__all__ = ["Engine", "BlockResult", "PagedSelfAttention", "FlowMatchSchedule", "Session", "SessionConfig"]
+__all__ = ["BlockResult", "Engine", "FlowMatchSchedule", "PagedSelfAttention", "Session", "SessionConfig"]

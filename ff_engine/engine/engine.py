@@ -75,7 +75,7 @@ class PagedSelfAttention:
     """The ``SelfAttentionFn`` the engine hands to adapters: attend through the paged cache; on the cache-writing
     pass also append the block's K/V and feed the policy the pre-RoPE queries."""
 
-    def __init__(self, engine: "Engine", sessions: list[Session], write: bool):
+    def __init__(self, engine: Engine, sessions: list[Session], write: bool):
         self.engine, self.sessions, self.write = engine, sessions, write
 
     def __call__(self, layer, q, k, v, q_pre_rope, positions):
@@ -99,7 +99,7 @@ class _Mark:
     layer's token count (the pass only appends, so truncating undoes it exactly) and a copy of the policy (the
     pass feeds it queries).  The policy copy is only taken for batches of more than one session."""
 
-    def __init__(self, engine: "Engine", session: Session, cache: bool):
+    def __init__(self, engine: Engine, session: Session, cache: bool):
         self.engine, self.session = engine, session
         self.rng = session.generator.get_state()
         self.noise_pos = session.step_noise_pos
@@ -357,7 +357,7 @@ class Engine:
         marks = [_Mark(self, s, cache and len(sessions) > 1) for s in sessions]
         try:
             out = run(sessions)
-        except Exception as exc:  # noqa: BLE001 - contained per session below
+        except Exception as exc:  # contained per session below
             if len(sessions) == 1:
                 log.warning("session %s failed: %s", sessions[0].id, _describe(exc), exc_info=True)
                 return {}, {sessions[0].id: _describe(exc)}

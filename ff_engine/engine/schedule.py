@@ -33,7 +33,7 @@ class FlowMatchSchedule:
             self.denoising_timesteps = steps_t.float()
 
     @classmethod
-    def for_model(cls, model) -> "FlowMatchSchedule":
+    def for_model(cls, model) -> FlowMatchSchedule:
         """The schedule a model was trained for (``cfg.sample_steps`` / ``cfg.sample_shift`` when it has them;
         Self-Forcing's otherwise)."""
         cfg = getattr(model, "cfg", None)

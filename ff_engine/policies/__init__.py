@@ -61,6 +61,25 @@ def make_policy(name: str, **params) -> CachePolicy:
         raise ConfigError(f"bad parameters for policy {name!r}: {exc}") from None
 
 
-__all__ = ["CachePolicy", "CompressContext", "LayerTokens", "top_tokens", "Unbounded", "Window", "SinkWindow",
-           "DeepSink", "H2O", "SnapKV", "ExpectedAttention", "PostRopeExpectedAttention", "FutureForcing",
-           "FutureQueryProxy", "Random", "KeyNorm", "POLICIES", "make_policy", "policy_params", "policy_schema"]
+__all__ = [
+    "H2O",
+    "POLICIES",
+    "CachePolicy",
+    "CompressContext",
+    "DeepSink",
+    "ExpectedAttention",
+    "FutureForcing",
+    "FutureQueryProxy",
+    "KeyNorm",
+    "LayerTokens",
+    "PostRopeExpectedAttention",
+    "Random",
+    "SinkWindow",
+    "SnapKV",
+    "Unbounded",
+    "Window",
+    "make_policy",
+    "policy_params",
+    "policy_schema",
+    "top_tokens",
+]

@@ -25,7 +25,7 @@ PALETTE = torch.tensor([  # subject colours: saturated, far from the muted backg
 SHAPES = ("square", "disc", "diamond")
 NUM_IDENTITIES = len(PALETTE) * len(SHAPES)
 SUBJECT_SIZE = 9
-TRAIN_SEEDS = range(0, 100_000)
+TRAIN_SEEDS = range(100_000)
 EVAL_SEED_BASE = 1_000_000  # held-out seeds start here; training never draws from them
 
 
@@ -58,7 +58,7 @@ def subject_region(mask: torch.Tensor, fy: float, fx: float) -> tuple[slice, sli
     view gives empty or reversed ranges).  ``make_clip`` draws subjects here and the metrics read them back here,
     so a read-out always looks at exactly the pixels that were drawn."""
     size = mask.shape[0]
-    x0, y0 = int(round(fx)) - size // 2, int(round(fy)) - size // 2
+    x0, y0 = round(fx) - size // 2, round(fy) - size // 2
     xs, ys = max(0, x0), max(0, y0)
     xe, ye = min(W, x0 + size), min(H, y0 + size)
     return slice(ys, ye), slice(xs, xe), mask[ys - y0:ye - y0, xs - x0:xe - x0]
@@ -103,7 +103,7 @@ def make_clip(seed: int, num_frames: int, num_subjects: int = 2, start: int = 0)
     masks = [subject_mask(int(s)) for s in shapes]
     for j, t in enumerate(range(start, start + num_frames)):
         cam = (PANORAMA_W - W) / 2 * (1 + math.sin(2 * math.pi * t / cam_period + cam_phase))
-        c0 = int(round(cam))
+        c0 = round(cam)
         img = pano[:, :, c0:c0 + W].clone()
         for i in range(num_subjects):
             wx = float(base_x[i] + amp[i] * math.sin(2 * math.pi * t / float(period[i]) + float(phase[i])))

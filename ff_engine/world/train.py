@@ -251,7 +251,7 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
     n_blocks = clip_frames // fpb
     opt = torch.optim.AdamW(param_groups(model, qk_gain_lr), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
-    lr_at = lambda i: lr * min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))  # noqa: E731
+    lr_at = lambda i: lr * min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))
     rng = torch.Generator().manual_seed(seed + 1)
     prompt = torch.zeros(1, cfg.text_dim, device=dev)
     block_weight = torch.ones(n_blocks, device=dev)
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
         ax.set(xlabel="step", ylabel="flow-matching MSE", yscale="log", title="world model training loss")
         fig.tight_layout()
         fig.savefig(out.with_suffix(".loss.png"), dpi=90)
-    except Exception as exc:  # the curve is in the JSON either way
+    except Exception as exc:  # noqa: BLE001 -- the curve is in the JSON either way
         print(f"(no plot: {exc})")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB), loss {curve[0]['loss']:.4f} -> {curve[-1]['loss']:.4f}")
     return 0
