@@ -1,5 +1,7 @@
 import itertools
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,8 @@ import torch
 
 from ff_engine.world import metrics as M
 from ff_engine.world.procedural import EVAL_SEED_BASE, TRAIN_SEEDS, decode, encode, make_clip
+
+REPO = Path(__file__).resolve().parents[1]
 
 ASSET = Path(__file__).resolve().parents[1] / "ff_engine" / "world" / "assets" / "world_model.safetensors"
 
@@ -264,6 +268,66 @@ def test_rollout_training_runs_and_is_reproducible():
     _, c2 = train(2, **kw)
     assert [c["loss"] for c in c1] == [c["loss"] for c in c2]
     assert all(math.isfinite(c["loss"]) for c in c1)
+
+
+def test_clip_workers_are_reproducible_and_each_draws_its_own_stream():
+    from ff_engine.world.train import N_TARGET, batches, train, training_batch
+
+    kw = {"batch": 2, "n_blocks": 2, "fpb": 3, "p_sparse": 0.5, "max_gap": 24, "p_memory": 0.5, "n_target": N_TARGET}
+    stream = batches(None, 2, 5, **kw)
+    got = [next(stream) for _ in range(4)]
+    stream.close()
+    for worker in (0, 1):  # DataLoader returns the workers' batches round-robin: 0, 1, 0, 1
+        rng = torch.Generator().manual_seed(5 * 7919 + worker)
+        for b in got[worker::2]:
+            want = training_batch(rng, **kw)
+            assert torch.equal(b[0], want[0]) and torch.equal(b[1], want[1])
+    assert not torch.equal(got[0][0], got[1][0])
+    run = {"batch": 2, "clip_frames": 6, "log_every": 1, "progress": False, "workers": 2}
+    losses = [[c["loss"] for c in train(2, **run)[1]] for _ in range(2)]
+    assert losses[0] == losses[1] and all(math.isfinite(x) for x in losses[0])
+
+
+def test_max_minutes_stops_training_and_the_checkpoint_says_where(tmp_path):
+    import json
+
+    from ff_engine.world.train import main
+
+    out = tmp_path / "w.safetensors"
+    assert main(["--steps", "500", "--batch", "1", "--clip-frames", "6", "--max-minutes", "0.002",
+                 "--checkpoint-every", "0", "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".train.json").read_text())
+    assert meta["curve"][-1]["stopped"] == "time" and 0 < meta["step"] < 500
+    assert meta["step"] == meta["curve"][-1]["step"] and "--max-minutes 0.002" in meta["command"]
+    assert out.stat().st_size > 0
+
+
+def test_lr_schedule_follows_steps_or_the_time_budget():
+    from ff_engine.world.train import lr_factor
+
+    assert lr_factor(0.0, 0, 10) == pytest.approx(0.1)  # warm-up by steps
+    assert lr_factor(0.5, 0, 5000) == pytest.approx(0.5)  # a time budget half spent: warmed up, cosine at half
+    assert lr_factor(1.0, 99, 10) == pytest.approx(0.0)
+
+
+def test_train_world_runs_where_only_pytorch_is_installed(tmp_path):
+    """The GPU machine has PyTorch, Triton, safetensors, tqdm: no vLLM, Ray, pydantic, FastAPI, PyAV."""
+    script = f"""
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {{"vllm", "ray", "pydantic", "fastapi", "uvicorn", "av", "diffusers", "kvpress",
+                                   "flash_attn", "xformers", "prometheus_client"}}:
+            raise ImportError("not installed here: " + name)
+sys.meta_path.insert(0, Absent())
+from ff_engine.world.train import main
+sys.exit(main(["--steps", "1", "--batch", "1", "--clip-frames", "6", "--workers", "1", "--checkpoint-every", "0",
+               "--out", {str(tmp_path / "w.safetensors")!r}]))
+"""
+    p = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "w.safetensors").exists() and "vllm" not in p.stderr.lower()
 
 
 def test_qk_gains_get_their_own_learning_rate():

@@ -187,6 +187,44 @@ def training_batch(rng: torch.Generator, batch: int, n_blocks: int, fpb: int, p_
     return torch.stack(lat), torch.stack(times)
 
 
+class ClipStream(torch.utils.data.IterableDataset):
+    """Training batches rendered by ``DataLoader`` worker processes (``train-world --workers N``).
+
+    The procedural world is rendered in Python on the CPU (5-25 ms per clip): one process cannot feed a GPU, which
+    finishes a small model's step in a fraction of that.  Worker ``w`` of ``N`` draws its batches with its own
+    generator (seed ``seed * 7919 + w``) and ``DataLoader`` returns them round-robin, so a run is reproducible for
+    a fixed ``(seed, N)`` — but not equal to the in-process stream of ``--workers 0``, which stays the committed
+    recipe's exact sequence."""
+
+    def __init__(self, seed: int, **batch_kw):
+        super().__init__()
+        self.seed, self.batch_kw = seed, batch_kw
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        rng = torch.Generator().manual_seed(self.seed * 7919 + worker)
+        while True:
+            yield training_batch(rng, **self.batch_kw)
+
+
+def batches(rng: torch.Generator, workers: int, seed: int, **batch_kw):
+    """The training batches: drawn in-process from ``rng`` (``workers == 0``), else from ``ClipStream``."""
+    if workers == 0:
+        while True:
+            yield training_batch(rng, **batch_kw)
+    loader = torch.utils.data.DataLoader(ClipStream(seed, **batch_kw), batch_size=None, num_workers=workers,
+                                         prefetch_factor=4, persistent_workers=False)
+    yield from loader
+
+
+def lr_factor(progress: float, step: int, warm: int) -> float:
+    """Linear warm-up over ``warm`` steps or the first 5 % of ``progress`` (in [0, 1]; of steps or of the time
+    budget), whichever ends first, and a cosine from 1 to 0 over ``progress``.  Without a time budget
+    ``progress = step / steps`` and ``warm = steps // 20``: the committed recipes' schedule exactly."""
+    return min(1.0, max((step + 1) / warm, progress / 0.05)) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def qk_gains(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of every self-attention q/k RMSNorm gain: the attention's temperature (``param_groups``)."""
     return [(n, p) for n, p in model.named_parameters() if "self_attn.norm_q" in n or "self_attn.norm_k" in n]
@@ -222,7 +260,8 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
           p_memory: float = 0.0, target_weight: float = 1.0, min_gap: int = 15, p_context_noise: float = 0.5,
           p_rollout: float = 0.0, rollout_steps: int = 4, rollout_write_t: float = 100.0,
           rollout_max_prefix: int = 3, device: str = "cpu",
-          preset: str = "world-tiny", qk_gain_lr: float = 1.0) -> tuple[CausalWanModel, list[dict]]:
+          preset: str = "world-tiny", qk_gain_lr: float = 1.0, workers: int = 0,
+          max_minutes: float | None = None) -> tuple[CausalWanModel, list[dict]]:
     """``init``: fine-tune this checkpoint instead of starting from random weights.  ``p_memory``: share of
     memory clips (``memory_frame_times``); ``target_weight``: loss weight of every clip's last two blocks.
     ``p_context_noise``: share of context blocks noised (each at its own level, uniform up to
@@ -230,7 +269,11 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
     share of batches whose context after a 1..``rollout_max_prefix``-block ground-truth prefix is the model's own
     rollout (``rollout_context``: ``rollout_steps`` Euler steps, written at timestep ``rollout_write_t``).
     ``device``: where the model trains (every random draw still comes from the CPU generator, so a run is the
-    same on any device up to float rounding); ``preset``: the architecture when starting from scratch."""
+    same on any device up to float rounding); ``preset``: the architecture when starting from scratch.
+    ``workers``: render clips in that many processes (``ClipStream``).  ``max_minutes``: a wall-clock budget —
+    the learning rate follows the cosine over whichever runs out first, steps or time, and training stops when
+    the budget is spent, so a run on a lent machine ends annealed and saved before its limit (the last curve
+    entry then says ``stopped: "time"``)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -251,7 +294,6 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
     n_blocks = clip_frames // fpb
     opt = torch.optim.AdamW(param_groups(model, qk_gain_lr), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
-    lr_at = lambda i: lr * min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps)))
     rng = torch.Generator().manual_seed(seed + 1)
     prompt = torch.zeros(1, cfg.text_dim, device=dev)
     block_weight = torch.ones(n_blocks, device=dev)
@@ -260,42 +302,52 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
     curve = []
     t0 = time.perf_counter()
     bar = tqdm(range(steps), disable=not progress, desc="train world model")
-    for i in bar:
-        x0, times = training_batch(rng, batch, n_blocks, fpb, p_sparse, max_gap, p_memory, N_TARGET, min_gap=min_gap)
-        x0 = x0.to(dev)
-        src = x0  # what the context pass sees: the ground truth, or the model's own continuation of it
-        if p_rollout and float(torch.rand(1, generator=rng)) < p_rollout:
-            prefix = int(torch.randint(1, rollout_max_prefix + 1, (1,), generator=rng))
-            model.eval()
-            src = rollout_context(model, x0, times, prefix, fpb, rollout_sigmas, rollout_write_t / 1000, rng)
-            model.train()
-        attn = _TeacherForcingAttention(batch, clip_frames, g.tokens_per_frame, fpb, dev)
-        prompts = [model.encode_prompt(prompt)] * batch
-        # clean pass: the context as the cache holds it, lightly noised on half the blocks (robustness to
-        # the model's own imperfect frames at inference, where the context is its own output)
-        sig_c = sample_sigma(rng, (batch, n_blocks), 1.0) * context_noise
-        sig_c = sig_c * (torch.rand(batch, n_blocks, generator=rng) < p_context_noise)
-        sig_c = sig_c.repeat_interleave(fpb, dim=1)[..., None, None, None].to(dev)
-        ctx = (1 - sig_c) * src + sig_c * torch.randn(x0.shape, generator=rng).to(dev)
-        model.forward(ctx, sig_c[..., 0, 0, 0] * 1000, prompts, list(times), attn)  # fills attn.clean_kv
-        sig = sample_sigma(rng, (batch, n_blocks), shift).repeat_interleave(fpb, dim=1).to(dev)  # per block
-        eps = torch.randn(x0.shape, generator=rng).to(dev)
-        xt = (1 - sig[..., None, None, None]) * x0 + sig[..., None, None, None] * eps
-        attn.noisy = True
-        flow = model.forward(xt, sig * 1000, prompts, list(times), attn)
-        per_block = (flow - (eps - x0)).pow(2).mean((2, 3, 4)).reshape(batch, n_blocks, fpb).mean(2)  # [B, blocks]
-        loss = (per_block * block_weight).sum(1).mean() / block_weight.sum()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(i) * group["lr_mult"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if i % log_every == 0 or i == steps - 1:
-            curve.append({"step": i, "loss": loss.item(), "seconds": time.perf_counter() - t0})
-            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-        if checkpoint and checkpoint_every and (i + 1) % checkpoint_every == 0:
-            checkpoint(model, curve, i + 1)
+    stream = batches(rng, workers, seed, batch=batch, n_blocks=n_blocks, fpb=fpb, p_sparse=p_sparse, max_gap=max_gap,
+                     p_memory=p_memory, n_target=N_TARGET, min_gap=min_gap)
+    try:
+        for i, (x0, times) in zip(bar, stream):
+            done = max(i / steps, (time.perf_counter() - t0) / 60 / max_minutes if max_minutes else 0.0)
+            if done >= 1.0 and i > 0:  # a budget too small for one step still trains one
+                curve.append({"step": i, "loss": curve[-1]["loss"] if curve else float("nan"),
+                              "seconds": time.perf_counter() - t0, "stopped": "time"})
+                break
+            x0 = x0.to(dev)
+            src = x0  # what the context pass sees: the ground truth, or the model's own continuation of it
+            if p_rollout and float(torch.rand(1, generator=rng)) < p_rollout:
+                prefix = int(torch.randint(1, rollout_max_prefix + 1, (1,), generator=rng))
+                model.eval()
+                src = rollout_context(model, x0, times, prefix, fpb, rollout_sigmas, rollout_write_t / 1000, rng)
+                model.train()
+            attn = _TeacherForcingAttention(batch, clip_frames, g.tokens_per_frame, fpb, dev)
+            prompts = [model.encode_prompt(prompt)] * batch
+            # clean pass: the context as the cache holds it, lightly noised on half the blocks (robustness to
+            # the model's own imperfect frames at inference, where the context is its own output)
+            sig_c = sample_sigma(rng, (batch, n_blocks), 1.0) * context_noise
+            sig_c = sig_c * (torch.rand(batch, n_blocks, generator=rng) < p_context_noise)
+            sig_c = sig_c.repeat_interleave(fpb, dim=1)[..., None, None, None].to(dev)
+            ctx = (1 - sig_c) * src + sig_c * torch.randn(x0.shape, generator=rng).to(dev)
+            model.forward(ctx, sig_c[..., 0, 0, 0] * 1000, prompts, list(times), attn)  # fills attn.clean_kv
+            sig = sample_sigma(rng, (batch, n_blocks), shift).repeat_interleave(fpb, dim=1).to(dev)  # per block
+            eps = torch.randn(x0.shape, generator=rng).to(dev)
+            xt = (1 - sig[..., None, None, None]) * x0 + sig[..., None, None, None] * eps
+            attn.noisy = True
+            flow = model.forward(xt, sig * 1000, prompts, list(times), attn)
+            per_block = (flow - (eps - x0)).pow(2).mean((2, 3, 4)).reshape(batch, n_blocks, fpb).mean(2)  # [B, blocks]
+            loss = (per_block * block_weight).sum(1).mean() / block_weight.sum()
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(done, i, warm) * group["lr_mult"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if i % log_every == 0 or i == steps - 1:
+                curve.append({"step": i, "loss": loss.item(), "seconds": time.perf_counter() - t0})
+                bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+            if checkpoint and checkpoint_every and (i + 1) % checkpoint_every == 0:
+                checkpoint(model, curve, i + 1)
+    finally:
+        bar.close()
+        stream.close()  # stops the DataLoader workers
     return model.eval(), curve
 
 
@@ -324,6 +376,10 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="world-tiny", help="architecture when starting from scratch")
     ap.add_argument("--qk-gain-lr", type=float, default=1.0, help="learning-rate multiple of the q/k RMSNorm "
                     "gains (the attention's temperature; see param_groups)")
+    ap.add_argument("--workers", type=int, default=0, help="processes rendering training clips (ClipStream; 0: "
+                    "in-process, the committed recipes' exact stream)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget: the LR anneals over it and "
+                    "training stops when it is spent (for a lent GPU's limit)")
     ap.add_argument("--init", default=None, help="fine-tune this checkpoint (its train.json is kept as 'init')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=250, help="write the checkpoint every N steps")
@@ -345,6 +401,10 @@ def main(argv=None) -> int:
         command += f" --device {a.device} --preset {a.preset}"
     if a.qk_gain_lr != 1.0:
         command += f" --qk-gain-lr {a.qk_gain_lr}"
+    if a.workers:
+        command += f" --workers {a.workers}"
+    if a.max_minutes:
+        command += f" --max-minutes {a.max_minutes}"
     if a.init:
         command += f" --init {a.init}"
     init_meta = None
@@ -367,8 +427,8 @@ def main(argv=None) -> int:
                          p_memory=a.p_memory, target_weight=a.target_weight, min_gap=a.min_gap,
                          p_context_noise=a.p_context_noise, p_rollout=a.p_rollout, rollout_steps=a.rollout_steps,
                          rollout_write_t=a.rollout_write_t, device=a.device, preset=a.preset,
-                         qk_gain_lr=a.qk_gain_lr)
-    write(model, curve, a.steps)
+                         qk_gain_lr=a.qk_gain_lr, workers=a.workers, max_minutes=a.max_minutes)
+    write(model, curve, curve[-1]["step"] if curve[-1].get("stopped") else a.steps)
     try:
         import matplotlib
 
