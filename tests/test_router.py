@@ -59,7 +59,7 @@ def req(sid, pages, blocks=2):
     )
 
 
-def until(cond, timeout=10.0):
+def until(cond, timeout=60.0):
     """Wait for the router thread to act."""
     import time
 

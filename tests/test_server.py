@@ -45,7 +45,7 @@ def client(server):
         yield c
 
 
-def wait_pages_free(server, timeout=10.0):
+def wait_pages_free(server, timeout=60.0):
     deadline = time.monotonic() + timeout
     while server.pages_used() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -122,7 +122,7 @@ def test_cancel_frees_every_page_at_once(server, client):
     st = client.cancel(v["id"])
     assert st["status"] == "cancelled" and st["pages_held"] == 0 and st["pages_reserved"] == 0
     assert server.service.stats()["workers"][0]["pages_placed"] == 0  # the router's book: freed in the call
-    assert wait_pages_free(server, timeout=5) == 0  # the worker's pool: at its next step
+    assert wait_pages_free(server) == 0  # the worker's pool: at its next step
     assert client.cancel(v["id"])["status"] == "cancelled"  # idempotent
     assert client.status(v["id"])["file_ready"] is False
 
@@ -259,7 +259,7 @@ def test_leaving_the_websocket_cancels_its_stream(server, client):
     sid = rt.id
     next(iter(rt))
     rt.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while client.status(sid)["status"] != "cancelled":
         assert time.monotonic() < deadline
         time.sleep(0.02)
