@@ -708,7 +708,11 @@ def main(argv=None):
             probe = memory_probe(model, probe_seeds, probe_budgets, a.policies, a.probe_history, a.probe_min_gap,
                                  a.page_size, pool=pool)
             print(f"memory probe done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    # the comparison issue #17 asks for: video-aware future + merging against kvpress's sequence-order future
+    vs_ea = paired_differences(probe, "expected-attention") if any(
+        r["policy"] == "expected-attention" for r in probe) else []
     out.update(partial=False, memory_probe=probe, memory_probe_vs_future_forcing=paired_differences(probe),
+               memory_probe_vs_expected_attention=vs_ea,
                memory_probe_setup={"seeds": a.probe_seeds, "history": a.probe_history, "min_gap": a.probe_min_gap,
                                    "training_seeds": a.probe_on_training_seeds})
     summary = out["summary"]
@@ -730,11 +734,18 @@ def main(argv=None):
         for r in sorted(probe, key=lambda r: (r["budget_frames"] or 1e9, r["returning_denoise_error"])):
             print(f"  {r['policy']:22s} {r['budget_frames']!s:>6s} " + " ".join(
                 f"{r[m]:.3f}±{r[m + '_seed_std']:.3f}".rjust(w) for m, w in zip(PROBE_METRICS, (11, 11, 15, 11))))
-        print("  minus future-forcing on the same probes (90 % seed-bootstrap interval):")
-        for r in sorted(out["memory_probe_vs_future_forcing"], key=lambda r: r["returning_denoise_error"]):
-            print(f"  {r['policy']:22s} {r['budget_frames']!s:>6s} " + " ".join(
-                f"{r[m]:+.3f} [{r[m + '_ci90'][0]:+.3f}, {r[m + '_ci90'][1]:+.3f}]" for m in (*PROBE_METRICS[:2], PROBE_METRICS[3])))
+        for key, ref in (("memory_probe_vs_future_forcing", "future-forcing"),
+                         ("memory_probe_vs_expected_attention", "expected-attention")):
+            if out[key]:
+                print_probe_differences(out[key], ref)
     print(f"wrote {path}")
+
+
+def print_probe_differences(diffs, reference):
+    print(f"  minus {reference} on the same probes (90 % seed-bootstrap interval):")
+    for r in sorted(diffs, key=lambda r: r["returning_denoise_error"]):
+        print(f"  {r['policy']:22s} {r['budget_frames']!s:>6s} " + " ".join(
+            f"{r[m]:+.3f} [{r[m + '_ci90'][0]:+.3f}, {r[m + '_ci90'][1]:+.3f}]" for m in (*PROBE_METRICS[:2], PROBE_METRICS[3])))
 
 
 METRICS = ["identity_consistency", "identity_consistency_in_dist", "returning_recall", "subject_consistency",

@@ -204,15 +204,22 @@ def test_memory_probe_alone_and_without_returns(tmp_path):
     out = tmp_path / "p.json"
     assert main(["bench", "quality", "--probe-only", "--probe-seeds", "2", "--probe-history", "48", "--probe-min-gap",
                  "9", "--probe-fractions", "0.5", "--prefix", "6", "--frames", "6", "--policies", "window",
-                 "future-forcing", "--out", str(out)]) == 0
+                 "expected-attention", "future-forcing", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["rows"] == [] and {r["policy"] for r in res["memory_probe"]} == {"ground-truth", "unbounded", "window",
-                                                                                "future-forcing"}
-    assert [r["policy"] for r in res["memory_probe_vs_future_forcing"]] == ["unbounded", "window"]
+    assert res["rows"] == [] and {r["policy"] for r in res["memory_probe"]} == {
+        "ground-truth", "unbounded", "window", "expected-attention", "future-forcing"}
+    vs_ff = {r["policy"]: r for r in res["memory_probe_vs_future_forcing"]}
+    vs_ea = {r["policy"]: r for r in res["memory_probe_vs_expected_attention"]}
+    assert list(vs_ff) == ["unbounded", "window", "expected-attention"]
+    assert list(vs_ea) == ["unbounded", "window", "future-forcing"]
+    assert {r["reference"] for r in vs_ea.values()} == {"expected-attention"}
+    for m in ("returning_denoise_error", "returning_readout_denoise"):  # the same pairs, seen from the other side
+        assert vs_ea["future-forcing"][m] == pytest.approx(-vs_ff["expected-attention"][m])
     assert main(["bench", "quality", "--probe-only", "--probe-seeds", "1", "--probe-history", "12",
                  "--prefix", "6", "--frames", "6", "--policies", "window", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert all(r["probes"] == 0 for r in res["memory_probe"]) and res["memory_probe_vs_future_forcing"] == []
+    assert res["memory_probe_vs_expected_attention"] == []
 
 
 def test_probe_picture_runs(tmp_path):
