@@ -2,6 +2,7 @@ import itertools
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,22 @@ def test_clip_workers_are_reproducible_and_each_draws_its_own_stream():
     run = {"batch": 2, "clip_frames": 6, "log_every": 1, "progress": False, "workers": 2}
     losses = [[c["loss"] for c in train(2, **run)[1]] for _ in range(2)]
     assert losses[0] == losses[1] and all(math.isfinite(x) for x in losses[0])
+
+
+def test_a_failed_training_run_leaves_no_clip_worker_behind():
+    import multiprocessing
+
+    from ff_engine.world.train import train
+
+    def broken_checkpoint(model, curve, step):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full") as failure:
+        train(3, batch=1, clip_frames=6, progress=False, workers=2, checkpoint=broken_checkpoint, checkpoint_every=1)
+    deadline = time.monotonic() + 60  # the traceback (kept, as a caller logging it would) must not hold workers
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert multiprocessing.active_children() == [] and failure.traceback
 
 
 def test_max_minutes_stops_training_and_the_checkpoint_says_where(tmp_path):
