@@ -709,10 +709,8 @@ def main(argv=None):
                                  a.page_size, pool=pool)
             print(f"memory probe done ({time.perf_counter() - t0:.0f}s)", flush=True)
     # the comparison issue #17 asks for: video-aware future + merging against kvpress's sequence-order future
-    vs_ea = paired_differences(probe, "expected-attention") if any(
-        r["policy"] == "expected-attention" for r in probe) else []
     out.update(partial=False, memory_probe=probe, memory_probe_vs_future_forcing=paired_differences(probe),
-               memory_probe_vs_expected_attention=vs_ea,
+               memory_probe_vs_expected_attention=paired_differences(probe, "expected-attention"),
                memory_probe_setup={"seeds": a.probe_seeds, "history": a.probe_history, "min_gap": a.probe_min_gap,
                                    "training_seeds": a.probe_on_training_seeds})
     summary = out["summary"]

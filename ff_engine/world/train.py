@@ -308,7 +308,7 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
         for i, (x0, times) in zip(bar, stream):
             done = max(i / steps, (time.perf_counter() - t0) / 60 / max_minutes if max_minutes else 0.0)
             if done >= 1.0 and i > 0:  # a budget too small for one step still trains one
-                curve.append({"step": i, "loss": curve[-1]["loss"] if curve else float("nan"),
+                curve.append({"step": i, "loss": curve[-1]["loss"],  # step 0 is always logged
                               "seconds": time.perf_counter() - t0, "stopped": "time"})
                 break
             x0 = x0.to(dev)
