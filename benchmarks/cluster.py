@@ -1,6 +1,6 @@
 """The same mixed workload on a RayCluster of 1 and of N workers, in one run.
 
-Model: the embedded world model (``ModelSpec.checkpoint`` of ff_engine/world/assets/world_model.safetensors),
+Model: the embedded world model (``ModelSpec.checkpoint`` of model_adapters/world/assets/world_model.safetensors),
 loaded by every worker; CPU workers, one torch thread each (``num_cpus=1`` per actor), ``--pages`` pages per
 worker.  Workload (seeded): ``--streams`` streams of mixed lengths (``--frames`` choices), policies and budgets
 (window 12, sink-window 12, future-forcing 24, unbounded), all submitted at once; those that do not fit wait in the

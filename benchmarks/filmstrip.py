@@ -7,7 +7,7 @@
 The filmstrip shows the command's own output as written (decoded from the MP4 with PyAV, nothing regenerated), every
 ``--every``-th frame (default: spaced so ``--rows`` x ``--columns`` cells span the video), each labelled with its
 frame number and time.  The drift figure plots, from ``benchmarks/quality.py``'s JSON, each policy's seed-mean drift
-curve (``ff_engine.world.metrics.drift_curve``) per rollout start and budget, with the ground truth's for reference.
+curve (``model_adapters.world.metrics.drift_curve``) per rollout start and budget, with the ground truth's for reference.
 """
 
 from __future__ import annotations

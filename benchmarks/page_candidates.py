@@ -26,12 +26,12 @@ from ff_engine.cli import OneLineParser, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import FutureForcing
-from ff_engine.world.procedural import TRAIN_SEEDS, encode, make_clip
+from model_adapters.world.procedural import TRAIN_SEEDS, encode, make_clip
 from model_adapters import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-WORLD_MODEL = ROOT / "ff_engine" / "world" / "assets" / "world_model.safetensors"
+WORLD_MODEL = ROOT / "model_adapters" / "world" / "assets" / "world_model.safetensors"
 GOLDEN = ROOT / "tests" / "fixtures" / "self_forcing_reference"
 VARIANTS = [("centroid", 2.0), ("centroid", 3.0), ("bound", 2.0), ("bound", 3.0)]
 

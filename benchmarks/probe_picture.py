@@ -16,8 +16,8 @@ import torch
 
 from ff_engine.cli import OneLineParser, int_arg
 from ff_engine.policies import make_policy
-from ff_engine.world import metrics as M
-from ff_engine.world.procedural import EVAL_SEED_BASE, H, W, decode, encode, make_clip
+from model_adapters.world import metrics as M
+from model_adapters.world.procedural import EVAL_SEED_BASE, H, W, decode, encode, make_clip
 
 T_SHOWN = 500.0
 

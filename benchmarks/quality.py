@@ -3,7 +3,7 @@
 For each held-out world seed (never used in training): the first ``--prefix`` ground-truth frames are written
 into the cache (video extension), then ``--frames`` frames are generated with a fixed seed and noise, once
 with the unbounded cache and once per (policy, budget).  Budgets are 12.5 / 25 / 50 % of the unbounded cache
-at the end of the rollout.  Metrics (``ff_engine.world.metrics``): identity consistency and returning-subject
+at the end of the rollout.  Metrics (``model_adapters.world.metrics``): identity consistency and returning-subject
 recall (pixel read-out), subject consistency (random-projection features, not DINO), rollout error against the
 unbounded rollout, and per-layer attention-output error against the unbounded cache (teacher-forced: both
 caches are fed the ground-truth clip, so the error measures what each policy keeps of real video whatever the
@@ -41,12 +41,12 @@ from ff_engine.cli import OneLineParser, fraction, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import make_policy
-from ff_engine.world import metrics as M
-from ff_engine.world.procedural import EVAL_SEED_BASE, TRAIN_SEEDS, decode, encode, make_clip
+from model_adapters.world import metrics as M
+from model_adapters.world.procedural import EVAL_SEED_BASE, TRAIN_SEEDS, decode, encode, make_clip
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "ff_engine" / "world" / "assets" / "world_model.safetensors"
-TRAIN_CLIP = 24  # frames per training clip (ff_engine/world/train.py)
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model_adapters" / "world" / "assets" / "world_model.safetensors"
+TRAIN_CLIP = 24  # frames per training clip (model_adapters/world/train.py)
 
 
 def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:

@@ -1,6 +1,6 @@
 """Why a world-model checkpoint does or does not hold its world: three measurements on *training* seeds only.
 
-    python benchmarks/world_diagnostics.py ff_engine/world/assets/world_model.safetensors other.safetensors \
+    python benchmarks/world_diagnostics.py model_adapters/world/assets/world_model.safetensors other.safetensors \
         --out benchmarks/results/world_diagnostics.json
 
 1. **Next-block prediction, teacher-forced** (``next_block_error``): clean ground-truth context (27 frames of
@@ -30,9 +30,9 @@ import torch
 
 from ff_engine.cli import OneLineParser, int_arg
 from ff_engine.policies import make_policy
-from ff_engine.world import metrics as M
-from ff_engine.world.procedural import decode, encode, make_clip
-from ff_engine.world.train import _TeacherForcingAttention, qk_gains
+from model_adapters.world import metrics as M
+from model_adapters.world.procedural import decode, encode, make_clip
+from model_adapters.world.train import _TeacherForcingAttention, qk_gains
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import rollout  # benchmarks/ is not a package when run as a script

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
+from model_adapters.world import EMBEDDED_CHECKPOINT as EMBEDDED_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
-EMBEDDED_MODEL = Path(__file__).resolve().parent / "world" / "assets" / "world_model.safetensors"
 # The embedded default: the in-repo world model (trained on CPU, its own decoder; see README for what it can do).
 DEFAULT_MODEL = str(EMBEDDED_MODEL)
 
@@ -532,7 +532,7 @@ def make_parser() -> argparse.ArgumentParser:
                         parents=[_model_args(10.0, 16)])
     an.add_argument("what", choices=["queries"])
     an.add_argument("--out-dir", default="out/analysis")
-    sub.add_parser("train-world", help="train the in-repo world model (see ff_engine/world/train.py)")
+    sub.add_parser("train-world", help="train the in-repo world model (see model_adapters/world/train.py)")
     sub.add_parser("serve", help="serve streams over HTTP / WebSocket / a live viewer (serve --help)")
     pl = sub.add_parser("plan", help="KV bytes and streams per GPU, bounded vs unbounded")
     pl.add_argument("--preset", default="wan-1.3b", choices=registry.preset_names())
@@ -572,8 +572,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     quiet_vllm_triton_probe()
     try:
-        if argv[:1] == ["train-world"]:  # its own argparse (ff_engine.world.train) takes the rest
-            from ff_engine.world.train import main as train_main
+        if argv[:1] == ["train-world"]:  # its own argparse (model_adapters.world.train) takes the rest
+            from model_adapters.world.train import main as train_main
 
             return train_main(argv[1:])
         if argv[:1] == ["serve"]:  # its own argparse (ff_engine.server.__main__) takes the rest

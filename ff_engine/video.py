@@ -88,7 +88,7 @@ class WorldDecoder:
     streaming = True
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        from ff_engine.world.procedural import decode
+        from model_adapters.world.procedural import decode
 
         px = (decode(latents.float()) * 0.5 + 0.5).clamp(0, 1)
         px = F.interpolate(px, scale_factor=4, mode="nearest")  # 32 x 48 is tiny to look at

@@ -13,7 +13,7 @@ import filmstrip
 import quality
 
 from ff_engine.errors import ConfigError
-from ff_engine.world.procedural import make_clip
+from model_adapters.world.procedural import make_clip
 
 
 def test_rollout_jobs_size_budgets_by_what_the_unbounded_cache_ends_with():

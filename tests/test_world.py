@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ff_engine.world import metrics as M
-from ff_engine.world.procedural import EVAL_SEED_BASE, TRAIN_SEEDS, decode, encode, make_clip
+from model_adapters.world import metrics as M
+from model_adapters.world.procedural import EVAL_SEED_BASE, TRAIN_SEEDS, decode, encode, make_clip
 
 REPO = Path(__file__).resolve().parents[1]
 
-ASSET = Path(__file__).resolve().parents[1] / "ff_engine" / "world" / "assets" / "world_model.safetensors"
+ASSET = Path(__file__).resolve().parents[1] / "model_adapters" / "world" / "assets" / "world_model.safetensors"
 
 
 def test_clips_are_deterministic_and_the_codec_is_lossless():
@@ -57,7 +57,7 @@ def test_metrics_on_ground_truth():
 
 
 def test_training_is_reproducible():
-    from ff_engine.world.train import train
+    from model_adapters.world.train import train
 
     _, c1 = train(2, batch=2, clip_frames=6, log_every=1, progress=False)
     _, c2 = train(2, batch=2, clip_frames=6, log_every=1, progress=False)
@@ -90,7 +90,7 @@ def test_generate_with_the_embedded_world_model_uses_its_own_decoder(tmp_path):
 
 
 def test_sparse_training_clips_keep_blocks_whole_and_time_ordered():
-    from ff_engine.world.train import frame_times
+    from model_adapters.world.train import frame_times
 
     rng = torch.Generator().manual_seed(0)
     kinds = set()
@@ -156,7 +156,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
 
 
 def test_memory_clips_show_a_return_and_where_the_subject_was_seen():
-    from ff_engine.world.train import memory_frame_times, training_batch
+    from model_adapters.world.train import memory_frame_times, training_batch
 
     vis = torch.zeros(90, 1, dtype=torch.bool)
     vis[0:12, 0] = True
@@ -237,7 +237,7 @@ def test_probe_picture_runs(tmp_path):
 
 
 def test_subject_tokens_mark_the_cells_the_subject_covers():
-    from ff_engine.world.metrics import subject_tokens
+    from model_adapters.world.metrics import subject_tokens
 
     centre = torch.tensor([[16.0, 24.0], [2.0, 2.0], [16.0, 24.0]])
     visible = torch.tensor([True, True, False])
@@ -252,7 +252,7 @@ def test_subject_tokens_mark_the_cells_the_subject_covers():
 
 
 def test_rollout_context_keeps_the_prefix_and_generates_the_rest():
-    from ff_engine.world.train import rollout_context
+    from model_adapters.world.train import rollout_context
     from model_adapters.causal_wan import PRESETS, CausalWanModel
 
     torch.manual_seed(0)
@@ -268,7 +268,7 @@ def test_rollout_context_keeps_the_prefix_and_generates_the_rest():
 
 
 def test_rollout_training_runs_and_is_reproducible():
-    from ff_engine.world.train import train
+    from model_adapters.world.train import train
 
     kw = {"batch": 2, "clip_frames": 6, "log_every": 1, "progress": False, "p_rollout": 1.0, "rollout_steps": 2,
           "context_noise": 0.5, "p_context_noise": 1.0}
@@ -279,7 +279,7 @@ def test_rollout_training_runs_and_is_reproducible():
 
 
 def test_clip_workers_are_reproducible_and_each_draws_its_own_stream():
-    from ff_engine.world.train import N_TARGET, batches, train, training_batch
+    from model_adapters.world.train import N_TARGET, batches, train, training_batch
 
     kw = {"batch": 2, "n_blocks": 2, "fpb": 3, "p_sparse": 0.5, "max_gap": 24, "p_memory": 0.5, "n_target": N_TARGET}
     stream = batches(None, 2, 5, **kw)
@@ -299,7 +299,7 @@ def test_clip_workers_are_reproducible_and_each_draws_its_own_stream():
 def test_a_failed_training_run_leaves_no_clip_worker_behind():
     import multiprocessing
 
-    from ff_engine.world.train import train
+    from model_adapters.world.train import train
 
     def broken_checkpoint(model, curve, step):
         raise OSError("disk full")
@@ -315,7 +315,7 @@ def test_a_failed_training_run_leaves_no_clip_worker_behind():
 def test_max_minutes_stops_training_and_the_checkpoint_says_where(tmp_path):
     import json
 
-    from ff_engine.world.train import main
+    from model_adapters.world.train import main
 
     out = tmp_path / "w.safetensors"
     assert main(["--steps", "500", "--batch", "1", "--clip-frames", "6", "--max-minutes", "0.002",
@@ -327,7 +327,7 @@ def test_max_minutes_stops_training_and_the_checkpoint_says_where(tmp_path):
 
 
 def test_lr_schedule_follows_steps_or_the_time_budget():
-    from ff_engine.world.train import lr_factor
+    from model_adapters.world.train import lr_factor
 
     assert lr_factor(0.0, 0, 10) == pytest.approx(0.1)  # warm-up by steps
     assert lr_factor(0.5, 0, 5000) == pytest.approx(0.5)  # a time budget half spent: warmed up, cosine at half
@@ -344,7 +344,7 @@ class Absent(importlib.abc.MetaPathFinder):
                                    "flash_attn", "xformers", "prometheus_client"}}:
             raise ImportError("not installed here: " + name)
 sys.meta_path.insert(0, Absent())
-from ff_engine.world.train import main
+from model_adapters.world.train import main
 sys.exit(main(["--steps", "1", "--batch", "1", "--clip-frames", "6", "--workers", "1", "--checkpoint-every", "0",
                "--out", {str(tmp_path / "w.safetensors")!r}]))
 """
@@ -355,7 +355,7 @@ sys.exit(main(["--steps", "1", "--batch", "1", "--clip-frames", "6", "--workers"
 
 
 def test_qk_gains_get_their_own_learning_rate():
-    from ff_engine.world.train import param_groups, train
+    from model_adapters.world.train import param_groups, train
     from model_adapters.causal_wan import PRESETS, CausalWanModel
 
     model = CausalWanModel(PRESETS["world-tiny"])

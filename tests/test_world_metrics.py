@@ -1,4 +1,4 @@
-"""Free-rollout metrics of ``ff_engine.world.metrics``: drift (no ground-truth alignment), subjects read from
+"""Free-rollout metrics of ``model_adapters.world.metrics``: drift (no ground-truth alignment), subjects read from
 generated frames (colour, shape, returning-subject identity) and VBench-style background consistency."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ff_engine.errors import ConfigError
-from ff_engine.world import metrics as M
-from ff_engine.world.procedural import EVAL_SEED_BASE, PALETTE, SHAPES, H, W, make_clip
+from model_adapters.world import metrics as M
+from model_adapters.world.procedural import EVAL_SEED_BASE, PALETTE, SHAPES, H, W, make_clip
 
 
 def test_frechet_distance_of_known_gaussians():

@@ -45,7 +45,7 @@ class CausalWanConfig:
     sample_shift: float = 5.0
     sample_stochastic: bool = True  # re-noise with fresh noise between steps (Self-Forcing) or Euler/DDIM
     context_noise: float = 0.0  # timestep at which finished blocks are written to the cache (Self-Forcing: 0)
-    decoder: str = "wan-vae"  # how latents become pixels: "wan-vae" (Wan2.1's VAE) or "world-codec" (ff_engine.world)
+    decoder: str = "wan-vae"  # how latents become pixels: "wan-vae" (Wan2.1's VAE) or "world-codec" (model_adapters.world)
     conditional: bool = True  # False: trained without text; the engine feeds a zero prompt
     qk_norm: bool = True
     cross_attn_norm: bool = True
@@ -86,7 +86,7 @@ PRESETS: dict[str, CausalWanConfig] = {
     # The geometry of the Self-Forcing golden traces: 2 heads x 128 (real RoPE split), 24 tokens per frame.
     "wan-tiny": CausalWanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_len=16, text_dim=256,
                                 latent_hw=(8, 12)),
-    # The in-repo world model (ff_engine/world): 2 x 64 heads, 4 layers, 96 tokens per frame, latents are the
+    # The in-repo world model (model_adapters/world): 2 x 64 heads, 4 layers, 96 tokens per frame, latents are the
     # world's 2 x 2 space-to-depth pixels (12 channels), one latent frame per video frame.
     "world-tiny": CausalWanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=12, out_dim=12,
                                   freq_dim=64, text_dim=16, text_len=1, latent_hw=(16, 24), vae_stride=(1, 2, 2), fps=8,

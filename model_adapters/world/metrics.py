@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ff_engine.errors import ConfigError
-from ff_engine.world.procedural import PALETTE, SHAPES, TRAIN_SEEDS, H, W, make_clip, subject_mask, subject_region
+from model_adapters.world.procedural import PALETTE, SHAPES, TRAIN_SEEDS, H, W, make_clip, subject_mask, subject_region
 
 
 def palette_distance(frames: torch.Tensor) -> torch.Tensor:

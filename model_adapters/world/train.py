@@ -19,7 +19,7 @@ therefore records its own sampling schedule in its config (``sample_steps`` / ``
 sigma = 0.22), which the engine uses (``FlowMatchSchedule.for_model``).  Everything is seeded: the same command
 reproduces the same checkpoint on the same software.
 
-    ff-engine train-world --steps 1300 --out ff_engine/world/assets/world_model.safetensors
+    ff-engine train-world --steps 1300 --out model_adapters/world/assets/world_model.safetensors
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ff_engine.world.procedural import TRAIN_SEEDS, encode, make_clip
+from model_adapters.world.procedural import TRAIN_SEEDS, encode, make_clip
 from model_adapters.causal_wan import PRESETS, CausalWanModel, save_checkpoint
 
 ASSETS = Path(__file__).parent / "assets"
@@ -140,7 +140,7 @@ def memory_frame_times(rng: torch.Generator, visible: torch.Tensor, n_blocks: in
     subject was in view — the cache a memory-keeping policy would hold.  The subject's look at its return can
     only come from those distant blocks, so this is the example that teaches retrieval (in plain clips it is a
     few tokens in thousands).  None when the history has no such return."""
-    from ff_engine.world.metrics import returning_pairs
+    from model_adapters.world.metrics import returning_pairs
 
     L = visible.shape[0]
     back = returning_pairs(visible, min_gap=min_gap, window=fpb)  # [L, S]

@@ -1,1 +1,0 @@
-"""The in-repo procedural video world, its codec, metrics and the world model's training script."""
