@@ -26,8 +26,8 @@ from ff_engine.cli import OneLineParser, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import FutureForcing
-from model_adapters.world.procedural import TRAIN_SEEDS, encode, make_clip
 from model_adapters import registry
+from model_adapters.world.procedural import TRAIN_SEEDS, encode, make_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

@@ -252,8 +252,8 @@ def test_subject_tokens_mark_the_cells_the_subject_covers():
 
 
 def test_rollout_context_keeps_the_prefix_and_generates_the_rest():
-    from model_adapters.world.train import rollout_context
     from model_adapters.causal_wan import PRESETS, CausalWanModel
+    from model_adapters.world.train import rollout_context
 
     torch.manual_seed(0)
     model = CausalWanModel(PRESETS["world-tiny"]).eval()
@@ -355,8 +355,8 @@ sys.exit(main(["--steps", "1", "--batch", "1", "--clip-frames", "6", "--workers"
 
 
 def test_qk_gains_get_their_own_learning_rate():
-    from model_adapters.world.train import param_groups, train
     from model_adapters.causal_wan import PRESETS, CausalWanModel
+    from model_adapters.world.train import param_groups, train
 
     model = CausalWanModel(PRESETS["world-tiny"])
     rest, gains = param_groups(model, 20.0)

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model_adapters.world.procedural import TRAIN_SEEDS, encode, make_clip
 from model_adapters.causal_wan import PRESETS, CausalWanModel, save_checkpoint
+from model_adapters.world.procedural import TRAIN_SEEDS, encode, make_clip
 
 ASSETS = Path(__file__).parent / "assets"
 N_TARGET = 2  # target blocks at the end of a memory clip
