@@ -141,6 +141,10 @@ def config_value(config_cls, name: str, v, allowed: dict | None = None):
     elif isinstance(default, str):
         choices = tuple((allowed or {}).get(name, (default,)))
         ok, want = v in choices, f"one of {list(choices)}"
+    elif name == "actions":
+        ok = (isinstance(v, (list, tuple)) and len(v) <= 64 and len(set(v)) == len(v)
+              and all(isinstance(x, str) and 0 < len(x) <= 32 and x.isprintable() for x in v))
+        want = "a list of at most 64 distinct action names (1-32 printable characters)"
     elif name == "sample_steps":
         ok = isinstance(v, (list, tuple)) and 1 <= len(v) <= 64 and all(_is_int(x, 0, 1000) for x in v)
         want = "a list of 1 to 64 timesteps in [0, 1000]"

@@ -135,6 +135,7 @@ class Engine:
     ):
         self.model = model
         self.geometry = g = model.geometry
+        self.action_names: tuple[str, ...] = tuple(getattr(model.cfg, "actions", ()) or ())
         self.dtype = next(model.parameters()).dtype
         self.backend = get_backend(backend, device) if isinstance(backend, str) else backend
         if not isinstance(page_size, int) or page_size < 1:
@@ -191,6 +192,21 @@ class Engine:
         if frames > MAX_STREAM_FRAMES:  # no RoPE table limit: adapters compute angles for any frame (endless streams)
             raise ConfigError(f"num_frames must be at most {MAX_STREAM_FRAMES} (int32 token positions), got {frames}")
         self._validate_noise(cfg, frames)
+        if cfg.actions is not None:
+            self.validate_actions(cfg.actions)
+
+    def validate_actions(self, actions) -> None:
+        """Per-frame action indices for this engine's model (one ``ConfigError`` naming the field otherwise)."""
+        names = self.action_names
+        if not names:
+            raise ConfigError(f"actions: this model ({type(self.model).__name__}) takes no actions")
+        if isinstance(actions, torch.Tensor):
+            actions = actions.tolist() if actions.dim() == 1 and not actions.is_floating_point() else [None]
+        if not isinstance(actions, (list, tuple)) or len(actions) > MAX_STREAM_FRAMES or any(
+            isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(names) for a in actions
+        ):
+            raise ConfigError(f"actions must be a list of action indices in [0, {len(names)}) of {list(names)}, "
+                              f"one per latent frame")
 
     def _validate_noise(self, cfg: SessionConfig, frames: int) -> None:
         g = self.geometry
@@ -232,9 +248,24 @@ class Engine:
     def forward_block(self, sessions: list[Session], x: torch.Tensor, t: torch.Tensor, write: bool) -> torch.Tensor:
         """One model call for the current block of ``sessions``: x [S, F, C, H, W], t [S, F] -> flow."""
         attn = PagedSelfAttention(self, sessions, write)
+        kw = {"actions": torch.stack([s.block_actions() for s in sessions])} if self.action_names else {}
         with torch.no_grad():
             return self.model.forward(x.to(self.dtype), t, [s.prompt_state for s in sessions],
-                                  [s.start_frame for s in sessions], attn)
+                                  [s.start_frame for s in sessions], attn, **kw)
+
+    def set_actions(self, session_id: str, actions, from_frame: int | None = None) -> int:
+        """Steer a running stream: frames ``from_frame ..`` (default: the next block's first frame) take
+        ``actions`` (per-frame indices, the last one held).  Returns the block index from which they apply; a frame
+        already generated cannot be changed (``ConfigError``)."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise ConfigError(f"session_id {session_id!r} is not active")
+        self.validate_actions(actions)
+        start = s.start_frame if from_frame is None else from_frame
+        if isinstance(start, bool) or not isinstance(start, int) or start < s.start_frame:
+            raise ConfigError(f"from_frame must be an integer >= {s.start_frame} (the next block's first frame)")
+        s.set_actions(list(actions), start)
+        return start // s.frames_per_block
 
     def write_context(self, sessions: list[Session], x0: torch.Tensor) -> None:
         """The cache-writing pass of a finished block: x0 re-noised to timestep ``context_noise`` (with the

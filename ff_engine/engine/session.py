@@ -34,6 +34,9 @@ class SessionConfig:
     recent ones, in whole blocks and never less than the newest block; None keeps all (``Engine.generate`` needs
     that).  A streaming consumer that takes each block as it comes sets it so an endless stream's host memory stays
     bounded; a prompt switch re-caches only frames still retained (``recache.retain_for_recache``).
+    actions: for an action-conditioned model, one action index per latent frame (into the model's
+    ``cfg.actions``); frames past the end repeat the last entry (a held key), None or [] means the model's default
+    action (index 0) throughout.  ``Engine.set_actions`` changes them for the next blocks of a running stream.
     """
 
     prompt: torch.Tensor
@@ -45,6 +48,7 @@ class SessionConfig:
     step_noise: list[torch.Tensor] | None = None
     session_id: str | None = None
     retain_frames: int | None = None
+    actions: list[int] | None = None
 
 
 class Session:
@@ -69,6 +73,18 @@ class Session:
         self.latents_start_frame = 0  # the first frame of ``latents`` (frames before it were dropped)
         c, (h, w) = geometry.latent_channels, geometry.latent_hw
         self.block_shape = (frames_per_block, c, h, w)
+        self.actions: list[int] = [int(a) for a in cfg.actions] if cfg.actions else []
+
+    def block_actions(self) -> torch.Tensor:
+        """Action index per frame of the current block [F] (the last given action held past the end, 0 without)."""
+        last = self.actions[-1] if self.actions else 0
+        frames = range(self.start_frame, self.start_frame + self.frames_per_block)
+        return torch.tensor([self.actions[f] if f < len(self.actions) else last for f in frames], dtype=torch.long)
+
+    def set_actions(self, actions: list[int], from_frame: int) -> None:
+        """Frames ``from_frame ..`` take ``actions`` (earlier frames keep theirs; a gap is filled by holding)."""
+        held = self.actions + [self.actions[-1] if self.actions else 0] * max(0, from_frame - len(self.actions))
+        self.actions = held[:from_frame] + [int(a) for a in actions]
 
     @property
     def start_frame(self) -> int:

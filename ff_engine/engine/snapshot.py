@@ -7,8 +7,9 @@ the uninterrupted session would have produced, bit for bit (same model, dtype, s
 
 What goes in (``tensors`` names; the rest is JSON in ``meta``):
   * the request: ``config.prompt``, ``config.initial_noise`` and ``config.step_noise`` [n, F, C, H, W] when
-    given (float32, as the engine consumes them), num_frames, seed, budget_frames, the policy as its registered
-    name plus its dataclass init fields (``ff_engine.policies.POLICIES``);
+    given (float32, as the engine consumes them), ``config.actions`` (int64 per-frame action indices as the stream
+    holds them, ``Engine.set_actions`` included) for an action-conditioned model, num_frames, seed, budget_frames,
+    the policy as its registered name plus its dataclass init fields (``ff_engine.policies.POLICIES``);
   * progress: the block index, the retained ``latents`` [block * F - start, C, H, W] with their first frame
     ``latents_start_frame`` (all of them, start 0, unless the request set ``retain_frames``), the noise
     generator's state ``rng.generator`` (uint8) and the step-noise cursor;
@@ -53,7 +54,7 @@ READABLE_VERSIONS = (1, 2)
 META_KEY = "ff_engine.snapshot"
 #: SessionConfig fields a snapshot carries (a test keeps this in step with SessionConfig)
 CONFIG_FIELDS = ("prompt", "num_frames", "seed", "policy", "budget_frames", "initial_noise", "step_noise", "session_id",
-                 "retain_frames")
+                 "retain_frames", "actions")
 _CACHE_PARTS = {"k": None, "v": None, "positions": torch.int32, "log_mass": torch.float32}  # None: model dtype
 _JSON_SCALARS = (type(None), bool, int, float, str)
 
@@ -180,6 +181,8 @@ def snapshot_session(engine: Engine, session_id: str) -> SessionSnapshot:
         "rng.generator": s.generator.get_state(),
         "latents": torch.cat(s.latents) if s.latents else torch.zeros(0, *s.block_shape[1:]),
     }
+    if s.actions:  # the stream's actions as they stand (set_actions included), not only the request's
+        tensors["config.actions"] = torch.tensor(s.actions, dtype=torch.int64)
     if cfg.initial_noise is not None:
         tensors["config.initial_noise"] = _own(cfg.initial_noise.float())
     if cfg.step_noise is not None:
@@ -295,12 +298,14 @@ def check_snapshot(snap: SessionSnapshot) -> None:
         raise SnapshotError("snapshot step_noise_pos must be 0 without step_noise")
     if "config.initial_noise" in snap.tensors:
         _tensor(snap, "config.initial_noise", torch.float32, 4)
+    if "config.actions" in snap.tensors:
+        _tensor(snap, "config.actions", torch.int64, 1)
     if num_frames < 1 or block < 0:
         raise SnapshotError(f"snapshot num_frames {num_frames} must be >= 1 and block {block} >= 0")
     if fpb is not None and start + latents.shape[0] != block * fpb:
         raise SnapshotError(f"snapshot latents hold frames [{start}, {start + latents.shape[0]}), block {block} "
                             f"needs them to end at {block * fpb}")
-    names = {"config.prompt", "rng.generator", "latents", "config.step_noise", "config.initial_noise"}
+    names = {"config.prompt", "rng.generator", "latents", "config.step_noise", "config.initial_noise", "config.actions"}
     for layer, n in enumerate(tokens):
         k = _tensor(snap, f"cache.{layer}.k", None, 3)
         for part, dtype in _CACHE_PARTS.items():
@@ -368,6 +373,7 @@ def _session_config(snap: SessionSnapshot, session_id: str | None) -> SessionCon
         step_noise=list(steps.unbind(0)) if steps is not None else None,
         session_id=m["session"]["id"] if session_id is None else session_id,
         retain_frames=m["session"].get("retain_frames"),  # version 1: kept every frame
+        actions=t["config.actions"].tolist() if "config.actions" in t else None,
     )
 
 

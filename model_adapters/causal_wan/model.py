@@ -50,6 +50,18 @@ class CausalWanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
+    # RoPE base per axis: Wan uses 10000 for time and space; a small spatial base lets a head on a small token grid
+    # point at one spatial offset (10000 leaves most spatial pairs nearly unrotated across an 8 x 12 grid)
+    rope_theta: float = 10000.0
+    rope_theta_space: float = 10000.0
+    # initial gain of the self-attention q/k RMSNorms (training only; loaded weights override it): with q/k norm a
+    # logit is bounded by sqrt(head_dim) * g_q * g_k, so gains of 1 force diffuse attention on thousands of keys
+    qk_gain_init: float = 1.0
+    # action vocabulary of an action-conditioned world model (empty: no actions).  Each frame's action is embedded
+    # and added to its timestep embedding (AdaLN-style, as LingBot-World conditions on the camera); the embedding
+    # starts at zero, so a model that never saw actions computes exactly what it did without them.  The first
+    # action is the default (no input).
+    actions: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -61,6 +73,8 @@ class CausalWanConfig:
             raise ConfigError(f"latent_hw {self.latent_hw} must be divisible by the patch {self.patch_size[1:]}")
         if self.patch_size[0] != 1:
             raise ConfigError("temporal patch size must be 1 for block-causal generation")
+        if len(set(self.actions)) != len(self.actions):
+            raise ConfigError(f"action names must be distinct, got {list(self.actions)}")
 
     @property
     def head_dim(self) -> int:
@@ -76,6 +90,10 @@ class CausalWanConfig:
 
     def with_(self, **kw) -> CausalWanConfig:
         return replace(self, **kw)
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.actions)
 
 
 PRESETS: dict[str, CausalWanConfig] = {
@@ -99,6 +117,17 @@ PRESETS: dict[str, CausalWanConfig] = {
                                    fps=8, decoder="world-codec", conditional=False,
                                    sample_steps=(1000, 875, 750, 625, 500, 375, 250, 125), sample_shift=2.0,
                                    sample_stochastic=False, context_noise=100.0),
+    # World model v4 (model_adapters/world/scroll.py): a scroll world whose camera moves by actions.  Patch (1, 4, 2)
+    # makes a token 8 x 4 pixels, so the camera's 2-pixel step is half a token and a whole token every two frames:
+    # continuing content is a copy from two frames back, one column on.  48 tokens per frame, spatial RoPE base 20
+    # (the 4 x 12 grid's offsets are distinguishable), q/k gains start at 2 (a head can put most of its weight on
+    # one key), actions left / stay / right.
+    "world-v4": CausalWanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=12, out_dim=12,
+                                freq_dim=64, text_dim=16, text_len=1, latent_hw=(16, 24), vae_stride=(1, 2, 2), fps=8,
+                                patch_size=(1, 4, 2), decoder="world-codec", conditional=False,
+                                sample_steps=(1000, 500), sample_shift=2.0, sample_stochastic=False,
+                                context_noise=50.0, rope_theta_space=20.0, qk_gain_init=2.0,
+                                actions=("stay", "left", "right")),
 }
 
 
@@ -116,14 +145,15 @@ def rope_apply(x: torch.Tensor, angles) -> torch.Tensor:
     """Rotate adjacent pairs of x [N, H, D] by angles [N, D/2] (or a precomputed ``(cos, sin)`` pair of
     [N, 1, D/2] float64 tensors); float64 math as the reference, x's dtype out."""
     cos, sin = angles if isinstance(angles, tuple) else rope_cos_sin(angles, x.device)
-    xd = x.to(torch.float64).reshape(*x.shape[:-1], -1, 2)
+    xd = x.to(cos.dtype).reshape(*x.shape[:-1], -1, 2)
     re, im = xd[..., 0], xd[..., 1]
     return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
-def rope_cos_sin(angles: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the angles once per forward (every layer and both q and k reuse them)."""
-    return torch.cos(angles)[:, None].to(device), torch.sin(angles)[:, None].to(device)
+def rope_cos_sin(angles: torch.Tensor, device=None, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles once per forward (every layer and both q and k reuse them), in ``dtype`` (float64
+    as the reference; the world trainer uses float32, a quarter of its step time on CPU)."""
+    return torch.cos(angles)[:, None].to(device, dtype), torch.sin(angles)[:, None].to(device, dtype)
 
 
 class Rope3D:
@@ -137,15 +167,17 @@ class Rope3D:
     the table every angle is bit-identical to the lookup (golden traces) and past it no key is ever re-rotated.
     ``max_frames`` is None: no frame limit (Future Forcing rotates its proxy to any future frame)."""
 
-    def __init__(self, head_dim: int, table_frames: int = 1024, theta: float = 10000.0):
+    def __init__(self, head_dim: int, table_frames: int = 1024, theta: float = 10000.0,
+                 theta_space: float | None = None):
         c = head_dim // 2
         self.split = (c - 2 * (c // 3), c // 3, c // 3)
         d_t = head_dim - 4 * (head_dim // 6)
         d_s = 2 * (head_dim // 6)
         self.table_frames = table_frames  # the reference's table length: informational
         self.max_frames = None
-        self.inv_freq = tuple(1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float64).div(d))
-                              for d in (d_t, d_s, d_s))
+        bases = (theta, theta if theta_space is None else theta_space, theta if theta_space is None else theta_space)
+        self.inv_freq = tuple(1.0 / torch.pow(base, torch.arange(0, d, 2, dtype=torch.float64).div(d))
+                              for base, d in zip(bases, (d_t, d_s, d_s)))
 
     def phases(self, positions: torch.Tensor) -> torch.Tensor:
         """Angles [N, head_dim/2] (float64) for integer positions [N, 3] = (frame, h, w), any frame."""
@@ -249,6 +281,8 @@ class PromptState:
 
 
 class CausalWanModel(nn.Module):
+    rope_dtype = torch.float64  # the reference's RoPE precision; training may trade it for speed (train_scroll)
+
     def __init__(self, cfg: CausalWanConfig):
         super().__init__()
         self.cfg = cfg
@@ -260,7 +294,14 @@ class CausalWanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, d * 6))
         self.blocks = nn.ModuleList([CausalWanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = CausalHead(cfg)
-        self.rope = Rope3D(cfg.head_dim, cfg.rope_frames)
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_frames, theta=cfg.rope_theta, theta_space=cfg.rope_theta_space)
+        if cfg.actions:
+            self.action_embedding = nn.Embedding(cfg.num_actions, d)
+            nn.init.zeros_(self.action_embedding.weight)
+        if cfg.qk_gain_init != 1.0:
+            for blk in self.blocks:
+                for norm in (blk.self_attn.norm_q, blk.self_attn.norm_k):
+                    nn.init.constant_(norm.weight, cfg.qk_gain_init)
 
     # ---- adapter contract (differentiable: the engine calls it under no_grad, training does not) ----
     def encode_prompt(self, text_embeds: torch.Tensor) -> PromptState:
@@ -299,7 +340,24 @@ class CausalWanModel(nn.Module):
         f, h, w = torch.meshgrid(times, torch.arange(gh), torch.arange(gw), indexing="ij")
         return torch.stack([f, h, w], dim=-1).reshape(-1, 3).to(torch.int32)
 
-    def forward(self, latents, timesteps, prompts, start_frames, attention: SelfAttentionFn):
+    def action_ids(self, actions, s: int, frames: int, device) -> torch.Tensor | None:
+        """Per-frame action indices [S * F] (None for a model without actions); ``actions`` [S, F] integers in
+        ``[0, num_actions)`` or None (the default action, index 0, everywhere)."""
+        cfg = self.cfg
+        if not cfg.actions:
+            if actions is not None:
+                raise ConfigError("this model takes no actions (its config declares none)")
+            return None
+        if actions is None:
+            return torch.zeros(s * frames, dtype=torch.long, device=device)
+        a = torch.as_tensor(actions)
+        if a.shape != (s, frames) or a.is_floating_point() or a.dtype == torch.bool:
+            raise ConfigError(f"actions must be integers [S, F] = [{s}, {frames}], got {tuple(a.shape)} {a.dtype}")
+        if a.numel() and (int(a.min()) < 0 or int(a.max()) >= cfg.num_actions):
+            raise ConfigError(f"actions must be indices in [0, {cfg.num_actions}) of {list(cfg.actions)}")
+        return a.reshape(-1).to(device=device, dtype=torch.long)
+
+    def forward(self, latents, timesteps, prompts, start_frames, attention: SelfAttentionFn, actions=None):
         cfg = self.cfg
         s, frames, c, hh, ww = latents.shape
         if c != cfg.in_dim or (hh, ww) != tuple(cfg.latent_hw) or frames < 1:
@@ -314,9 +372,12 @@ class CausalWanModel(nn.Module):
         x = self.patch_embedding(latents.permute(0, 2, 1, 3, 4).to(w.dtype))  # [S, dim, F, h, w]
         x = x.flatten(2).transpose(1, 2)  # [S, L, dim]
         positions = torch.cat([self.token_positions(sf, frames) for sf in start_frames])
-        angles = rope_cos_sin(self.rope.phases(positions), w.device)
+        angles = rope_cos_sin(self.rope.phases(positions), w.device, self.rope_dtype)
 
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, timesteps.flatten()).to(w.dtype))
+        ids = self.action_ids(actions, s, frames, w.device)
+        if ids is not None:
+            e = e + self.action_embedding(ids)
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (s, frames))
         for i, blk in enumerate(self.blocks):
             ck = torch.stack([p.k[i] for p in prompts])

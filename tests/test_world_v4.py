@@ -1,0 +1,207 @@
+"""World v4: the scroll world's ground truth, the model changes it needs (per-axis RoPE, q/k gain init, actions) and
+actions through the engine (validation, steering, snapshots)."""
+
+import pytest
+import torch
+
+from ff_engine.engine import Engine, SessionConfig
+from ff_engine.errors import ConfigError
+from ff_engine.policies import make_policy
+from model_adapters.causal_wan import PRESETS, CausalWanModel, load_causal_wan, save_checkpoint
+from model_adapters.causal_wan.model import Rope3D
+from model_adapters.world import scroll
+from model_adapters.world.procedural import encode
+from tests_helpers import dense_attention
+
+
+def model_v4(seed=0, **over):
+    torch.manual_seed(seed)
+    return CausalWanModel(PRESETS["world-v4"].with_(**over)).eval()
+
+
+# ---- the world ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [3, 1_000_017])
+def test_after_the_prefix_every_frame_is_determined_by_what_the_prefix_showed(seed):
+    """Rebuild the panorama from the prefix frames alone, then render every later frame from that rebuild: it must
+    equal the truth exactly, under any actions (nothing after the prefix is new)."""
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.tensor(scroll.prefix_actions() + scroll.back_and_forth_script(g, 240))
+    clip = scroll.make_clip(seed, acts)
+    p = scroll.PREFIX_FRAMES
+    rebuilt = torch.full((3, scroll.H, scroll.PANORAMA_W), float("nan"))
+    for t in range(p):
+        rebuilt[:, :, (clip.camera[t] + torch.arange(scroll.W)) % scroll.PANORAMA_W] = clip.frames[t]
+    assert not rebuilt.isnan().any(), "the prefix must show every column of the panorama"
+    for t in range(p, acts.shape[0]):
+        assert torch.equal(rebuilt[:, :, (clip.camera[t] + torch.arange(scroll.W)) % scroll.PANORAMA_W], clip.frames[t])
+    again = scroll.make_clip(seed, acts)
+    assert torch.equal(again.frames, clip.frames) and torch.equal(again.visible, clip.visible)
+
+
+def test_camera_follows_the_actions_and_subjects_return():
+    acts = torch.tensor(scroll.parse_actions("stay:3,right:96,left:10,stay:5"))
+    clip = scroll.make_clip(5, acts)
+    steps = (clip.camera[1:] - clip.camera[:-1]) % scroll.PANORAMA_W
+    want = torch.tensor([0 if a == 0 else (scroll.PANORAMA_W - 2 if a == 1 else 2) for a in acts[1:].tolist()])
+    assert torch.equal(steps, want)
+    assert clip.visible.any(0).all(), "a full lap shows every subject"
+    assert clip.visible.float().mean() < 0.6, "and each is out of view for part of it"
+    gaps = scroll.returning_columns(torch.tensor([int(c) for c in scroll.camera_path(0, torch.tensor(
+        scroll.prefix_actions() + [2] * 96))]))
+    assert not gaps[: scroll.PREFIX_FRAMES - 30].any() and gaps[-24:].all(), "after a lap everything returns"
+
+
+@pytest.mark.parametrize("bad", ["right", "jump:3", "right:0", "right:3,,left:2", "left:-1"])
+def test_bad_action_scripts_are_one_line_errors(bad):
+    with pytest.raises(ConfigError, match="actions"):
+        scroll.parse_actions(bad)
+
+
+def test_action_script_file(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("right\nright\nstay\n")
+    assert scroll.parse_actions(str(f)) == [2, 2, 0]
+    assert scroll.parse_actions("right:2,stay:1") == [2, 2, 0]
+
+
+# ---- the model ------------------------------------------------------------------------------------------------
+def test_default_rope_bases_are_bit_identical_to_the_single_base():
+    for name in ("wan-1.3b", "wan-tiny", "world-tiny"):
+        cfg = PRESETS[name]
+        b = Rope3D(cfg.head_dim, cfg.rope_frames)
+        c = Rope3D(cfg.head_dim, cfg.rope_frames, theta=cfg.rope_theta, theta_space=cfg.rope_theta_space)
+        assert all(torch.equal(x, y) for x, y in zip(b.inv_freq, c.inv_freq))
+        assert CausalWanModel.rope_dtype == torch.float64
+
+
+def test_spatial_base_changes_only_spatial_frequencies():
+    r = Rope3D(64, theta=10000.0, theta_space=20.0)
+    base = Rope3D(64)
+    assert torch.equal(r.inv_freq[0], base.inv_freq[0])
+    assert not torch.equal(r.inv_freq[1], base.inv_freq[1]) and torch.equal(r.inv_freq[1], r.inv_freq[2])
+
+
+def test_qk_gains_start_where_the_config_says():
+    m = model_v4()
+    assert torch.all(m.blocks[0].self_attn.norm_q.weight == 2.0)
+    assert torch.all(m.blocks[0].cross_attn.norm_q.weight == 1.0)
+
+
+def _forward(m, actions=None, frames=3):
+    torch.manual_seed(1)
+    x = torch.randn(2, frames, 12, 16, 24)
+    t = torch.full((2, frames), 500.0)
+    prompts = [m.encode_prompt(torch.zeros(1, 16))] * 2
+    kw = {} if actions is None else {"actions": actions}
+    with torch.no_grad():
+        return m.forward(x, t, prompts, [0, 6], dense_attention, **kw)
+
+
+def test_zero_initialised_actions_leave_outputs_unchanged():
+    with_actions = model_v4()
+    without = model_v4(actions=())
+    shared = {k: v for k, v in with_actions.state_dict().items() if not k.startswith("action_embedding")}
+    assert shared.keys() == without.state_dict().keys()
+    assert all(torch.equal(v, without.state_dict()[k]) for k, v in shared.items())
+    ref = _forward(without)
+    assert torch.equal(_forward(with_actions, torch.tensor([[0, 1, 2], [2, 2, 1]])), ref)
+    with torch.no_grad():
+        with_actions.action_embedding.weight.normal_()
+    assert not torch.equal(_forward(with_actions, torch.tensor([[0, 1, 2], [2, 2, 1]])), ref)
+
+
+def test_actions_are_refused_where_the_model_has_none_and_checked_where_it_has():
+    with pytest.raises(ConfigError, match="takes no actions"):
+        _forward(model_v4(actions=()), torch.zeros(2, 3, dtype=torch.long))
+    m = model_v4()
+    for bad in (torch.zeros(2, 2, dtype=torch.long), torch.full((2, 3), 3), torch.zeros(2, 3)):
+        with pytest.raises(ConfigError, match="actions"):
+            _forward(m, bad)
+
+
+def test_checkpoint_round_trip_keeps_the_action_vocabulary(tmp_path):
+    m = model_v4()
+    with torch.no_grad():
+        m.action_embedding.weight.normal_()
+    save_checkpoint(m, tmp_path / "w.safetensors")
+    back = load_causal_wan(tmp_path / "w.safetensors", preset="world-tiny")
+    assert back.cfg.actions == ("stay", "left", "right") and back.cfg.rope_theta_space == 20.0
+    assert torch.equal(_forward(back, torch.tensor([[0, 1, 2], [2, 2, 1]])),
+                       _forward(m, torch.tensor([[0, 1, 2], [2, 2, 1]])))
+
+
+# ---- actions through the engine -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def v4():
+    m = model_v4(seed=2)
+    with torch.no_grad():
+        m.action_embedding.weight.normal_(std=0.5)  # actions must make a difference for these tests to mean anything
+    return m
+
+
+def _cfg(actions, frames=15, policy="window", budget=6, **kw):
+    return SessionConfig(prompt=torch.zeros(1, 16), num_frames=frames, seed=4, policy=make_policy(policy),
+                         budget_frames=budget, actions=actions, **kw)
+
+
+def test_engine_refuses_actions_for_a_model_without_them():
+    torch.manual_seed(0)
+    plain = CausalWanModel(PRESETS["world-tiny"]).eval()
+    eng = Engine(plain, num_pages=64, page_size=16, backend="torch")
+    with pytest.raises(ConfigError, match="takes no actions"):
+        eng.add_session(_cfg([0, 1]))
+
+
+@pytest.mark.parametrize("bad", [[3], [-1], [0.5], ["right"], [True], "right:3"])
+def test_engine_refuses_bad_actions_with_one_line(v4, bad):
+    eng = Engine(v4, num_pages=64, page_size=16, backend="torch")
+    with pytest.raises(ConfigError, match="actions"):
+        eng.add_session(_cfg(bad))
+    assert not eng.sessions
+
+
+def test_actions_steer_and_set_actions_equals_a_request_that_had_them(v4):
+    eng = Engine(v4, num_pages=128, page_size=16, backend="torch")
+    a = eng.generate(_cfg([2] * 15))
+    b = eng.generate(_cfg([1] * 15))
+    assert not torch.equal(a, b), "the actions reach the model"
+    held = eng.generate(_cfg([2]))  # the last action is held
+    assert torch.equal(held, a)
+    s = eng.add_session(_cfg([2] * 6))
+    eng.step([s.id])
+    eng.step([s.id])
+    with pytest.raises(ConfigError, match="from_frame"):
+        eng.set_actions(s.id, [1], from_frame=3)
+    assert eng.set_actions(s.id, [1] * 9) == 2
+    while s.id in eng.sessions and not eng.sessions[s.id].done:
+        eng.step([s.id])
+    steered = torch.cat(s.latents)
+    assert torch.equal(steered, eng.generate(_cfg([2] * 6 + [1] * 9)))
+
+
+def test_snapshot_carries_the_actions_as_they_stand(v4):
+    eng = Engine(v4, num_pages=128, page_size=16, backend="torch")
+    full = eng.generate(_cfg([2] * 6 + [1] * 9, policy="future-forcing"))
+    s = eng.add_session(_cfg([2] * 6, policy="future-forcing"))
+    eng.step([s.id])
+    eng.set_actions(s.id, [2] * 3 + [1] * 9)
+    eng.step([s.id])
+    snap = eng.snapshot(s.id)
+    eng.cancel(s.id)
+    other = Engine(v4, num_pages=128, page_size=16, backend="torch")
+    r = other.restore(type(snap).from_bytes(snap.to_bytes()))
+    assert r.actions == [2] * 6 + [1] * 9
+    while not r.done:
+        other.step([r.id])
+    assert torch.equal(torch.cat(r.latents), full)
+
+
+def test_prefill_then_generate_under_actions(v4):
+    clip = scroll.make_clip(7, scroll.prefix_actions(6) + [2] * 9)
+    eng = Engine(v4, num_pages=256, page_size=16, backend="torch")
+    s = eng.add_session(_cfg(clip.actions.tolist(), frames=15, policy="unbounded", budget=None))
+    eng.prefill(s.id, encode(clip.frames[:6]))
+    while not s.done:
+        eng.step([s.id])
+    out = torch.cat(s.latents)
+    assert out.shape == (15, 12, 16, 24) and torch.equal(out[:6], encode(clip.frames[:6]))
