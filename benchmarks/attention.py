@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.attention import AttentionBatch
 from ff_engine.attention.torch_ref import TorchReferenceBackend, _sdpa
 from ff_engine.attention.vllm_cpu import VllmCpuBackend
 from ff_engine.cache import PagedKVCache
-from ff_engine.cli import OneLineParser, int_arg
 
 RESULTS = Path(__file__).parent / "results"
 

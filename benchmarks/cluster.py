@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from ff_engine.cli import DEFAULT_MODEL, OneLineParser, int_arg
+from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.distributed import ModelSpec
 from ff_engine.engine import SessionConfig
+from ff_engine.models import DEFAULT_MODEL
 from ff_engine.policies import make_policy
 
 RESULTS = Path(__file__).parent / "results"

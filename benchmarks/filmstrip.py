@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ff_engine.cli import OneLineParser, int_arg
+from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.errors import ConfigError
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ff_engine.cli import OneLineParser, int_arg
+from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.policies import make_policy
 from model_adapters import registry

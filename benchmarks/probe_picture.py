@@ -14,7 +14,7 @@ from __future__ import annotations
 import quality
 import torch
 
-from ff_engine.cli import OneLineParser, int_arg
+from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.policies import make_policy
 from model_adapters.world import metrics as M
 from model_adapters.world.procedural import EVAL_SEED_BASE, H, W, decode, encode, make_clip

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ff_engine.cli import OneLineParser, fraction, int_arg
+from ff_engine.argtypes import OneLineParser, fraction, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.policies import make_policy

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ff_engine.cli import OneLineParser, int_arg
+from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
 from ff_engine.engine.scheduler import Scheduler

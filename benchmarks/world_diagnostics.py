@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ff_engine.cli import OneLineParser, int_arg
+from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.policies import make_policy
 from model_adapters.world import metrics as M
 from model_adapters.world.procedural import decode, encode, make_clip

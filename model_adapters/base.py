@@ -95,7 +95,7 @@ class ModelConfig(Protocol):
     sample_shift: float  # flow-matching shift of the timestep table (> 0)
     sample_stochastic: bool  # re-noise with fresh noise between steps (Self-Forcing) or take the Euler step
     context_noise: float  # timestep in [0, 1000] at which finished blocks are written to the cache (0 = clean)
-    decoder: str  # how ``ff_engine.video.make_decoder`` turns latents into pixels: "wan-vae" or "world-codec"
+    decoder: str  # how ``model_adapters.decoders`` turns latents into pixels: "wan-vae" or "world-codec"
 
     def geometry(self) -> VideoGeometry:
         """The geometry of a model built from this config (the same object as ``model.geometry``)."""
