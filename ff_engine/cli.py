@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import runpy
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,8 +16,6 @@ from ff_engine import models
 from ff_engine.argtypes import OneLineParser, int_arg, positive_float
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 from ff_engine.models import DEFAULT_MODEL
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def requested_frames(args, geometry) -> int:
@@ -336,15 +332,14 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_bench(args, rest) -> int:
-    script = REPO / "benchmarks" / f"{ {'kernels': 'kernel_bench'}.get(args.which, args.which)}.py"
-    if not script.is_file():
-        raise ConfigError(f"benchmark {args.which!r} not found at {script} (run from a source checkout)")
-    argv, sys.argv = sys.argv, [str(script), *rest]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    return 0
+    """Every benchmark is a module of the package with ``main(argv)``, so an installed ff-engine runs any of them.
+    Some ``main``s return their result rather than an exit code: only an integer is taken as the exit code."""
+    import importlib
+
+    from ff_engine.bench import BENCHMARKS
+
+    rc = importlib.import_module(f"ff_engine.bench.{BENCHMARKS[args.which]}").main(rest)
+    return rc if isinstance(rc, int) else 0
 
 
 _Parser = OneLineParser
@@ -403,9 +398,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="pool size (default: exactly this stream's reservation)")
     g.add_argument("--out", default="out/video.mp4", help="the MP4 (written under a temporary name until complete)")
     g.add_argument("--quiet", action="store_true")
-    b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
-    b.add_argument("which", choices=["attention", "policy_overhead", "throughput", "quality", "cluster", "load",
-                                     "kernels"])
+    from ff_engine.bench import BENCHMARKS
+
+    b = sub.add_parser("bench", help="run a benchmark (ff_engine/bench/NAME.py; extra args pass through)")
+    b.add_argument("which", choices=sorted(BENCHMARKS))
     an = sub.add_parser("analyze", help="analyze queries: pre- vs post-RoPE query drift across blocks",
                         parents=[_model_args(10.0, 16)])
     an.add_argument("what", choices=["queries"])

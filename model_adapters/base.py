@@ -43,10 +43,6 @@ class VideoGeometry:
     def tokens_per_block(self) -> int:
         return self.tokens_per_frame * self.frames_per_block
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """K and V of one token over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
     def latent_frames(self, seconds: float) -> int:
         """seconds * fps / VAE temporal stride latent frames, rounded up to whole blocks (Wan: 5 s -> 21, 60 s -> 240)."""
         latent = max(1, math.ceil(round(seconds * self.fps) / self.vae_stride[0]))
