@@ -5,55 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import runpy
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ff_engine import models
+from ff_engine.argtypes import OneLineParser, int_arg, positive_float
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
-from model_adapters.world import EMBEDDED_CHECKPOINT as EMBEDDED_MODEL
-
-REPO = Path(__file__).resolve().parents[1]
-# The embedded default: the in-repo world model (trained on CPU, its own decoder; see README for what it can do).
-DEFAULT_MODEL = str(EMBEDDED_MODEL)
-
-
-def positive_float(s: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
-    return v
-
-
-def fraction(s: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    v = positive_float(s)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {s}")
-    return v
-
-
-def int_arg(lo: int, hi: int | None = None):
-    """argparse type: an integer in [lo, hi] (argparse names the flag in its one-line error)."""
-    allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {s!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {s}")
-        return v
-    return parse
+from ff_engine.models import DEFAULT_MODEL
 
 
 def requested_frames(args, geometry) -> int:
@@ -82,24 +44,16 @@ def resolve_model(args):
     a preset's config, or a checkpoint of any supported layout read and checked (every defect of the file is one
     ``CheckpointError``); a checkpoint's recorded config wins over --preset.  The reference-setting overrides
     (--num-frame-per-block, --context-noise) apply to either."""
-    from model_adapters import registry
-
-    cfg, ckpt = registry.resolve(args.model, getattr(args, "preset", None), getattr(args, "random_weights", False),
-                                 lora=getattr(args, "lora", None))
-    noise = getattr(args, "context_noise", None)
-    if noise is not None and not (math.isfinite(noise) and 0 <= noise <= 1000):
-        raise ConfigError(f"--context-noise must be a timestep in [0, 1000], got {noise:g}")
-    overrides = {k: v for k, v in (("frames_per_block", getattr(args, "num_frame_per_block", None)),
-                                   ("context_noise", noise)) if v is not None}
-    return (cfg.with_(**overrides) if overrides else cfg), (ckpt.state_dict if ckpt else None)
+    return models.resolve_model(args.model, preset=getattr(args, "preset", None),
+                                random_weights=getattr(args, "random_weights", False), lora=getattr(args, "lora", None),
+                                frames_per_block=getattr(args, "num_frame_per_block", None),
+                                context_noise=getattr(args, "context_noise", None))
 
 
 def build_model(args, resolved=None):
     """The model of --model: random weights for a preset (seeded by --seed), or the checkpoint's."""
-    from model_adapters import registry
-
     cfg, sd = resolved or resolve_model(args)
-    return registry.build(cfg, seed=args.seed) if sd is None else registry.from_weights(cfg, sd)
+    return models.build_model(cfg, sd, seed=args.seed)
 
 
 def reference_flags(args) -> None:
@@ -131,84 +85,14 @@ def reference_budget(args, policy, frames_per_block: int) -> None:
         args.budget_frames = ref.budget_frames
 
 
-def _read_prompt_file(p: Path):
-    """The tensor a prompt file holds (its 'prompt_embeds' entry, or its first tensor), else a description of
-    what it holds instead."""
-    if p.stat().st_size == 0:
-        return "an empty file"
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        t = load_file(str(p))
-    else:
-        t = torch.load(str(p), map_location="cpu", weights_only=True)
-    if isinstance(t, dict):
-        t = t.get("prompt_embeds", next((v for v in t.values() if isinstance(v, torch.Tensor)), "a dict without tensors"))
-    return t if isinstance(t, (torch.Tensor, str)) else f"a {type(t).__name__}"
-
-
-def load_prompt(args, model):
-    """--prompt-embeds (or a seeded random prompt) as [L, text_dim], checked against the model's text config
-    (``model`` is a model or anything with its ``cfg``, or the config itself)."""
-    cfg = getattr(model, "cfg", model)
-    if not cfg.conditional:
-        if args.prompt_embeds is not None:
-            raise ConfigError("--prompt-embeds: this model was trained without text conditioning")
-        return torch.zeros(1, cfg.text_dim)
-    text_len = getattr(cfg, "text_len", None)
-    if args.prompt_embeds is None:
-        g = torch.Generator().manual_seed(args.seed)
-        return torch.randn(min(16, text_len or 16), cfg.text_dim, generator=g)
-    p = Path(args.prompt_embeds)
-    if not p.is_file():
-        raise ConfigError(f"--prompt-embeds: file not found: {p}")
-    try:
-        t = _read_prompt_file(p)
-    except Exception as exc:  # noqa: BLE001 - empty, corrupt or pickled files raise many types
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"--prompt-embeds: cannot read {p} as a tensor file (.pt with weights only, or "
-                          f".safetensors): {reason[:200]}") from None
-    if not isinstance(t, torch.Tensor):
-        raise ConfigError(f"--prompt-embeds: {p} must hold a tensor [L, {cfg.text_dim}] (or a dict with "
-                          f"'prompt_embeds'), got {t}")
-    if t.dim() == 3 and t.shape[0] == 1:
-        t = t[0]
-    if t.dim() != 2 or t.shape[1] != cfg.text_dim or not 1 <= t.shape[0] <= (text_len or t.shape[0]) \
-            or not t.is_floating_point():
-        raise ConfigError(f"--prompt-embeds: {p} must be a float tensor [L, {cfg.text_dim}] with 1 <= L"
-                          f"{f' <= {text_len}' if text_len else ''}, got {t.dtype} {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ConfigError(f"--prompt-embeds: {p} contains NaN or inf")
-    return t
-
-
 _FF_FLAGS = {"ff_horizon": "horizon", "ff_form": "form", "ff_merge": "merge", "ff_decay": "decay",
              "ff_aggregation": "aggregation", "sink_frames": "sink_frames"}
 
 
-def _coerce(name: str, typ, raw: str):
-    t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    try:
-        if "bool" in t:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return raw.lower() in ("true", "1")
-        if "int" in t and "None" in t and raw.lower() == "none":
-            return None
-        if t.startswith("int"):
-            return int(raw)
-        if t.startswith("float"):
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"policy parameter {name}: cannot read {raw!r} as {t}") from None
-    return raw
-
-
 def policy_args(args) -> dict:
-    """--ff-* flags and repeated --policy-arg key=value, typed from the policy's dataclass fields."""
-    from ff_engine.policies import policy_params
+    """--ff-* flags and repeated --policy-arg key=value, typed from the policy's declared parameters."""
+    from ff_engine.policies import parse_policy_args
 
-    known = policy_params(args.policy)
     raw = {}
     for flag, param in _FF_FLAGS.items():
         val = getattr(args, flag, None)
@@ -219,8 +103,7 @@ def policy_args(args) -> dict:
             raise ConfigError(f"--policy-arg expects key=value, got {item!r}")
         key, val = item.split("=", 1)
         raw[key.strip().replace("-", "_")] = val.strip()
-    # unknown names pass through untyped: make_policy rejects them (and unknown policies) with one message
-    return {k: _coerce(k, known[k], v) if k in known else v for k, v in raw.items()}
+    return parse_policy_args(args.policy, raw)
 
 
 class RunFailed(RuntimeError):
@@ -260,7 +143,7 @@ def prepare(args, policy) -> Prepared:
         raise ConfigError(f"--budget-frames {budget} exceeds int32 token positions: at most {MAX_STREAM_FRAMES} "
                           f"latent frames (no stream can be longer)")
     policy.validate(budget, g.frames_per_block)
-    prompt = load_prompt(args, cfg)
+    prompt = models.load_prompt(cfg, args.prompt_embeds, seed=args.seed)
     need = stream_pages(g, args.page_size, frames, budget)
     num_pages = getattr(args, "num_pages", None) or need
     if num_pages < need:
@@ -335,21 +218,19 @@ def cmd_generate(args) -> int:
 
     from ff_engine.engine import Engine, SessionConfig
     from ff_engine.policies import make_policy
-    from ff_engine.video import Mp4Writer, WanVAEDecoder, check_output_file
-    from model_adapters import registry
+    from ff_engine.video import Mp4Writer, check_output_file
 
     check_output_file(args.out, "--out")
     reference_flags(args)
     policy = make_policy(args.policy, **policy_args(args))
     prep = prepare(args, policy)
     g = prep.geometry
-    vae = WanVAEDecoder(args.vae, latent_channels=g.latent_channels) if args.vae else None
+    decoder = models.make_decoder(prep.cfg, args.vae)  # a VAE folder is loaded and checked before any compute
     cfg = SessionConfig(prompt=prep.prompt, num_frames=prep.frames, seed=args.seed, policy=policy,
                         budget_frames=prep.budget_frames)
     writer = Mp4Writer(args.out, fps=g.fps, what="--out")  # folder + temporary file: writability proven now
     try:
         model = build_model(args, (prep.cfg, prep.state_dict))
-        decoder = vae or registry.make_decoder(model)
         # Size the pool for exactly this stream unless told otherwise: admission then proves the budget holds.
         engine = Engine(model, num_pages=prep.num_pages, page_size=args.page_size, backend=prep.backend)
         session = engine.add_session(cfg)
@@ -451,22 +332,14 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_bench(args, rest) -> int:
-    script = REPO / "benchmarks" / f"{ {'kernels': 'kernel_bench'}.get(args.which, args.which)}.py"
-    if not script.is_file():
-        raise ConfigError(f"benchmark {args.which!r} not found at {script} (run from a source checkout)")
-    argv, sys.argv = sys.argv, [str(script), *rest]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    return 0
+    """Every benchmark is a module of the package with ``main(argv)``, so an installed ff-engine runs any of them.
+    Some ``main``s return their result rather than an exit code: only an integer is taken as the exit code."""
+    import importlib
 
+    from ff_engine.bench import BENCHMARKS
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump), exit code 2 (the benchmarks use it too)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
+    rc = importlib.import_module(f"ff_engine.bench.{BENCHMARKS[args.which]}").main(rest)
+    return rc if isinstance(rc, int) else 0
 
 
 _Parser = OneLineParser
@@ -525,9 +398,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="pool size (default: exactly this stream's reservation)")
     g.add_argument("--out", default="out/video.mp4", help="the MP4 (written under a temporary name until complete)")
     g.add_argument("--quiet", action="store_true")
-    b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (extra args pass through)")
-    b.add_argument("which", choices=["attention", "policy_overhead", "throughput", "quality", "cluster", "load",
-                                     "kernels"])
+    from ff_engine.bench import BENCHMARKS
+
+    b = sub.add_parser("bench", help="run a benchmark (ff_engine/bench/NAME.py; extra args pass through)")
+    b.add_argument("which", choices=sorted(BENCHMARKS))
     an = sub.add_parser("analyze", help="analyze queries: pre- vs post-RoPE query drift across blocks",
                         parents=[_model_args(10.0, 16)])
     an.add_argument("what", choices=["queries"])

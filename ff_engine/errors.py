@@ -19,3 +19,16 @@ class CheckpointError(FFEngineError):
 
 class SnapshotError(FFEngineError):
     """A session snapshot that is malformed, of another format version, or of another model geometry."""
+
+
+class Overloaded(FFEngineError):
+    """The admission queue is full. ``retry_after`` (seconds) estimates when a slot frees up.  Here (not in the
+    serving contract) because the engine's scheduler raises it and the engine sits below the serving layer."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = float(retry_after)
+
+
+class UnknownStream(FFEngineError):
+    """No stream with that id (never submitted, or forgotten after its retention period)."""

@@ -68,13 +68,3 @@ class OutputFolder:
         self.created = []
 
 
-def write_atomically(path: Path, write) -> None:
-    """``write(tmp_path)`` fills a temporary file beside ``path``, which then replaces ``path``; on any failure the
-    temporary file is removed and ``path`` is untouched."""
-    tmp = temporary_beside(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -13,27 +13,13 @@ A stream's life: ``submit`` -> ``queued`` -> ``running`` -> one of ``finished`` 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from ff_engine.errors import FFEngineError
-
 STREAM_STATES = ("queued", "running", "finished", "failed", "cancelled")
 TERMINAL_STATES = ("finished", "failed", "cancelled")
-
-
-class Overloaded(FFEngineError):
-    """The admission queue is full. ``retry_after`` (seconds) estimates when a slot frees up."""
-
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = float(retry_after)
-
-
-class UnknownStream(FFEngineError):
-    """No stream with that id (never submitted, or forgotten after its retention period)."""
 
 
 @dataclass
@@ -63,9 +49,6 @@ class StreamStatus:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class StreamHandle(Protocol):

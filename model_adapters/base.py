@@ -43,10 +43,6 @@ class VideoGeometry:
     def tokens_per_block(self) -> int:
         return self.tokens_per_frame * self.frames_per_block
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """K and V of one token over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
     def latent_frames(self, seconds: float) -> int:
         """seconds * fps / VAE temporal stride latent frames, rounded up to whole blocks (Wan: 5 s -> 21, 60 s -> 240)."""
         latent = max(1, math.ceil(round(seconds * self.fps) / self.vae_stride[0]))
@@ -95,7 +91,7 @@ class ModelConfig(Protocol):
     sample_shift: float  # flow-matching shift of the timestep table (> 0)
     sample_stochastic: bool  # re-noise with fresh noise between steps (Self-Forcing) or take the Euler step
     context_noise: float  # timestep in [0, 1000] at which finished blocks are written to the cache (0 = clean)
-    decoder: str  # how ``ff_engine.video.make_decoder`` turns latents into pixels: "wan-vae" or "world-codec"
+    decoder: str  # how ``model_adapters.decoders`` turns latents into pixels: "wan-vae" or "world-codec"
 
     def geometry(self) -> VideoGeometry:
         """The geometry of a model built from this config (the same object as ``model.geometry``)."""

@@ -39,8 +39,8 @@ class Architecture:
     claims(keys, recorded_config) -> whether a cleaned key set (with the config found beside it) is this
         architecture's, in any of its layouts.
     param_count(config) -> parameters of a model of that config, without building it (``plan``, memory checks).
-    decoder(model, vae_folder | None) -> an object with ``streaming: bool`` and ``decode(latents [F, C, H, W]) ->
-        uint8 frames [T, H', W', 3]`` (``ff_engine.video`` has the Wan VAE, world codec and latent preview).
+    decoder(config, vae_folder | None) -> an object with ``streaming: bool`` and ``decode(latents [F, C, H, W]) ->
+        uint8 frames [T, H', W', 3]`` (``model_adapters.decoders`` has the Wan VAE, world codec and latent preview).
     """
 
     name: str
@@ -52,7 +52,7 @@ class Architecture:
     adopt: Callable[[dict, dict, Any, list], tuple[Any, dict]]
     claims: Callable[[set, dict], bool]
     param_count: Callable[[Any], int]
-    decoder: Callable[[torch.nn.Module, Any], Any]
+    decoder: Callable[[Any, Any], Any]
     default_preset: str | None = None  # the base config of a checkpoint when no preset is named
     #: the submodule whose ``state_dict`` names are the checkpoint names (default: the model itself)
     weights_module: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
@@ -147,9 +147,12 @@ def param_count(cfg) -> int:
     return int(architecture_of(cfg).param_count(cfg))
 
 
-def make_decoder(model, vae: str | Path | None = None):
-    """The latents -> pixels decoder of a model's architecture (Wan's VAE when a folder is given)."""
-    return architecture_of(model).decoder(model, vae)
+def make_decoder(model_or_config, vae: str | Path | None = None):
+    """The one latents -> pixels factory: the decoder of a model's (or a config's) architecture; Wan's VAE when a
+    folder is given, refused before anything is generated when its latent channels are not the model's.  It takes
+    a config so the CLI can load and check a VAE before building the model."""
+    cfg = getattr(model_or_config, "cfg", model_or_config)
+    return architecture_of(cfg).decoder(cfg, vae)
 
 
 @dataclass

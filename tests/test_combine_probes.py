@@ -1,14 +1,11 @@
-"""benchmarks/combine_probes.py: probe runs split over policies merge into one paired comparison, and runs of
+"""``ff-engine bench combine_probes``: probe runs split over policies merge into one paired comparison, and runs of
 another setup are refused."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from combine_probes import combine
+from ff_engine.bench.combine_probes import combine
 
 SETUP = {"seeds": 2, "history": 192, "min_gap": 30}
 

@@ -1,17 +1,13 @@
-"""Free-rollout evaluation of ``benchmarks/quality.py`` and the README pictures of ``benchmarks/filmstrip.py``."""
+"""Free-rollout evaluation (``ff_engine.evaluation``) and the README pictures of ``ff-engine bench filmstrip``."""
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import filmstrip
-import quality
-
+from ff_engine import evaluation as quality
+from ff_engine.bench import filmstrip
 from ff_engine.errors import ConfigError
 from model_adapters.world.procedural import make_clip
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ff_engine.errors import ConfigError
-from ff_engine.video import LatentPreviewDecoder, Mp4Writer, WanVAEDecoder
+from ff_engine.video import Mp4Writer
+from model_adapters.decoders import LatentPreviewDecoder, WanVAEDecoder
 
 
 def test_wan_vae_decoder_from_a_local_folder(tmp_path):

@@ -224,11 +224,7 @@ def test_memory_probe_alone_and_without_returns(tmp_path):
 
 
 def test_probe_picture_runs(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import probe_picture
+    from ff_engine.bench import probe_picture
 
     png = tmp_path / "p.png"
     probe_picture.main(["--probes", "1", "--history", "48", "--min-gap", "9", "--policies", "window",
@@ -373,7 +369,7 @@ def test_qk_gains_get_their_own_learning_rate():
 
 
 def test_world_diagnostics_measure_what_they_say(tmp_path):
-    from benchmarks.world_diagnostics import SEEDS, diagnose
+    from ff_engine.bench.world_diagnostics import SEEDS, diagnose
     from model_adapters.causal_wan import PRESETS, CausalWanModel, save_checkpoint
 
     torch.manual_seed(0)

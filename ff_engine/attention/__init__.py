@@ -1,4 +1,5 @@
-"""``attend()``: the one attention entry point; backends are chosen by device and overridable by name."""
+"""Attention backends, chosen by device and overridable by name (``get_backend``); the engine calls a backend's
+``forward(AttentionBatch)`` directly."""
 
 from __future__ import annotations
 
@@ -45,9 +46,4 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return [n for n, cls in BACKENDS.items() if kind in cls.devices and cls.available()]
 
 
-def attend(batch: AttentionBatch, backend: AttentionBackend | None = None) -> torch.Tensor:
-    """Queries of each sequence attend to its cache pages and its own block K/V (no mask)."""
-    return (backend or TorchReferenceBackend()).forward(batch)
-
-
-__all__ = ["BACKENDS", "AttentionBackend", "AttentionBatch", "attend", "available_backends", "get_backend"]
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionBatch", "available_backends", "get_backend"]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ff_engine.attention.interface import AttentionBackend, AttentionBatch
 
 
-def _sdpa(q, k, v, scale, bias):
+def sdpa(q, k, v, scale, bias):
     # [N, H, D] -> [1, H, N, D]; the float mask adds log-mass per key (broadcast over heads and queries).
     mask = None if bias is None else bias.to(q.dtype)[None, None, None, :]
     out = F.scaled_dot_product_attention(
@@ -49,5 +49,5 @@ class TorchReferenceBackend(AttentionBackend):
             bias = None
             if view is not None and int(view.seq_lens[i]) > 0:
                 k, v, bias = _gather_with_block(view, i, k, v)
-            out[s] = _sdpa(batch.q[s], k, v, batch.scale, bias)
+            out[s] = sdpa(batch.q[s], k, v, batch.scale, bias)
         return out

@@ -31,9 +31,10 @@ class ModelSpec:
 
     @classmethod
     def checkpoint(cls, path: str, preset: str | None = None) -> ModelSpec:
-        """A checkpoint of any registered architecture, any layout (``model_adapters.registry.load``); ``preset``
-        supplies what its tensors cannot tell (default: its architecture's)."""
-        return cls("model_adapters.registry:load", (str(path),), {"preset": preset})
+        """A checkpoint of any registered architecture, any layout, loaded as the CLI and the server load it
+        (``ff_engine.models.load_model``); ``preset`` supplies what its tensors cannot tell (default: its
+        architecture's)."""
+        return cls("ff_engine.models:load_model", (str(path),), {"preset": preset})
 
     def build(self) -> torch.nn.Module:
         module_name, _, fn_name = self.factory.partition(":")
@@ -46,9 +47,9 @@ class ModelSpec:
         return fn(*self.args, **self.kwargs)
 
 
-def build_model(source, device: str = "cpu") -> torch.nn.Module:
+def materialize(source, device: str = "cpu") -> torch.nn.Module:
     """``source``: a ``ModelSpec`` or an ``nn.Module`` (already copied into this process). Returns the model in
-    eval mode on ``device``."""
+    eval mode on ``device`` (named apart from ``ff_engine.models.build_model``, which builds from a config)."""
     if isinstance(source, ModelSpec):
         model = source.build()
     elif isinstance(source, torch.nn.Module):

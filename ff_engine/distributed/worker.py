@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ff_engine.distributed import persist
-from ff_engine.distributed.model_spec import build_model
+from ff_engine.distributed.model_spec import materialize
 from ff_engine.engine.engine import BlockResult, Engine
 from ff_engine.engine.recache import streaming_config
 from ff_engine.engine.scheduler import Scheduler
@@ -101,7 +101,7 @@ class EngineWorker:
         self._use_torch_threads()
         self.name, self.snapshot_every, self.output_dir = name, snapshot_every, output_dir
         self.engine = Engine(
-            build_model(model, device), num_pages=num_pages, page_size=page_size, backend=backend, device=device
+            materialize(model, device), num_pages=num_pages, page_size=page_size, backend=backend, device=device
         )
         self.scheduler = Scheduler(self.engine, max_batch=max_batch)
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 from ff_engine.engine.engine import BlockResult, Engine
 from ff_engine.engine.session import SessionConfig, new_session_id
-from ff_engine.errors import ConfigError, FFEngineError
-from ff_engine.service import Overloaded
+from ff_engine.errors import ConfigError, FFEngineError, Overloaded
 
 
 @dataclass

@@ -10,7 +10,7 @@ from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens, t
 from ff_engine.policies.baselines import H2O, DeepSink, KeyNorm, PostRopeExpectedAttention, Random, SnapKV
 from ff_engine.policies.expected_attention import ExpectedAttention
 from ff_engine.policies.future_forcing import FutureForcing, FutureQueryProxy
-from ff_engine.policies.params import declared_params, field_schema
+from ff_engine.policies.params import declared_params, field_schema, parse_text
 from ff_engine.policies.window import SinkWindow, Unbounded, Window
 
 POLICIES: dict[str, type[CachePolicy]] = {
@@ -26,6 +26,15 @@ def policy_params(name: str) -> dict[str, type]:
     if cls is None or not dataclasses.is_dataclass(cls):
         return {}
     return {n: f.type for n, f in declared_params(cls).items()}
+
+
+def parse_policy_args(name: str, raw: dict[str, str]) -> dict:
+    """Parameters given as text (the CLI's ``--policy-arg k=v``), each read as the type its policy declares
+    (``params.param``), so the CLI needs no type rules of its own.  Unknown names pass through untyped:
+    ``make_policy`` rejects them (and unknown policies) with one message."""
+    cls = POLICIES.get(name) if isinstance(name, str) else None
+    declared = declared_params(cls) if cls is not None and dataclasses.is_dataclass(cls) else {}
+    return {k: parse_text(k, v, declared[k]) if k in declared else v for k, v in raw.items()}
 
 
 def policy_schema(name: str) -> dict:
@@ -79,6 +88,7 @@ __all__ = [
     "Unbounded",
     "Window",
     "make_policy",
+    "parse_policy_args",
     "policy_params",
     "policy_schema",
     "top_tokens",

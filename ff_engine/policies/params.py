@@ -93,6 +93,27 @@ def _type_of(f: dataclasses.Field) -> tuple[str, bool]:
     return base[0], "None" in parts
 
 
+def parse_text(name: str, raw: str, f: dataclasses.Field):
+    """A parameter given as text (``--policy-arg k=v``) read as its declared type: booleans as true/false/1/0,
+    'none' as None where the declaration allows it; the range is checked later by the policy itself."""
+    base, nullable = _type_of(f)
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if base == "bool":
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if nullable and base == "int" and raw.lower() == "none":
+            return None
+        if base == "int":
+            return int(raw)
+        if base == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"policy parameter {name}: cannot read {raw!r} as {t}") from None
+    return raw
+
+
 def declared_params(cls: type) -> dict[str, dataclasses.Field]:
     """Init fields of a policy dataclass that carry a declared range, in declaration order."""
     out = {}

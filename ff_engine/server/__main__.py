@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ff_engine.argtypes import OneLineParser
 from ff_engine.errors import FFEngineError
 from ff_engine.server.settings import ServerSettings, add_arguments, from_args
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from ff_engine.cli import OneLineParser
-
     ap = OneLineParser(prog="ff-engine serve", description="Serve video streams over REST, WebSocket and a live viewer")
     add_arguments(ap)
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

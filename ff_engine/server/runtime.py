@@ -7,25 +7,21 @@ geometry and to decode latents to pixels with the model's own decoder.
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 import torch
 
+from ff_engine import models
 from ff_engine.errors import ConfigError
 from ff_engine.server.schemas import NAME_PATTERN, RequestLimits, VideoRequest
 from ff_engine.server.settings import ServerSettings
 
 
 def load_model(settings: ServerSettings):
-    """The model ``ff-engine generate`` would build from the same flags (``cli.build_model``)."""
-    from ff_engine.cli import DEFAULT_MODEL, build_model
-
-    args = argparse.Namespace(
-        model=settings.model or DEFAULT_MODEL, random_weights=settings.random_weights, preset=settings.preset, seed=0
-    )
-    return build_model(args).eval()
+    """The model ``ff-engine generate`` would build from the same flags (``models.load_model``)."""
+    return models.load_model(settings.model or models.DEFAULT_MODEL, preset=settings.preset,
+                             random_weights=settings.random_weights, seed=0)
 
 
 def model_id(settings: ServerSettings) -> str:
@@ -34,7 +30,7 @@ def model_id(settings: ServerSettings) -> str:
 
 class PromptCatalog:
     """Server-side prompt embeddings, requested by name (the file stem).  Names are looked up in a listing made
-    at start; a request's name is never joined into a path.  Files are read and checked by ``cli.load_prompt``
+    at start; a request's name is never joined into a path.  Files are read and checked by ``models.load_prompt``
     (the same checks as ``generate --prompt-embeds``)."""
 
     def __init__(self, folder: str, model_cfg):
@@ -53,16 +49,10 @@ class PromptCatalog:
 
     def load(self, name: str | None, seed: int) -> torch.Tensor:
         """The named prompt, or the model's default (zeros for an unconditional model, a seeded one otherwise)."""
-        from ff_engine.cli import load_prompt
-
         if name is not None and name not in self.paths:
             raise ConfigError(f"prompt: unknown prompt {name!r}; the server has {self.names() or 'none'}")
         path = self.paths.get(name) if name else None
-        args = argparse.Namespace(prompt_embeds=str(path) if path else None, seed=seed)
-        try:
-            return load_prompt(args, self.model_cfg)
-        except ConfigError as exc:
-            raise ConfigError("prompt: " + str(exc).removeprefix("--prompt-embeds: ")) from None
+        return models.load_prompt(self.model_cfg, path, seed=seed, what="prompt")
 
 
 def build_service(settings: ServerSettings, model):
@@ -84,9 +74,7 @@ def build_service(settings: ServerSettings, model):
         return distributed.LocalService(model, **common)
     source = model
     if settings.model and Path(settings.model).is_file() or not settings.model:
-        from ff_engine.cli import DEFAULT_MODEL
-
-        source = distributed.ModelSpec.checkpoint(settings.model or DEFAULT_MODEL, settings.preset)
+        source = distributed.ModelSpec.checkpoint(settings.model or models.DEFAULT_MODEL, settings.preset)
     address = None if settings.ray == "local" else settings.ray
     return distributed.RayCluster(
         source, num_workers=settings.workers, snapshot_every=settings.snapshot_every, address=address, **common
@@ -111,9 +99,7 @@ class Runtime:
         self.service = service if service is not None else build_service(settings, self.model)
 
     def decoder(self):
-        from ff_engine.video import make_decoder
-
-        return make_decoder(self.model)
+        return models.make_decoder(self.model)
 
     def session_config(self, req: VideoRequest, session_id: str | None = None):
         """A ``SessionConfig`` for a validated request; ``ConfigError`` naming the field on what only the model

@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ff_engine.errors import FFEngineError
+from ff_engine.errors import FFEngineError, Overloaded
 from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
 from ff_engine.service import StreamStatus, UnknownStream
 
@@ -91,7 +91,7 @@ class StreamRegistry:
         try:
             handle = await asyncio.to_thread(self.runtime.service.submit, cfg)
         except FFEngineError as exc:
-            if type(exc).__name__ == "Overloaded":
+            if isinstance(exc, Overloaded):
                 self.metrics.rejected.labels("queue_full").inc()
             raise
         finally:

@@ -38,12 +38,12 @@ def param_count(cfg: CausalWanConfig) -> int:
     return n_layers * per_block + patch + embed + head
 
 
-def decoder(model, vae=None):
-    from ff_engine.video import WanVAEDecoder, make_decoder
+def decoder(cfg, vae=None):
+    from model_adapters.decoders import WanVAEDecoder, default_decoder
 
     if vae:
-        return WanVAEDecoder(vae, latent_channels=model.geometry.latent_channels)
-    return make_decoder(model)
+        return WanVAEDecoder(vae, latent_channels=cfg.geometry().latent_channels)
+    return default_decoder(cfg)
 
 
 ARCH = register(Architecture(

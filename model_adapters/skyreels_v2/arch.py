@@ -34,12 +34,12 @@ def param_count(cfg: SkyReelsV2Config) -> int:
     return cfg.num_layers * block + embed + fps + head
 
 
-def decoder(model, vae=None):
-    from ff_engine.video import LatentPreviewDecoder, WanVAEDecoder
+def decoder(cfg, vae=None):
+    from model_adapters.decoders import LatentPreviewDecoder, WanVAEDecoder
 
     if vae:
-        return WanVAEDecoder(vae, latent_channels=model.geometry.latent_channels)
-    g = model.geometry
+        return WanVAEDecoder(vae, latent_channels=cfg.geometry().latent_channels)
+    g = cfg.geometry()
     return LatentPreviewDecoder(g.vae_stride[1], g.vae_stride[0])
 
 

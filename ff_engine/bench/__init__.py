@@ -1,0 +1,17 @@
+"""The benchmarks, as modules of the installed package: ``ff-engine bench NAME`` imports ``ff_engine.bench.NAME``
+and calls its ``main(argv)``; ``benchmarks/NAME.py`` in a checkout is a three-line script calling the same.
+
+Results are written under ``benchmarks/results`` of the source checkout this package runs from (an editable
+install), else under ``./benchmarks/results`` of the working folder.
+"""
+
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parents[2]
+REPO = _CHECKOUT if (_CHECKOUT / "benchmarks").is_dir() else Path.cwd()
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+#: ``ff-engine bench`` names -> modules of this package (``kernels`` is the kernel benchmark's short name)
+BENCHMARKS = {name: name for name in (
+    "attention", "cluster", "combine_probes", "device_check", "filmstrip", "load", "page_candidates",
+    "policy_overhead", "probe_picture", "quality", "throughput", "world_diagnostics")} | {"kernels": "kernel_bench"}

@@ -1,0 +1,430 @@
+"""Load test of ``ff-engine serve`` over loopback: concurrent REST and WebSocket streams with cancels, malformed
+requests and overload bursts, against a real server subprocess on 127.0.0.1.  Bounded: it stops by itself after
+``--duration`` seconds of load plus at most ``--drain`` seconds for the streams in flight, and kills the server.
+
+Workload (seeded): ``--rest`` REST clients (submit, read the MJPEG stream, 1 in 5 cancels after its first block),
+``--ws`` WebSocket clients (one session after another, 1 in 5 cancels), one client sending malformed or hostile
+requests every 0.25 s (bad JSON, NaN, unknown policy or parameter, wrong key, ``../`` ids, oversized bodies), and
+one that bursts ``--burst`` long streams every 10 s to overload the queue (then cancels what it got).  Lengths
+3..30 latent frames, policies window / sink-window / future-forcing.  The server: the embedded world model,
+``--pages`` pages, queue bound ``--max-queue``, ``--max-records`` terminal streams remembered (what bounds its
+memory: the service keeps the last blocks of each), one torch thread.
+
+Reported (JSON + plot in benchmarks/results/): streams served (finished with every frame), cancelled, rejected
+(429), errors (a 5xx, a dropped connection, a stream that failed or lost a frame, a malformed request not answered
+4xx), p50 / p99 time to first frame and per-block latency (client side), pages still used once everything ended
+(leaked; must be 0), server RSS at start (after warm-up) and end.  Exit code 1 when errors or leaked pages are
+not 0.
+
+    python benchmarks/load.py                # >= 2 minutes of load (the README's figures)
+    python benchmarks/load.py --quick        # CI: ~12 s of load
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from ff_engine.bench import RESULTS_DIR
+from ff_engine.client import AsyncClient, ServerError
+
+RESULTS = RESULTS_DIR
+KEY = "load-test-key"
+POLICIES = [("window", {}), ("sink-window", {"sink_frames": 3}), ("future-forcing", {"horizon": 3})]
+HOSTILE = [
+    ("POST", "/v1/videos", b"{not json", {}),
+    ("POST", "/v1/videos", b'{"seconds": NaN}', {}),
+    ("POST", "/v1/videos", b'{"frames": -5}', {}),
+    ("POST", "/v1/videos", b'{"frames": 99999999}', {}),
+    ("POST", "/v1/videos", b'{"policy": "lru"}', {}),
+    ("POST", "/v1/videos", b'{"policy": "future-forcing", "policy_params": {"evil": 1}}', {}),
+    ("POST", "/v1/videos", b'{"policy": "future-forcing", "policy_params": {"horizon": 1e9}}', {}),
+    ("POST", "/v1/videos", b'{"prompt": "../../etc/passwd"}', {}),
+    ("POST", "/v1/videos", b'{"frames": 3, "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", {}),
+    ("POST", "/v1/videos", b'{"prompt": "' + b"a" * 70000 + b'"}', {}),
+    ("POST", "/v1/videos", b'{"frames": 3}', {"Authorization": "Bearer wrong"}),
+    ("GET", "/v1/videos/vid_..%2F..%2Fetc%2Fpasswd", None, {}),
+    ("GET", "/v1/videos/vid_1234/file", None, {}),
+    ("DELETE", "/v1/videos/vid_" + "f" * 32, None, {}),
+]
+
+
+class Stats:
+    def __init__(self):
+        self.served = self.cancelled = self.rejected = self.errors = self.hostile = 0
+        self.ttff: list[float] = []
+        self.block_latency: list[float] = []
+        self.error_samples: list[str] = []
+        self.timeline: list[dict] = []
+
+    def error(self, what: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 20:
+            self.error_samples.append(what[:300])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, out_dir: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "ff_engine.server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-pages",
+        str(args.pages),
+        "--max-queue",
+        str(args.max_queue),
+        "--max-batch",
+        "8",
+        "--max-streams-per-key",
+        "64",
+        "--max-records",
+        str(args.max_records),
+        "--output-dir",
+        out_dir,
+        "--api-key",
+        KEY,
+        "--torch-threads",
+        "1",
+        "--backend",
+        args.backend,
+        "--log-level",
+        "warning",
+    ]
+    log = open(Path(out_dir) / "server.log", "w")  # noqa: SIM115 - the server's whole life
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"server did not start: {(Path(out_dir) / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+def stream_request(rng: random.Random) -> dict:
+    policy, params = rng.choice(POLICIES)
+    return {
+        "frames": 3 * rng.randint(1, 10),
+        "seed": rng.randrange(1 << 30),
+        "policy": policy,
+        "policy_params": params,
+        "budget_frames": 6,
+    }
+
+
+async def admitted(start, rng: random.Random, st: Stats, what: str, transport_what: str, transport_errors):
+    """Await a stream's start; None after counting a 429 (and backing off for a random share of its Retry-After,
+    at most 2 s) or an error."""
+    try:
+        return await start
+    except ServerError as exc:
+        if exc.status != 429:
+            st.error(f"{what}: {exc}")
+        else:
+            st.rejected += 1
+            await asyncio.sleep(min(exc.retry_after or 1.0, 2.0) * rng.random())
+    except transport_errors as exc:
+        st.error(f"{transport_what}: {type(exc).__name__}: {exc}")
+    return None
+
+
+async def rest_client(c: AsyncClient, rng: random.Random, stop: float, st: Stats) -> None:
+    while time.monotonic() < stop:
+        req, cancel = stream_request(rng), rng.random() < 0.2
+        t0 = time.monotonic()
+        v = await admitted(c.submit(**req), rng, st, "rest submit", "rest submit", httpx.HTTPError)
+        if v is None:
+            continue
+        frames, last_block, t_last = 0, -1, t0
+        try:
+            async for headers, _ in c.frames(v["id"]):
+                now, block = time.monotonic(), int(headers["X-Block"])
+                if frames == 0:
+                    st.ttff.append(now - t0)
+                elif block != last_block:
+                    st.block_latency.append(now - t_last)
+                frames, last_block, t_last = frames + 1, block, now
+                if cancel and block == 0 and frames == 3:
+                    await c.cancel(v["id"])
+            final = await c.wait(v["id"], timeout=120, file=False)
+        except (ServerError, httpx.HTTPError, TimeoutError) as exc:
+            st.error(f"rest stream {v['id']}: {type(exc).__name__}: {exc}")
+            continue
+        if final["status"] == "finished" and frames == req["frames"]:
+            st.served += 1
+        elif final["status"] == "cancelled" and cancel:
+            st.cancelled += 1
+        else:
+            st.error(f"rest stream {v['id']}: {final['status']} with {frames}/{req['frames']} frames: {final['error']}")
+
+
+async def ws_client(c: AsyncClient, rng: random.Random, stop: float, st: Stats) -> None:
+    while time.monotonic() < stop:
+        req, cancel = stream_request(rng), rng.random() < 0.2
+        t0 = time.monotonic()
+        rt = await admitted(c.realtime(**req), rng, st, "ws start", "ws connect", OSError)
+        if rt is None:
+            continue
+        frames, t_last = 0, t0
+        try:
+            async with rt:
+                async for block in rt:
+                    now = time.monotonic()
+                    (st.ttff if block.index == 0 else st.block_latency).append(now - t_last)
+                    t_last, frames = now, frames + len(block.frames)
+                    if cancel and block.index == 0:
+                        await rt.cancel()
+        except Exception as exc:  # noqa: BLE001 - any failure of the session is an error of the run
+            st.error(f"ws session: {type(exc).__name__}: {exc}")
+            continue
+        state = rt.done["state"] if rt.done else "no session.done"
+        if state == "finished" and frames == req["frames"]:
+            st.served += 1
+        elif state == "cancelled" and cancel:
+            st.cancelled += 1
+        else:
+            st.error(f"ws session {rt.id}: {state} with {frames}/{req['frames']} frames")
+
+
+async def hostile_client(url: str, rng: random.Random, stop: float, st: Stats) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        while time.monotonic() < stop:
+            method, path, body, headers = rng.choice(HOSTILE)
+            headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **headers}
+            try:
+                r = await http.request(method, path, content=body, headers=headers)
+                ok = 400 <= r.status_code < 500 and "error" in r.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                ok, r = False, exc
+            st.hostile += 1
+            if not ok:
+                st.error(f"hostile {method} {path[:40]}: {r}")
+            await asyncio.sleep(0.25)
+
+
+async def burst_client(c: AsyncClient, rng: random.Random, stop: float, st: Stats, size: int) -> None:
+    while time.monotonic() < stop:
+        got = []
+        for _ in range(size):
+            try:
+                got.append((await c.submit(frames=300, seed=rng.randrange(1 << 30)))["id"])
+            except ServerError as exc:
+                if exc.status == 429:
+                    st.rejected += 1
+                else:
+                    st.error(f"burst: {exc}")
+        await asyncio.sleep(1.0)
+        for vid in got:
+            try:
+                await c.cancel(vid)
+                st.cancelled += 1
+            except (ServerError, httpx.HTTPError) as exc:
+                st.error(f"burst cancel {vid}: {exc}")
+        await asyncio.sleep(9.0)
+
+
+async def sampler(c: AsyncClient, proc: psutil.Process, t_start: float, stop: float, st: Stats) -> None:
+    while time.monotonic() < stop:
+        m = parse_metrics(await c.metrics())
+        st.timeline.append(
+            {
+                "t": time.monotonic() - t_start,
+                "active": m.get("ff_engine_streams_active", 0),
+                "queued": m.get("ff_engine_streams_queued", 0),
+                "pages_used": m.get("pages_used", 0),
+                "rss_mb": proc.memory_info().rss / 2**20,
+                "rejected": st.rejected,
+                "served": st.served,
+            }
+        )
+        await asyncio.sleep(1.0)
+
+
+def parse_metrics(text: str) -> dict:
+    out: dict = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith("ff_engine_pages_used{"):
+            out["pages_used"] = out.get("pages_used", 0) + float(value)
+        else:
+            out[name] = float(value)
+    return out
+
+
+async def run(args, url: str, proc: psutil.Process) -> tuple[Stats, dict]:
+    st, rng = Stats(), random.Random(args.seed)
+    t_start = time.monotonic()
+    stop = t_start + args.duration
+    async with AsyncClient(url, api_key=KEY, timeout=120) as c:
+        tasks = [rest_client(c, random.Random(rng.random()), stop, st) for _ in range(args.rest)]
+        tasks += [ws_client(c, random.Random(rng.random()), stop, st) for _ in range(args.ws)]
+        tasks += [
+            hostile_client(url, random.Random(rng.random()), stop, st),
+            burst_client(c, random.Random(rng.random()), stop, st, args.burst),
+            sampler(c, proc, t_start, stop + args.drain, st),
+        ]
+        gathered = asyncio.gather(*tasks[:-1])
+        sample = asyncio.ensure_future(tasks[-1])
+        try:
+            await asyncio.wait_for(gathered, args.duration + args.drain)
+        except TimeoutError:
+            st.error("drain: clients still busy after --drain seconds")
+        load_s = time.monotonic() - t_start
+        deadline = time.monotonic() + 15
+        while (m := parse_metrics(await c.metrics())).get("pages_used", 0) or m.get("ff_engine_streams_active"):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        sample.cancel()
+    return st, {"load_s": load_s, "final_metrics": m}
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    return round(float(np.percentile(xs, q)), 4) if xs else None
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = result["timeline"]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    t = [p["t"] for p in tl]
+    ax[0].plot(t, [p["active"] for p in tl], label="active")
+    ax[0].plot(t, [p["queued"] for p in tl], label="queued")
+    ax[0].plot(t, [p["rejected"] for p in tl], label="rejected (429, cumulative)")
+    ax[0].set(xlabel="s", title="streams")
+    ax[0].legend()
+    ax[1].plot(t, [p["pages_used"] for p in tl], color="C3")
+    ax[1].set(
+        xlabel="s",
+        ylabel="pages",
+        title=f"KV pages used (of {result['config']['pages']}); leaked at end: {result['leaked_pages']}",
+    )
+    ax2 = ax[1].twinx()
+    ax2.plot(t, [p["rss_mb"] for p in tl], color="C4", ls="--")
+    ax2.set_ylabel("server RSS (MiB, dashed)")
+    ax[2].hist([result["_ttff"], result["_block"]], bins=30, label=["time to first frame", "per-block latency"])
+    ax[2].set(xlabel="s", title="latency (client side)")
+    ax[2].legend()
+    fig.suptitle(
+        f"ff-engine serve load test: {result['served']} served, {result['rejected']} rejected (429), "
+        f"{result['errors']} errors, {result['cancelled']} cancelled"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI mode: ~12 s of load, fewer clients")
+    ap.add_argument("--duration", type=float, default=150.0, help="seconds of load (then the drain)")
+    ap.add_argument("--drain", type=float, default=90.0, help="seconds allowed for streams in flight to end")
+    ap.add_argument("--rest", type=int, default=4)
+    ap.add_argument("--ws", type=int, default=4)
+    ap.add_argument("--burst", type=int, default=24)
+    ap.add_argument("--pages", type=int, default=1024)
+    ap.add_argument("--max-queue", type=int, default=6)
+    ap.add_argument("--max-records", type=int, default=64, help="terminal streams the server remembers")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "load.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.duration, args.drain, args.rest, args.ws, args.burst = 12.0, 45.0, 2, 2, 20
+        args.backend = "torch"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ff-load-") as tmp:
+        server, url = start_server(args, tmp)
+        try:
+            proc = psutil.Process(server.pid)
+            rss_start = proc.memory_info().rss
+            st, extra = asyncio.run(run(args, url, proc))
+            rss_end = proc.memory_info().rss
+            server_log = (Path(tmp) / "server.log").read_text()
+        finally:
+            server.terminate()
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    m = extra["final_metrics"]
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), server: 1 torch thread",
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "quick",
+                "duration",
+                "drain",
+                "rest",
+                "ws",
+                "burst",
+                "pages",
+                "max_queue",
+                "max_records",
+                "backend",
+                "seed",
+            )
+        },
+        "load_s": round(extra["load_s"], 1),
+        "served": st.served,
+        "cancelled": st.cancelled,
+        "rejected": st.rejected,
+        "errors": st.errors,
+        "error_samples": st.error_samples,
+        "hostile_requests": st.hostile,
+        "ttff_s": {"p50": pct(st.ttff, 50), "p99": pct(st.ttff, 99), "n": len(st.ttff)},
+        "block_latency_s": {
+            "p50": pct(st.block_latency, 50),
+            "p99": pct(st.block_latency, 99),
+            "n": len(st.block_latency),
+        },
+        "leaked_pages": int(m.get("pages_used", -1)),
+        "active_at_end": int(m.get("ff_engine_streams_active", -1)),
+        "server_rss_mb": {"start": round(rss_start / 2**20, 1), "end": round(rss_end / 2**20, 1)},
+        "server_log_tail": [ln for ln in server_log.splitlines() if "Triton" not in ln][-30:] if st.errors else [],
+        "timeline": st.timeline,
+    }
+    out.write_text(json.dumps(result, indent=1))
+    result.update(_ttff=st.ttff, _block=st.block_latency)
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("_") and k != "timeline"}, indent=1))
+    return 0 if st.errors == 0 and result["leaked_pages"] == 0 and st.served > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
