@@ -122,10 +122,49 @@ class Prepared:
     prompt: torch.Tensor
     backend: Any
     num_pages: int
+    world: Any = None  # WorldRun: the prefix and actions of a world model (None for other models)
 
     @property
     def geometry(self):
         return self.cfg.geometry()
+
+
+@dataclass
+class WorldRun:
+    """What an in-repo world model's run starts from: ``prefix`` ground-truth frames of the world with ``seed``
+    (prefilled, not written to the video) and one action per frame of the whole stream (None without actions)."""
+
+    prefix: int
+    actions: list[int] | None
+    prefix_latents: torch.Tensor | None
+    seed: int
+    world: str | None
+
+
+def world_run(args, cfg, frames: int) -> WorldRun:
+    """--prefix-frames and --actions checked against the model (one line each), the prefix rendered."""
+    from ff_engine.actions import parse_actions
+    from model_adapters.world import prefix as wp
+
+    if not hasattr(args, "prefix_frames"):  # analyze: the model alone
+        return WorldRun(0, None, None, args.seed, None)
+    world, fpb = wp.world_of(cfg), cfg.geometry().frames_per_block
+    p = args.prefix_frames if args.prefix_frames is not None else wp.default_prefix_frames(cfg)
+    if p and world is None:
+        raise ConfigError("--prefix-frames needs an in-repo world model (its world renders the prefix)")
+    if p % fpb:
+        raise ConfigError(f"--prefix-frames must be a multiple of the block ({fpb} latent frames), got {p}")
+    names = tuple(getattr(cfg, "actions", ()) or ())
+    if args.actions is not None and not names:
+        raise ConfigError("--actions: this model takes no actions")
+    actions = None
+    if names:
+        script = parse_actions(args.actions, names) if args.actions is not None else [0]
+        total = p + math.ceil(frames / fpb) * fpb
+        actions = (wp.prefix_actions(cfg, p) + script + [script[-1]] * total)[:total]
+    seed = wp.world_seed(args.seed)
+    latents = wp.truth(cfg, seed, p, actions) if p else None
+    return WorldRun(p, actions, latents, seed, world)
 
 
 def prepare(args, policy) -> Prepared:
@@ -136,7 +175,8 @@ def prepare(args, policy) -> Prepared:
 
     cfg, sd = resolve_model(args)
     g = cfg.geometry()
-    frames = requested_frames(args, g)
+    world = world_run(args, cfg, requested_frames(args, g))
+    frames = requested_frames(args, g) + world.prefix  # the prefix is part of the stream, not of the video
     reference_budget(args, policy, g.frames_per_block)
     budget = args.budget_frames if policy.bounded else None
     if budget is not None and budget > MAX_STREAM_FRAMES:
@@ -149,7 +189,7 @@ def prepare(args, policy) -> Prepared:
     if num_pages < need:
         raise BudgetError(f"--num-pages {num_pages} is below this stream's reservation of {need} pages "
                           f"({'budget + one block' if budget is not None else 'its whole length'} per layer)")
-    prep = Prepared(cfg, sd, frames, budget, prompt, None, num_pages)
+    prep = Prepared(cfg, sd, frames, budget, prompt, None, num_pages, world)
     check_memory(args, prep, least_budget=policy.sink_frames)  # before importing vLLM
     prep.backend = get_backend(args.backend)
     prep.backend.validate(args.page_size, MODEL_DTYPE, g.head_dim)
@@ -227,16 +267,18 @@ def cmd_generate(args) -> int:
     g = prep.geometry
     decoder = models.make_decoder(prep.cfg, args.vae)  # a VAE folder is loaded and checked before any compute
     cfg = SessionConfig(prompt=prep.prompt, num_frames=prep.frames, seed=args.seed, policy=policy,
-                        budget_frames=prep.budget_frames)
+                        budget_frames=prep.budget_frames, actions=prep.world.actions)
     writer = Mp4Writer(args.out, fps=g.fps, what="--out")  # folder + temporary file: writability proven now
     try:
         model = build_model(args, (prep.cfg, prep.state_dict))
         # Size the pool for exactly this stream unless told otherwise: admission then proves the budget holds.
         engine = Engine(model, num_pages=prep.num_pages, page_size=args.page_size, backend=prep.backend)
         session = engine.add_session(cfg)
+        if prep.world.prefix:
+            engine.prefill(session.id, prep.world.prefix_latents)
         reserved = engine.cache.pool.reserved(session.id)
         t0, video_frames = time.perf_counter(), 0
-        bar = tqdm(total=session.num_blocks, unit="block", desc=f"{policy.name}", disable=args.quiet)
+        bar = tqdm(total=session.num_blocks - session.block, unit="block", desc=f"{policy.name}", disable=args.quiet)
         try:
             while session.id in engine.sessions:
                 for r in engine.step([session.id]):
@@ -248,10 +290,11 @@ def cmd_generate(args) -> int:
                         writer.write(px)
                         video_frames += len(px)
                     bar.update(1)
-                    fps = g.video_frames(session.block * g.frames_per_block) / (time.perf_counter() - t0)
+                    made = (session.block * g.frames_per_block) - prep.world.prefix
+                    fps = g.video_frames(made) / (time.perf_counter() - t0)
                     bar.set_postfix(fps=f"{fps:.2f}", pages=f"{held}/{reserved}")
             if not decoder.streaming:
-                px = decoder.decode(torch.cat(session.latents))
+                px = decoder.decode(torch.cat(session.latents)[prep.world.prefix:])
                 writer.write(px)
                 video_frames = len(px)
         finally:
@@ -262,9 +305,84 @@ def cmd_generate(args) -> int:
         writer.abort()  # failure or Ctrl-C: no partial video under --out, no folder this run created
         raise
     dt = time.perf_counter() - t0
-    print(f"wrote {args.out}: {video_frames} frames ({prep.frames} latent) in {dt:.1f}s, policy {policy.name}, "
+    print(f"wrote {args.out}: {video_frames} frames ({prep.frames - prep.world.prefix} latent) in {dt:.1f}s, "
+          f"policy {policy.name}, "
           f"budget {cfg.budget_frames} frames, {reserved} pages reserved x {engine.cache.bytes_per_page()} B")
     return 0
+
+
+def compare_policies(args) -> list:
+    """The policies of --compare (names from ``GET /v1/policies``, default parameters; --policy-arg does not apply)."""
+    from ff_engine.policies import make_policy
+
+    names = [n.strip() for n in args.compare.split(",") if n.strip()]
+    if not 2 <= len(names) <= 8 or len(set(names)) != len(names):
+        raise ConfigError(f"--compare needs 2 to 8 distinct policy names, got {args.compare!r}")
+    return [make_policy(n) for n in names]
+
+
+def cmd_compare(args) -> int:
+    """Every --compare policy on the same seed, prefix and actions, batched through one engine, into one MP4."""
+    from ff_engine.engine import Engine, SessionConfig
+    from ff_engine.video import Mp4Writer, check_output_file, side_by_side
+
+    check_output_file(args.out, "--out")
+    reference_flags(args)
+    policies = compare_policies(args)
+    preps = [prepare(args, p) for p in policies]
+    prep = preps[0]
+    decoder = models.make_decoder(prep.cfg, args.vae)
+    writer = Mp4Writer(args.out, fps=prep.geometry.fps, what="--out")
+    try:
+        model = build_model(args, (prep.cfg, prep.state_dict))
+        engine = Engine(model, num_pages=sum(p.num_pages for p in preps), page_size=args.page_size,
+                        backend=prep.backend)
+        sessions = [engine.add_session(SessionConfig(prompt=prep.prompt, num_frames=prep.frames, seed=args.seed,
+                                                     policy=pol, budget_frames=pr.budget_frames,
+                                                     actions=prep.world.actions)) for pol, pr in zip(policies, preps)]
+        t0 = time.perf_counter()
+        latents = _run_batched(engine, sessions, prep.world, args.quiet)
+        tiles = [(_tile_label(pol, pr), (decoder if not decoder.streaming else models.make_decoder(prep.cfg, args.vae))
+                  .decode(lat)) for pol, pr, lat in zip(policies, preps, latents)]  # streaming decoders keep state
+        if prep.world.prefix:  # the truth is known after a prefix of the world (not for generation from noise)
+            from model_adapters.world import prefix as wp
+
+            truth = wp.truth(prep.cfg, prep.world.seed, prep.frames, prep.world.actions)[prep.world.prefix:]
+            tiles.insert(0, ("truth", decoder.decode(truth)))
+        writer.write(side_by_side(tiles))  # the decoders already make watchable sizes
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    print(f"wrote {args.out}: {len(tiles)} tiles ({', '.join(t for t, _ in tiles)}), "
+          f"{prep.frames - prep.world.prefix} latent frames each, in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _tile_label(policy, prep: Prepared) -> str:
+    return policy.name if prep.budget_frames is None else f"{policy.name} {prep.budget_frames}f"
+
+
+def _run_batched(engine, sessions, world: WorldRun, quiet: bool) -> list[torch.Tensor]:
+    """Prefill every session, then step them together (one forward per denoising step for all) to the end; the
+    generated latents of each (after the prefix)."""
+    from tqdm import tqdm
+
+    for s in sessions:
+        if world.prefix:
+            engine.prefill(s.id, world.prefix_latents)
+    bar = tqdm(total=sessions[0].num_blocks - sessions[0].block, unit="block", desc="compare", disable=quiet)
+    try:
+        while any(s.id in engine.sessions for s in sessions):
+            for r in engine.step([s.id for s in sessions]):
+                if r.error:
+                    raise RunFailed(f"{r.session_id}: generation failed at block {r.block}: {r.error}")
+            bar.update(1)
+    finally:
+        bar.close()
+        for s in sessions:
+            engine.cancel(s.id)
+    return [torch.cat(s.latents)[world.prefix:] for s in sessions]
 
 
 def cmd_plan(args) -> int:
@@ -396,6 +514,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", default=None, help="local diffusers AutoencoderKLWan folder (else a latent preview)")
     g.add_argument("--num-pages", type=int_arg(1), default=None,
                    help="pool size (default: exactly this stream's reservation)")
+    g.add_argument("--actions", default=None, metavar="SCRIPT|FILE", help="an action-conditioned model's actions "
+                   "after the prefix: NAME:FRAMES,... (e.g. right:120,stay:24,left:96; the last one is held)")
+    g.add_argument("--prefix-frames", type=int_arg(0), default=None, help="world models: ground-truth frames of the "
+                   "world (seed 1,000,000 + --seed, held out from training) prefilled before generating (default: "
+                   "the whole panorama for world v4, none for v3)")
+    g.add_argument("--compare", default=None, metavar="POLICY,...", help="generate under each policy (same seed, "
+                   "prefix and actions) into one side-by-side MP4 of labelled tiles, with the truth for a world model")
     g.add_argument("--out", default="out/video.mp4", help="the MP4 (written under a temporary name until complete)")
     g.add_argument("--quiet", action="store_true")
     from ff_engine.bench import BENCHMARKS
@@ -406,7 +531,8 @@ def make_parser() -> argparse.ArgumentParser:
                         parents=[_model_args(10.0, 16)])
     an.add_argument("what", choices=["queries"])
     an.add_argument("--out-dir", default="out/analysis")
-    sub.add_parser("train-world", help="train the in-repo world model (see model_adapters/world/train.py)")
+    sub.add_parser("train-world", help="train an in-repo world model: --world procedural (v2/v3, "
+                   "model_adapters/world/train.py) or scroll (v4, model_adapters/world/train_scroll.py)")
     sub.add_parser("serve", help="serve streams over HTTP / WebSocket / a live viewer (serve --help)")
     pl = sub.add_parser("plan", help="KV bytes and streams per GPU, bounded vs unbounded")
     pl.add_argument("--preset", default="wan-1.3b", choices=registry.preset_names())
@@ -440,16 +566,30 @@ def _error_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def train_world(argv: list[str]) -> int:
+    """``train-world [--world procedural|scroll] ...``: v2/v3's trainer (``model_adapters.world.train``) or world
+    v4's (``model_adapters.world.train_scroll``); each parses the rest itself."""
+    world = "procedural"
+    if "--world" in argv:
+        i = argv.index("--world")
+        if i + 1 >= len(argv) or argv[i + 1] not in ("procedural", "scroll"):
+            raise ConfigError("--world must be procedural (v2/v3) or scroll (v4)")
+        world, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    if world == "scroll":
+        from model_adapters.world.train_scroll import main as train_main
+    else:
+        from model_adapters.world.train import main as train_main
+    return train_main(argv)
+
+
 def main(argv=None) -> int:
     """Exit codes: 0 done, 2 bad input (one line on stderr, before any heavy work, nothing written), 1 a failure
     while running (one line; no partial output under the final name), 130 interrupted (Ctrl-C, same cleanup)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     quiet_vllm_triton_probe()
     try:
-        if argv[:1] == ["train-world"]:  # its own argparse (model_adapters.world.train) takes the rest
-            from model_adapters.world.train import main as train_main
-
-            return train_main(argv[1:])
+        if argv[:1] == ["train-world"]:  # its own argparse (the world's trainer) takes the rest
+            return train_world(argv[1:])
         if argv[:1] == ["serve"]:  # its own argparse (ff_engine.server.__main__) takes the rest
             from ff_engine.server.__main__ import main as serve_main
 
@@ -459,7 +599,7 @@ def main(argv=None) -> int:
         if rest and args.cmd != "bench":
             ap.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.cmd == "generate":
-            return cmd_generate(args)
+            return cmd_compare(args) if args.compare else cmd_generate(args)
         if args.cmd == "plan":
             return cmd_plan(args)
         if args.cmd == "analyze":

@@ -2,6 +2,7 @@
 
 * ``Mp4Writer``: PyAV (libx264, yuv420p), frames appended as blocks finish, into a temporary file that becomes
   the output only when complete.
+* ``side_by_side``: labelled tiles of several videos of the same length in one frame (``generate --compare``).
 """
 
 from __future__ import annotations
@@ -95,3 +96,26 @@ class Mp4Writer:
             self.container = None
         self.tmp.unlink(missing_ok=True)
         self._folder.discard()
+
+
+LABEL_HEIGHT = 14  # pixels of the label bar above each tile
+
+
+def side_by_side(tiles: list[tuple[str, np.ndarray]], scale: int = 1, gap: int = 2) -> np.ndarray:
+    """uint8 frames [T, H', W', 3]: the videos of ``tiles`` ((label, uint8 [T, H, W, 3]) of equal shapes) next to
+    each other, each upscaled ``scale`` times (nearest: small world-model frames stay crisp) under a label bar."""
+    from PIL import Image, ImageDraw
+
+    shapes = {t.shape for _, t in tiles}
+    if len(shapes) != 1:
+        raise ConfigError(f"side_by_side needs videos of one shape, got {sorted(shapes)}")
+    frames = [np.repeat(np.repeat(t, scale, axis=1), scale, axis=2) for _, t in tiles]
+    T, H, W, _ = frames[0].shape
+    out = np.full((T, H + LABEL_HEIGHT, len(tiles) * (W + gap) - gap, 3), 16, dtype=np.uint8)
+    for i, ((label, _), f) in enumerate(zip(tiles, frames)):
+        x = i * (W + gap)
+        bar = Image.new("RGB", (W, LABEL_HEIGHT), (16, 16, 16))
+        ImageDraw.Draw(bar).text((3, 1), label[: max(1, W // 6)], fill=(235, 235, 235))
+        out[:, :LABEL_HEIGHT, x:x + W] = np.asarray(bar)[None]
+        out[:, LABEL_HEIGHT:, x:x + W] = f
+    return out

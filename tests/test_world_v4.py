@@ -3,6 +3,7 @@ actions through the engine (validation, steering, snapshots)."""
 
 import pytest
 import torch
+from tests_helpers import dense_attention
 
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.errors import ConfigError
@@ -11,7 +12,6 @@ from model_adapters.causal_wan import PRESETS, CausalWanModel, load_causal_wan, 
 from model_adapters.causal_wan.model import Rope3D
 from model_adapters.world import scroll
 from model_adapters.world.procedural import encode
-from tests_helpers import dense_attention
 
 
 def model_v4(seed=0, **over):
@@ -205,3 +205,41 @@ def test_prefill_then_generate_under_actions(v4):
         eng.step([s.id])
     out = torch.cat(s.latents)
     assert out.shape == (15, 12, 16, 24) and torch.equal(out[:6], encode(clip.frames[:6]))
+
+
+# ---- the CLI --------------------------------------------------------------------------------------------------
+def test_generate_from_a_world_prefix_under_actions_and_a_side_by_side_comparison(tmp_path):
+    import av
+
+    from ff_engine.cli import main
+
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", "world-v4", "--random-weights", "--frames", "6", "--prefix-frames", "6",
+                 "--actions", "right:3,left:3", "--policy", "window", "--budget-frames", "6", "--backend", "torch",
+                 "--out", str(out), "--quiet"]) == 0
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 6, "the video holds the generated frames, not the prefix"
+    cmp = tmp_path / "c.mp4"
+    assert main(["generate", "--model", "world-v4", "--random-weights", "--frames", "3", "--prefix-frames", "6",
+                 "--compare", "window,unbounded", "--budget-frames", "6", "--backend", "torch",
+                 "--out", str(cmp), "--quiet"]) == 0
+    with av.open(str(cmp)) as c:
+        frames = list(c.decode(video=0))
+    assert len(frames) == 3 and frames[0].width >= 3 * 192, "truth + two tiles side by side"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "world-tiny", "--actions", "right:3"], "takes no actions"),
+    (["--model", "wan-tiny", "--prefix-frames", "3"], "needs an in-repo world model"),
+    (["--model", "world-v4", "--prefix-frames", "4"], "multiple of the block"),
+    (["--model", "world-v4", "--actions", "fly:3"], "unknown action"),
+    (["--model", "world-v4", "--compare", "window"], "2 to 8 distinct"),
+])
+def test_generate_refuses_bad_world_inputs_with_one_line(argv, message, tmp_path, capsys):
+    from ff_engine.cli import main
+
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--random-weights", "--frames", "3", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()

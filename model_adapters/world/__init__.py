@@ -9,3 +9,4 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_CHECKPOINT = ASSETS / "world_model.safetensors"  # v3: the procedural pan world (procedural.py)
+EMBEDDED_V4 = ASSETS / "world_v4.safetensors"  # v4: the scroll world steered by actions (scroll.py)

@@ -17,13 +17,11 @@ visibility (the same ``Clip`` fields the metrics read, plus ``camera`` and ``act
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ff_engine.errors import ConfigError
+from ff_engine.actions import parse_actions as _parse_actions
 from model_adapters.world.procedural import PALETTE, SHAPES, identity_of, subject_mask
 
 H, W = 32, 48
@@ -145,28 +143,9 @@ def make_clip(seed: int, actions, num_subjects: int = NUM_SUBJECTS) -> ScrollCli
 
 
 # ---- action scripts -------------------------------------------------------------------------------------------
-_SCRIPT_PART = re.compile(r"\s*([a-z]+)\s*:\s*(\d+)\s*")
-
-
 def parse_actions(script: str, names: tuple[str, ...] = ACTIONS, max_frames: int = 1_000_000) -> list[int]:
-    """``"right:120,stay:24,left:96"`` (action:frames, comma-separated) -> one action index per frame; a path to
-    a file holding such a script (or one action name per line) works too.  Bad input: one ``ConfigError``."""
-    path = Path(script)
-    if "," not in script and ":" not in script and path.suffix and path.is_file():
-        text = path.read_text().strip()
-        script = text if ":" in text else ",".join(f"{line.strip()}:1" for line in text.splitlines() if line.strip())
-    out: list[int] = []
-    for part in script.split(","):
-        m = _SCRIPT_PART.fullmatch(part)
-        if not m:
-            raise ConfigError(f"actions: {part.strip()!r} is not NAME:FRAMES (e.g. right:120,stay:24,left:96)")
-        name, n = m.group(1), int(m.group(2))
-        if name not in names:
-            raise ConfigError(f"actions: unknown action {name!r}; this model's actions are {list(names)}")
-        if n < 1 or len(out) + n > max_frames:
-            raise ConfigError(f"actions: {part.strip()!r} needs 1 to {max_frames - len(out)} frames")
-        out += [names.index(name)] * n
-    return out
+    """``ff_engine.actions.parse_actions`` with this world's action names by default."""
+    return _parse_actions(script, names, max_frames)
 
 
 def prefix_actions(frames: int = PREFIX_FRAMES) -> list[int]:
