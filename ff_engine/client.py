@@ -62,7 +62,7 @@ class Block:
     received_at: float = field(default_factory=time.monotonic)
 
     def pixels(self) -> list[np.ndarray]:
-        from ff_engine.server.frames import decode_jpeg
+        from ff_engine.video import decode_jpeg
 
         return [decode_jpeg(f) for f in self.frames]
 

@@ -1,5 +1,7 @@
-"""Pixels -> MP4 (the decoders that make pixels from latents are the model's: ``model_adapters.decoders``).
+"""Pixels -> MP4 and JPEG (the decoders that make pixels from latents are the model's: ``model_adapters.decoders``).
 
+* ``JpegEncoder`` / ``decode_jpeg``: one frame <-> JPEG bytes (PyAV mjpeg), what the server streams and the client
+  reads back; here, below both, so the client never imports the server.
 * ``Mp4Writer``: PyAV (libx264, yuv420p), frames appended as blocks finish, into a temporary file that becomes
   the output only when complete.
 * ``side_by_side``: labelled tiles of several videos of the same length in one frame (``generate --compare``).
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +122,31 @@ def side_by_side(tiles: list[tuple[str, np.ndarray]], scale: int = 1, gap: int =
         out[:, :LABEL_HEIGHT, x:x + W] = np.asarray(bar)[None]
         out[:, LABEL_HEIGHT:, x:x + W] = f
     return out
+
+
+class JpegEncoder:
+    """One frame [H, W, 3] uint8 -> JPEG bytes (PyAV mjpeg, yuvj420p, constant qscale ``quality``)."""
+
+    def __init__(self, quality: int = 3):
+        self.quality = quality
+
+    def encode(self, frame: np.ndarray) -> bytes:
+        import av
+
+        h, w = frame.shape[:2]
+        ctx = av.CodecContext.create("mjpeg", "w")
+        ctx.width, ctx.height, ctx.pix_fmt = w - w % 2, h - h % 2, "yuvj420p"
+        ctx.time_base = Fraction(1, 25)
+        ctx.options = {"qmin": str(self.quality), "qmax": str(self.quality)}
+        img = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: ctx.height, : ctx.width]), format="rgb24")
+        return b"".join(bytes(p) for p in ctx.encode(img) + ctx.encode(None))
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes -> [H, W, 3] uint8 (PyAV), for clients and tests."""
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(data), format="mjpeg") as c:
+        return next(c.decode(video=0)).to_ndarray(format="rgb24")

@@ -4,7 +4,7 @@ sink, exactly as the reference ``CausalWanSelfAttention`` keeps them (no pages, 
 import torch
 import torch.nn.functional as F
 
-from ff_engine.engine.schedule import FlowMatchSchedule
+from ff_engine.engine.sampler import FlowMatchSchedule
 
 
 class DenseRollingCache:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ff_engine.engine import Engine, SessionConfig
-from ff_engine.engine.schedule import FlowMatchSchedule
+from ff_engine.engine.sampler import FlowMatchSchedule
 from ff_engine.errors import FFEngineError
 from ff_engine.policies import POLICIES, Unbounded, make_policy
 from model_adapters import checkpoints, registry

@@ -15,7 +15,7 @@ from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.scheduler import Scheduler
 from ff_engine.errors import ConfigError, FFEngineError
 from ff_engine.policies import H2O, FutureForcing, SinkWindow, Unbounded, Window
-from ff_engine.service import Overloaded
+from ff_engine.serving.contract import Overloaded
 
 MODEL = tiny_model()
 FPB = MODEL.geometry.frames_per_block

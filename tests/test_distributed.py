@@ -11,15 +11,15 @@ import pytest
 import torch
 from test_engine import tiny_model
 
-from ff_engine.distributed import persist
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.scheduler import Scheduler
 from ff_engine.errors import ConfigError
 from ff_engine.policies import FutureForcing, SinkWindow, Unbounded, Window
-from ff_engine.service import Overloaded
+from ff_engine.serving import persist
+from ff_engine.serving.contract import Overloaded
 
 ray = pytest.importorskip("ray")
-from ff_engine.distributed import RayCluster  # needs ray
+from ff_engine.serving import RayCluster  # needs ray
 
 PAGE, PAGES = 16, 40
 MIX = [(Window(), 3), (SinkWindow(sink_frames=3), 6), (FutureForcing(), 6), (Unbounded(), None), (Window(), 6)]

@@ -172,7 +172,7 @@ def test_wrong_checkpoint_gives_one_clear_error(tmp_path):
 def test_context_noise_renoises_the_written_block_and_euler_is_deterministic():
     """context_noise > 0 writes a re-noised x0 (Self-Forcing's context_noise), so later blocks change; the
     deterministic (Euler) schedule ignores step noise: two seeds with the same initial noise agree."""
-    from ff_engine.engine.schedule import FlowMatchSchedule
+    from ff_engine.engine.sampler import FlowMatchSchedule
 
     torch.manual_seed(0)
     model = CausalWanModel(PRESETS["wan-tiny"]).eval()

@@ -7,12 +7,12 @@ import pytest
 import torch
 from test_engine import tiny_model
 
-from ff_engine.distributed import LocalService, persist
-from ff_engine.distributed.worker import EngineWorker, Start
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.errors import ConfigError
 from ff_engine.policies import FutureForcing, SinkWindow, Unbounded, Window
-from ff_engine.service import Overloaded, UnknownStream
+from ff_engine.serving import LocalService, persist
+from ff_engine.serving.contract import Overloaded, UnknownStream
+from ff_engine.serving.worker import EngineWorker, Start
 
 PAGE = 16
 

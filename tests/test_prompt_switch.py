@@ -8,7 +8,7 @@ from test_engine import noises, tiny_model
 
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.recache import longlive_default_frames
-from ff_engine.engine.schedule import FlowMatchSchedule
+from ff_engine.engine.sampler import FlowMatchSchedule
 from ff_engine.errors import ConfigError
 from ff_engine.policies import POLICIES, SinkWindow, Unbounded, make_policy
 

@@ -6,13 +6,13 @@ import concurrent.futures as cf
 import pytest
 import torch
 
-from ff_engine.distributed.router import Router
-from ff_engine.distributed.worker import WorkerReport
 from ff_engine.engine.engine import BlockResult
 from ff_engine.engine.session import SessionConfig
 from ff_engine.errors import BudgetError, ConfigError
 from ff_engine.policies import Window
-from ff_engine.service import Overloaded
+from ff_engine.serving.contract import Overloaded
+from ff_engine.serving.router import Router
+from ff_engine.serving.worker import WorkerReport
 
 
 class FakeWorker:

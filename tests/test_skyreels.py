@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from ff_engine.engine import Engine, SessionConfig
-from ff_engine.engine.schedule import FlowMatchSchedule
+from ff_engine.engine.sampler import FlowMatchSchedule
 from ff_engine.errors import CheckpointError, ConfigError
 from ff_engine.plan import plan
 from ff_engine.policies import Unbounded

@@ -108,7 +108,7 @@ def test_sparse_training_clips_keep_blocks_whole_and_time_ordered():
 
 def test_models_take_per_frame_positions_and_carry_their_sampling_schedule(tmp_path):
     from ff_engine.engine import Engine
-    from ff_engine.engine.schedule import FlowMatchSchedule
+    from ff_engine.engine.sampler import FlowMatchSchedule
     from model_adapters.causal_wan import PRESETS, CausalWanModel, load_causal_wan, save_checkpoint
 
     cfg = PRESETS["world-tiny"].with_(num_layers=1, context_noise=25.0)

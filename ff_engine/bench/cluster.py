@@ -33,10 +33,10 @@ import torch
 
 from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.bench import RESULTS_DIR
-from ff_engine.distributed import ModelSpec
 from ff_engine.engine import SessionConfig
 from ff_engine.models import DEFAULT_MODEL
 from ff_engine.policies import make_policy
+from ff_engine.serving import ModelSpec
 
 RESULTS = RESULTS_DIR
 MIX = [("window", 12), ("sink-window", 12), ("future-forcing", 24), ("unbounded", None)]
@@ -74,7 +74,7 @@ def sample(cluster, t0):
 
 def run(num_workers, cfgs, a):
     """One cluster of ``num_workers``: submit everything, sample pages until every stream ended."""
-    from ff_engine.distributed import RayCluster
+    from ff_engine.serving import RayCluster
 
     with tempfile.TemporaryDirectory(prefix="ff-bench-cluster-") as out_dir:
         cluster = RayCluster(

@@ -1,7 +1,7 @@
 """Sessions, the flow-matching schedule and the block loop."""
 
 from ff_engine.engine.engine import BlockResult, Engine, PagedSelfAttention
-from ff_engine.engine.schedule import FlowMatchSchedule
+from ff_engine.engine.sampler import FlowMatchSchedule
 from ff_engine.engine.session import Session, SessionConfig
 
 __all__ = ["BlockResult", "Engine", "FlowMatchSchedule", "PagedSelfAttention", "Session", "SessionConfig"]

@@ -31,7 +31,7 @@ import torch
 
 from ff_engine.attention import AttentionBackend, AttentionBatch, get_backend
 from ff_engine.cache import PagedKVCache
-from ff_engine.engine.schedule import FlowMatchSchedule
+from ff_engine.engine.sampler import FlowMatchSchedule
 from ff_engine.engine.session import SESSION_ID_RE, Session, SessionConfig
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 from ff_engine.policies.base import CachePolicy, CompressContext

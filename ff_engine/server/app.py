@@ -33,10 +33,10 @@ from ff_engine.server.auth import BearerAuth, KeyCheck
 from ff_engine.server.errors import ApiError, field_of
 from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
 from ff_engine.server.limits import BodyLimit
-from ff_engine.server.metrics import ServerMetrics
+from ff_engine.server.prometheus import ServerMetrics
 from ff_engine.server.schemas import VideoRequest, first_error, policy_schema, request_model
-from ff_engine.server.streams import STREAM_ID, KeyLimit, StreamRegistry, owner_of
-from ff_engine.service import UnknownStream
+from ff_engine.server.stream_registry import STREAM_ID, KeyLimit, StreamRegistry, owner_of
+from ff_engine.serving.contract import UnknownStream
 
 STATIC = Path(__file__).parent / "static"
 BOUNDARY = "ffframe"
@@ -207,7 +207,7 @@ async def submit(registry: StreamRegistry, req: VideoRequest, owner: str, source
         raise ApiError(429, str(exc), None, "key_limit", {"Retry-After": str(max(1, round(exc.retry_after)))}) from None
     except FFEngineError as exc:
         retry = getattr(exc, "retry_after", None)
-        if retry is not None:  # ff_engine.service.Overloaded
+        if retry is not None:  # ff_engine.serving.contract.Overloaded
             raise ApiError(429, str(exc), None, "queue_full", {"Retry-After": str(max(1, round(retry)))}) from None
         msg = str(exc).splitlines()[0]
         raise ApiError(422, msg, field_of(msg), "invalid_value") from None

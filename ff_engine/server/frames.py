@@ -1,6 +1,6 @@
 """Latent blocks -> pixels -> JPEG: what every stream route sends.
 
-Pixels come from ``ff_engine.video.make_decoder`` (the decoder ``ff-engine generate`` uses), so a served stream
+Pixels come from ``ff_engine.models.make_decoder`` (the decoder ``ff-engine generate`` uses), so a served stream
 and a generated file are the same pixels.  JPEG comes from PyAV's ``mjpeg`` encoder at a fixed qscale: the same
 pixels always give the same bytes, which is how the tests compare a stream against ``Engine.generate``.
 """
@@ -9,40 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from fractions import Fraction
 
 import numpy as np
 
+from ff_engine.video import JpegEncoder, decode_jpeg  # noqa: F401 - the JPEG codec the stream routes use
+
 log = logging.getLogger("ff_engine.server")
 UNREADABLE_RETRIES = 100  # x 0.1 s
-
-
-class JpegEncoder:
-    """One frame [H, W, 3] uint8 -> JPEG bytes (PyAV mjpeg, yuvj420p, constant qscale ``quality``)."""
-
-    def __init__(self, quality: int = 3):
-        self.quality = quality
-
-    def encode(self, frame: np.ndarray) -> bytes:
-        import av
-
-        h, w = frame.shape[:2]
-        ctx = av.CodecContext.create("mjpeg", "w")
-        ctx.width, ctx.height, ctx.pix_fmt = w - w % 2, h - h % 2, "yuvj420p"
-        ctx.time_base = Fraction(1, 25)
-        ctx.options = {"qmin": str(self.quality), "qmax": str(self.quality)}
-        img = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: ctx.height, : ctx.width]), format="rgb24")
-        return b"".join(bytes(p) for p in ctx.encode(img) + ctx.encode(None))
-
-
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes -> [H, W, 3] uint8 (PyAV), for clients and tests."""
-    import io
-
-    import av
-
-    with av.open(io.BytesIO(data), format="mjpeg") as c:
-        return next(c.decode(video=0)).to_ndarray(format="rgb24")
 
 
 class BlockRenderer:

@@ -33,7 +33,7 @@ from starlette.websockets import WebSocketDisconnect
 from ff_engine.server.errors import ApiError
 from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
 from ff_engine.server.schemas import CLIENT_EVENTS, SessionStart, first_error, request_model, validate_policy_params
-from ff_engine.server.streams import owner_of
+from ff_engine.server.stream_registry import owner_of
 
 SUBPROTOCOL = "ff-engine"
 SEEN_EVENTS = 256

@@ -1,6 +1,6 @@
 """What the server holds besides routes: the model's description, the stream service, the prompt catalogue.
 
-The server only talks to the ``StreamService`` contract (``ff_engine.service``): ``LocalService`` (one engine on
+The server only talks to the ``StreamService`` contract (``ff_engine.serving.contract``): ``LocalService`` (one engine on
 a background thread, the default) or ``RayCluster`` (``--ray``).  It keeps a copy of the model only to know its
 geometry and to decode latents to pixels with the model's own decoder.
 """
@@ -59,7 +59,7 @@ def build_service(settings: ServerSettings, model):
     """``LocalService`` over one engine, or ``RayCluster`` when ``--ray`` is given ("local": start a Ray
     instance in this process; "auto" or an address: join a running cluster).  Blocks are persisted under
     ``output_dir/blocks`` so the service keeps only the last few blocks of each stream in memory."""
-    from ff_engine import distributed
+    from ff_engine import serving
 
     common = {
         "num_pages": settings.num_pages,
@@ -71,12 +71,12 @@ def build_service(settings: ServerSettings, model):
         "max_terminal": settings.max_records,
     }
     if not settings.ray:
-        return distributed.LocalService(model, **common)
+        return serving.LocalService(model, **common)
     source = model
     if settings.model and Path(settings.model).is_file() or not settings.model:
-        source = distributed.ModelSpec.checkpoint(settings.model or models.DEFAULT_MODEL, settings.preset)
+        source = serving.ModelSpec.checkpoint(settings.model or models.DEFAULT_MODEL, settings.preset)
     address = None if settings.ray == "local" else settings.ray
-    return distributed.RayCluster(
+    return serving.RayCluster(
         source, num_workers=settings.workers, snapshot_every=settings.snapshot_every, address=address, **common
     )
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ff_engine.errors import FFEngineError, Overloaded
 from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
-from ff_engine.service import StreamStatus, UnknownStream
+from ff_engine.serving.contract import StreamStatus, UnknownStream
 
 log = logging.getLogger("ff_engine.server")
 STREAM_ID = re.compile(r"^vid_[0-9a-f]{32}$")
@@ -49,7 +49,7 @@ def owner_of(key: str | None) -> str:
 @dataclass
 class ServedStream:
     id: str
-    handle: object  # ff_engine.service.StreamHandle
+    handle: object  # ff_engine.serving.contract.StreamHandle
     owner: str
     request: dict
     created_at: float

@@ -1,8 +1,8 @@
 """The serving contract: what a server (HTTP, WebSocket, CLI) sees of a running engine, local or distributed.
 
 Two implementations share it, so the server never knows which one it talks to:
-  * ``ff_engine.distributed.LocalService``: one ``Engine`` + ``Scheduler`` stepped by a background thread.
-  * ``ff_engine.distributed.RayCluster``: one ``EngineWorker`` Ray actor per GPU (CPU workers without GPUs),
+  * ``ff_engine.serving.LocalService``: one ``Engine`` + ``Scheduler`` stepped by a background thread.
+  * ``ff_engine.serving.RayCluster``: one ``EngineWorker`` Ray actor per GPU (CPU workers without GPUs),
     a router that places streams by free page budget and keeps every block of a stream on its worker.
 
 A stream's life: ``submit`` -> ``queued`` -> ``running`` -> one of ``finished`` / ``failed`` / ``cancelled``
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from ff_engine.errors import Overloaded, UnknownStream  # noqa: F401 - the contract's errors (defined below the engine, which raises Overloaded)
 
 STREAM_STATES = ("queued", "running", "finished", "failed", "cancelled")
 TERMINAL_STATES = ("finished", "failed", "cancelled")

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ff_engine.distributed import persist
-from ff_engine.distributed.model_spec import materialize
 from ff_engine.engine.engine import BlockResult, Engine
 from ff_engine.engine.recache import streaming_config
 from ff_engine.engine.scheduler import Scheduler
 from ff_engine.engine.session import SessionConfig
 from ff_engine.engine.snapshot import SessionSnapshot, restore_session, snapshot_session
 from ff_engine.errors import ConfigError, FFEngineError, SnapshotError
+from ff_engine.serving import persist
+from ff_engine.serving.model_spec import materialize
 
 log = logging.getLogger(__name__)
 

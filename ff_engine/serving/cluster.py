@@ -26,11 +26,11 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from ff_engine.distributed.routed import RoutedService
-from ff_engine.distributed.router import Router, WorkerLost
-from ff_engine.distributed.worker import EngineWorker, Start, Update
 from ff_engine.engine.session import SessionConfig
 from ff_engine.errors import ConfigError, FFEngineError
+from ff_engine.serving.routed import RoutedService
+from ff_engine.serving.router import Router, WorkerLost
+from ff_engine.serving.worker import EngineWorker, Start, Update
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import torch
 
-from ff_engine.distributed import persist
 from ff_engine.engine.session import SessionConfig
 from ff_engine.errors import ConfigError
-from ff_engine.service import TERMINAL_STATES, StreamBlock, StreamStatus, UnknownStream
+from ff_engine.serving import persist
+from ff_engine.serving.contract import TERMINAL_STATES, StreamBlock, StreamStatus, UnknownStream
 
 
 class StreamRecord:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ff_engine.distributed.streams import Handle
 from ff_engine.engine.session import SessionConfig
+from ff_engine.serving.stream_table import Handle
 
 
 class RoutedService:
-    """Mixin: ``self.router`` is a ``ff_engine.distributed.router.Router``."""
+    """Mixin: ``self.router`` is a ``ff_engine.serving.router.Router``."""
 
     router: object
 

@@ -15,10 +15,10 @@ import concurrent.futures as cf
 
 import torch
 
-from ff_engine.distributed.routed import RoutedService
-from ff_engine.distributed.router import Router
-from ff_engine.distributed.worker import EngineWorker, Start, Update
 from ff_engine.engine.session import SessionConfig
+from ff_engine.serving.routed import RoutedService
+from ff_engine.serving.router import Router
+from ff_engine.serving.worker import EngineWorker, Start, Update
 
 
 class LocalEndpoint:

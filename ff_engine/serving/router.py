@@ -50,11 +50,11 @@ from typing import Protocol
 
 import torch
 
-from ff_engine.distributed.streams import Handle, StreamRecord, StreamTable
-from ff_engine.distributed.worker import Start, Update, WorkerReport
 from ff_engine.engine.session import SessionConfig, new_session_id
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
-from ff_engine.service import Overloaded
+from ff_engine.serving.contract import Overloaded
+from ff_engine.serving.stream_table import Handle, StreamRecord, StreamTable
+from ff_engine.serving.worker import Start, Update, WorkerReport
 
 log = logging.getLogger(__name__)
 
