@@ -219,14 +219,15 @@ class _WindowedCache(_CachedAttention):
 
 
 @torch.no_grad()
-def teacher_forced_error(model, seeds=VALIDATION_SEEDS, sigma: float = 1.0) -> dict:
-    """Next-block pixel MSE with the truth as context (a contiguous 24-frame clip of random actions, the last block
-    predicted in one step from noise level ``sigma``) against copying the frame before it."""
+def teacher_forced_error(model, seeds=VALIDATION_SEEDS, sigma: float = 1.0, script: str | None = None) -> dict:
+    """Next-block pixel MSE with the truth as context (a contiguous 24-frame clip of random actions, or of
+    ``script`` such as ``"right:24"``; the last block predicted in one step from noise level ``sigma``) against
+    copying the frame before it."""
     fpb = model.geometry.frames_per_block
     g = torch.Generator().manual_seed(1)
     errs, copy = [], []
     for seed in seeds:
-        acts = torch.tensor(history_actions(g, 24, 0.0))
+        acts = torch.tensor(history_actions(g, 24, 0.0) if script is None else scroll.parse_actions(script)[:24])
         clip = scroll.make_clip(seed, acts)
         lat = encode(clip.frames)[None]
         attn = _CachedAttention(1)
