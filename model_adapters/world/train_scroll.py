@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -423,7 +424,7 @@ def main(argv=None) -> int:
     if r.qk_gain_init is not None:
         r.qk_gain_init = float(r.qk_gain_init)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "ff-engine train-world --world scroll " + " ".join(argv if argv is not None else [])
+    command = "ff-engine train-world --world scroll " + " ".join(sys.argv[1:] if argv is None else argv)
     state = run(r, out, resume=resume, save_minutes=save_minutes, command=command)
     last = state["checks"][-1]
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) after {state['step']} steps: teacher-forced "
