@@ -9,6 +9,7 @@ from ff_engine.errors import ConfigError
 from ff_engine.policies.base import CachePolicy, CompressContext, LayerTokens, top_tokens
 from ff_engine.policies.baselines import H2O, DeepSink, KeyNorm, PostRopeExpectedAttention, Random, SnapKV
 from ff_engine.policies.expected_attention import ExpectedAttention
+from ff_engine.policies.forcing_kv import ForcingKV
 from ff_engine.policies.future_forcing import FutureForcing, FutureQueryProxy
 from ff_engine.policies.params import declared_params, field_schema, parse_text
 from ff_engine.policies.window import SinkWindow, Unbounded, Window
@@ -16,7 +17,7 @@ from ff_engine.policies.window import SinkWindow, Unbounded, Window
 POLICIES: dict[str, type[CachePolicy]] = {
     p.name: p
     for p in (Unbounded, Window, SinkWindow, DeepSink, H2O, SnapKV, ExpectedAttention, PostRopeExpectedAttention,
-              FutureForcing, Random, KeyNorm)
+              FutureForcing, Random, KeyNorm, ForcingKV)
 }
 
 
