@@ -175,8 +175,9 @@ def prepare(args, policy) -> Prepared:
 
     cfg, sd = resolve_model(args)
     g = cfg.geometry()
-    world = world_run(args, cfg, requested_frames(args, g))
-    frames = requested_frames(args, g) + world.prefix  # the prefix is part of the stream, not of the video
+    generated = requested_frames(args, g)
+    world = world_run(args, cfg, generated)
+    frames = generated + world.prefix  # the prefix is part of the stream, not of the video
     reference_budget(args, policy, g.frames_per_block)
     budget = args.budget_frames if policy.bounded else None
     if budget is not None and budget > MAX_STREAM_FRAMES:

@@ -1,6 +1,8 @@
 """World v4: the scroll world's ground truth, the model changes it needs (per-axis RoPE, q/k gain init, actions) and
 actions through the engine (validation, steering, snapshots)."""
 
+import math
+
 import pytest
 import torch
 from tests_helpers import dense_attention
@@ -46,8 +48,7 @@ def test_camera_follows_the_actions_and_subjects_return():
     assert torch.equal(steps, want)
     assert clip.visible.any(0).all(), "a full lap shows every subject"
     assert clip.visible.float().mean() < 0.6, "and each is out of view for part of it"
-    gaps = scroll.returning_columns(torch.tensor([int(c) for c in scroll.camera_path(0, torch.tensor(
-        scroll.prefix_actions() + [2] * 96))]))
+    gaps = scroll.returning_columns(scroll.camera_path(0, torch.tensor(scroll.prefix_actions() + [2] * 96)))
     assert not gaps[: scroll.PREFIX_FRAMES - 30].any() and gaps[-24:].all(), "after a lap everything returns"
 
 
@@ -243,3 +244,33 @@ def test_generate_refuses_bad_world_inputs_with_one_line(argv, message, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+# ---- the measures and the free-rollout benchmark --------------------------------------------------------------
+def test_scroll_measures_credit_the_truth_and_penalise_a_blur():
+    from model_adapters.world import scroll_metrics as SM
+
+    p = scroll.PREFIX_FRAMES
+    clip = scroll.make_clip(1_000_123, scroll.prefix_actions() + scroll.steady_script(120))
+    truth = clip.frames[p:]
+    events = SM.return_events(clip, 24, start=p)
+    assert events, "a lap brings every subject back"
+    assert SM.return_readouts(truth, clip, events, p)["both"] == 1.0
+    split = SM.split_errors(truth, truth, clip.camera, p)
+    assert split["mse_returning"] == 0.0 and split["returning_share"] > 0.5
+    blur = torch.nn.functional.avg_pool2d(truth, 5, 1, 2)
+    assert SM.flat_share(blur) < SM.flat_share(truth) - 0.3
+    assert SM.edge_sharpness(blur) < 0.5 * SM.edge_sharpness(truth)
+    assert SM.split_errors(blur, truth, clip.camera, p)["mse_returning"] > 0
+
+
+def test_scroll_rollout_job_scores_an_engine_rollout(v4):
+    from ff_engine.evaluation.scroll import Job, paired, run_job, summarise
+
+    rows = [run_job(v4, Job(1_004_000, "steady", name, 6, 6, 6)) for name in ("window", "future-forcing")]
+    for r in rows:
+        assert len(r["mse_curve"]) == 6 and all(math.isfinite(x) and x >= 0 for x in r["mse_curve"])
+        assert r["seconds_per_block"] > 0
+    assert {s["policy"] for s in summarise(rows)} == {"window", "future-forcing"}
+    (diff,) = paired(rows, "future-forcing")
+    assert diff["policy"] == "window" and diff["mse"] == pytest.approx(rows[0]["mse"] - rows[1]["mse"])

@@ -79,9 +79,9 @@ def job_clip(job: Job) -> scroll.ScrollClip:
                                                                                          job.frames))
 
 
-def rollout(model, job: Job) -> tuple[torch.Tensor, float]:
-    """(generated pixel frames after the prefix [frames, 3, H, W], wall seconds per generated block)."""
-    clip = job_clip(job)
+def rollout(model, job: Job, clip: scroll.ScrollClip) -> tuple[torch.Tensor, float]:
+    """(generated pixel frames after the prefix [frames, 3, H, W], wall seconds per generated block) of ``job`` on
+    its ground truth ``clip`` (``job_clip``)."""
     total = clip.frames.shape[0]
     cfg = SessionConfig(prompt=torch.zeros(1, model.cfg.text_dim), num_frames=total, seed=job.seed,
                         policy=policy_for(job.policy, job.budget), budget_frames=job.budget,
@@ -99,9 +99,8 @@ def rollout(model, job: Job) -> tuple[torch.Tensor, float]:
     return decode(torch.cat(s.latents)[job.prefix:].float()), seconds
 
 
-def score(px: torch.Tensor, job: Job) -> dict:
-    """Every measure of one rollout against its ground truth."""
-    clip = job_clip(job)
+def score(px: torch.Tensor, job: Job, clip: scroll.ScrollClip) -> dict:
+    """Every measure of one rollout against its ground truth ``clip``."""
     p, truth = job.prefix, clip.frames[job.prefix:]
     err = (px - truth).pow(2).mean((1, 2, 3))
     row = {"mse": float(err.mean()), "mse_1_48": float(err[:48].mean()), "mse_193_240": float(err[192:240].mean())
@@ -117,8 +116,9 @@ def score(px: torch.Tensor, job: Job) -> dict:
 
 
 def run_job(model, job: Job) -> dict:
-    px, seconds = rollout(model, job)
-    return {**asdict(job), **score(px, job), "seconds_per_block": seconds}
+    clip = job_clip(job)
+    px, seconds = rollout(model, job, clip)
+    return {**asdict(job), **score(px, job, clip), "seconds_per_block": seconds}
 
 
 def truth_row(job: Job) -> dict:

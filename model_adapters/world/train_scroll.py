@@ -36,7 +36,7 @@ import torch
 
 from model_adapters.causal_wan import PRESETS, CausalWanModel, save_checkpoint
 from model_adapters.world import scroll
-from model_adapters.world.procedural import encode
+from model_adapters.world.procedural import decode, encode
 from model_adapters.world.train import (
     _CachedAttention,
     _TeacherForcingAttention,
@@ -199,8 +199,6 @@ def free_running_error(model, seeds=VALIDATION_SEEDS, script: str = "right:48", 
 
 
 def scroll_pixels(latents: torch.Tensor) -> torch.Tensor:
-    from model_adapters.world.procedural import decode
-
     return decode(latents.float())
 
 
