@@ -1,6 +1,8 @@
 """LongLive's prompt switch with KV re-cache (``Engine.switch_prompt``): equal to a dense reference of the re-cache,
 under every policy, with the page count unchanged."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,7 +129,7 @@ def test_switch_under_every_policy(setup, name):
     m, prompts, *_ = setup
     policy = make_policy(name)
     budget = policy.sink_frames + 6 if policy.bounded else None
-    frames = policy.sink_frames + 15
+    frames = 3 * math.ceil(policy.sink_frames / 3) + 15  # whole blocks (forcing-kv's sink is 1 frame)
     init2, steps2 = noises(m, frames, seed=5)
     out, _ = run_engine(m, prompts, (frames - 6) // 3, None, policy, budget, init2, steps2, page_size=8)
     assert torch.isfinite(out).all() and out.shape[0] == frames
