@@ -25,14 +25,14 @@ def _gather_with_block(view, i, k, v):
     only the first ``n`` slots before any arithmetic: a slot past ``seq_len`` never reaches the math (isolation).
     """
     n, nb = int(view.seq_lens[i]), k.shape[0]
-    pages = view.block_table[i, : view.cache.pages_for(n)].to(torch.int64)
+    pages = view.block_table[i, : view.pages_for(n)].to(torch.int64)
     hkv, d = k.shape[1], k.shape[2]
     kk = k.new_empty((n + nb, hkv, d))
     vv = v.new_empty((n + nb, hkv, d))
     kk[:n] = view.key_cache.index_select(0, pages).view(-1, hkv, d)[:n]
     vv[:n] = view.value_cache.index_select(0, pages).view(-1, hkv, d)[:n]
     kk[n:], vv[n:] = k, v
-    lm = view.cache.log_mass.index_select(0, pages).view(-1)[:n]
+    lm = view.log_mass.index_select(0, pages).view(-1)[:n]
     bias = torch.cat([lm, lm.new_zeros(nb)]) if bool((lm != 0).any()) else None
     return kk, vv, bias
 

@@ -284,7 +284,7 @@ class Engine:
         newest = session.start_frame + session.frames_per_block - 1
         for layer in range(g.num_layers):
             session.policy.compress(CompressContext(
-                self.cache, session.id, layer, budgets[layer], newest, g.frames_per_block, g.tokens_per_frame,
+                self.cache.session_view(session.id, layer), budgets[layer], newest, g.frames_per_block, g.tokens_per_frame,
                 g.token_grid, getattr(self.model, "rope", None)))
 
     def advance(self, session: Session, block: torch.Tensor | None) -> None:
