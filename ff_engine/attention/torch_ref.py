@@ -9,6 +9,8 @@ from ff_engine.attention.interface import AttentionBackend, AttentionBatch
 
 
 def sdpa(q, k, v, scale, bias):
+    """Dense attention of q [N, H, D] over k, v [M, Hkv, D] with an optional per-key additive bias [M]: the one
+    dense SDPA of the library (the reference backend and LongLive's re-cache pass), so both compute alike."""
     # [N, H, D] -> [1, H, N, D]; the float mask adds log-mass per key (broadcast over heads and queries).
     mask = None if bias is None else bias.to(q.dtype)[None, None, None, :]
     out = F.scaled_dot_product_attention(

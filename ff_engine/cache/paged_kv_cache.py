@@ -17,6 +17,9 @@ Invariants of every ``LayerPageTable`` (checked by ``check_invariants``):
     every page is full except possibly the last, and ``len(pages) == ceil(num_tokens / page_size)``.
   * token order inside a table is *not* time order: attention over the cache has no mask, so compaction may
     permute survivors (it fills holes from the tail); a token's latent frame is in ``positions``.
+Other layers see the cache through narrow views only: an attention backend through a per-call ``CacheView`` (block
+table, lengths, the shared ``KVStorage``), a cache policy through a ``SessionCacheView`` of one (session, layer),
+which reads tokens and summaries and asks the cache to merge or keep tokens.
 Every write into physical storage is reported to registered ``StorageListener``s (e.g. the packed mirror of
 vLLM's CPU attention op), so derived layouts never go stale.
 
@@ -41,7 +44,7 @@ import torch
 from ff_engine.cache.page_pool import PagePool
 from ff_engine.cache.page_summaries import PageSummaries
 from ff_engine.errors import BudgetError, ConfigError
-from ff_engine.memory import check_cache_fits
+from ff_engine.memory import check_cache_fits, kv_page_bytes
 
 
 class StorageListener(Protocol):
@@ -256,7 +259,7 @@ class PagedKVCache:
         return math.ceil(num_tokens / self.page_size)
 
     def bytes_per_page(self) -> int:
-        return 2 * self.page_size * self.num_kv_heads * self.head_dim * self.key_cache.element_size()
+        return kv_page_bytes(self.page_size, self.num_kv_heads, self.head_dim, self.key_cache.element_size())
 
     # ---- sessions -------------------------------------------------------------------------------
     def add_session(self, session_id: str, reserve_pages: int) -> None:
