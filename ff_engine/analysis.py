@@ -11,28 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ff_engine.engine import Engine, SessionConfig
+from ff_engine.engine.observer import QueryMeans
 from ff_engine.outputs import temporary_beside
 from ff_engine.policies import Window
-
-
-@dataclass
-class QueryRecorder(Window):
-    """A rolling window that also keeps the per-block, per-head mean of pre- and post-RoPE queries (of every
-    cache-writing pass: all blocks but the last, which writes nothing)."""
-
-    name = "window"
-    pre: dict = field(default_factory=dict, repr=False)
-    post: dict = field(default_factory=dict, repr=False)
-
-    def observe(self, layer, q_pre_rope, q, positions):
-        self.pre.setdefault(layer, []).append(q_pre_rope.float().mean(0))  # [H, D]
-        self.post.setdefault(layer, []).append(q.float().mean(0))
 
 
 def drift(means: list[torch.Tensor]) -> dict[str, list[float]]:
@@ -49,9 +35,9 @@ def analyze_queries(model, prompt: torch.Tensor, num_frames: int, budget_frames:
     g = model.geometry
     engine = Engine(model, num_pages=g.num_layers * (-(-(budget_frames + g.frames_per_block) * g.tokens_per_frame // page_size)),
                     page_size=page_size, backend=backend)
-    s = engine.add_session(SessionConfig(prompt=prompt, num_frames=num_frames, seed=seed, policy=QueryRecorder(),
+    rec = engine.add_observer(QueryMeans())  # the queries of every cache-writing pass, under a rolling window
+    s = engine.add_session(SessionConfig(prompt=prompt, num_frames=num_frames, seed=seed, policy=Window(),
                                          budget_frames=budget_frames))
-    rec = s.policy
     while s.id in engine.sessions:
         engine.step([s.id])
     layers = {}

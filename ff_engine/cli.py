@@ -215,7 +215,7 @@ def check_memory(args, prep: Prepared, least_budget: int) -> None:
     """Weights plus the page pool must fit in the host's usable memory (``ff_engine.memory``); otherwise one
     ``BudgetError`` saying how large the setting the user chose may be."""
     from ff_engine.engine.engine import stream_pages
-    from ff_engine.memory import cache_page_bytes, format_bytes, usable_bytes
+    from ff_engine.memory import cache_page_bytes, format_bytes, kv_page_bytes, usable_bytes
     from model_adapters import registry
 
     g, ps, budget, frames = prep.geometry, args.page_size, prep.budget_frames, prep.frames
@@ -224,7 +224,7 @@ def check_memory(args, prep: Prepared, least_budget: int) -> None:
     mirrored = args.backend in ("auto", "vllm-cpu")  # on CPU, "auto" is vLLM's CPU op where it is installed
 
     def page_bytes(page_size):  # vLLM's CPU op keeps a packed mirror: a second copy of every page's K/V
-        mirror = 2 * page_size * g.num_kv_heads * g.head_dim * elt if mirrored else 0
+        mirror = kv_page_bytes(page_size, g.num_kv_heads, g.head_dim, elt) if mirrored else 0
         return cache_page_bytes(page_size, g.num_kv_heads, g.head_dim, MODEL_DTYPE) + mirror
 
     if prep.state_dict is not None:
@@ -427,10 +427,10 @@ def cmd_convert(args) -> int:
 def cmd_analyze(args) -> int:
     from ff_engine import analysis
     from ff_engine.outputs import OutputFolder, check_folder_target
+    from ff_engine.policies import Window
 
     check_folder_target(args.out_dir, "--out-dir")
-    recorder = analysis.QueryRecorder()
-    prep = prepare(args, recorder)
+    prep = prepare(args, Window())  # analyze_queries runs a rolling window and records the queries
     g = prep.geometry
     if math.ceil(prep.frames / g.frames_per_block) < 2:
         raise ConfigError(f"analyze queries needs at least 2 blocks ({2 * g.frames_per_block} latent frames) to "

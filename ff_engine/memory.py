@@ -85,15 +85,21 @@ def format_bytes(n: float) -> str:
     raise AssertionError  # pragma: no cover
 
 
+def kv_page_bytes(page_size: int, num_kv_heads: int, head_dim: int, element_bytes: int) -> int:
+    """K and V of one page: the one formula every estimate of pages per stream or pages per pool builds on (the
+    cache, the capacity plan, the CLI's packed-mirror page, the device check)."""
+    return 2 * page_size * num_kv_heads * head_dim * element_bytes
+
+
 def cache_page_bytes(page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Every byte one page of ``PagedKVCache`` costs: K and V, token metadata (positions int32 x 3, log-mass
-    float32), the per-page summaries (valid count, log mass, centroid and radius per kv head, importance and its
-    version) and the pool's bookkeeping.  ``tests/test_cli_inputs.py`` checks this against a real cache's
-    tensors, so a new per-page tensor cannot go unaccounted."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    kv = 2 * page_size * num_kv_heads * head_dim * elt
+    float32), the per-page summaries (valid count, log mass, centroid and radius per kv head, epoch) and the
+    pool's bookkeeping.  ``tests/test_cli_inputs.py`` checks this against a real cache's tensors, so a new
+    per-page tensor cannot go unaccounted.  (Future Forcing's scorer keeps its page importance itself: 20 bytes
+    per page of the pool per stream that ranks pages.)"""
+    kv = kv_page_bytes(page_size, num_kv_heads, head_dim, torch.empty((), dtype=dtype).element_size())
     tokens = page_size * (3 * 4 + 4)
-    summaries = 4 + 4 + num_kv_heads * head_dim * 4 + num_kv_heads * 4 + 2 * 4 + 8
+    summaries = 4 + 4 + num_kv_heads * head_dim * 4 + num_kv_heads * 4 + 8
     return kv + tokens + summaries + PAGE_BOOKKEEPING_BYTES
 
 

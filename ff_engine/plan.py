@@ -6,6 +6,7 @@ import re
 
 from ff_engine.engine.engine import MAX_STREAM_FRAMES, stream_pages
 from ff_engine.errors import ConfigError
+from ff_engine.memory import kv_page_bytes
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
@@ -38,7 +39,7 @@ def plan(geometry, *, gpu_mem_bytes: int, budget_frames: int, seconds: float, pa
                else "plan a longer video")
         raise ConfigError(f"budget_frames {budget_frames} plus one block ({g.frames_per_block}) holds the whole "
                           f"{frames}-frame video: a bounded cache saves nothing; {fix}")
-    page_bytes = 2 * page_size * g.num_kv_heads * g.head_dim * dtype_bytes
+    page_bytes = kv_page_bytes(page_size, g.num_kv_heads, g.head_dim, dtype_bytes)
     unbounded = stream_pages(g, page_size, frames, None) * page_bytes
     bounded = stream_pages(g, page_size, frames, budget_frames) * page_bytes
     avail = int(gpu_mem_bytes * (1 - reserve_fraction)) - weights_bytes

@@ -16,7 +16,7 @@ def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def make_batch(cache_lens, block_lens, h, hkv, d, page_size, dtype, bias=False, seed=0):
+def make_batch(cache_lens, block_lens, h, hkv, d, page_size, dtype, bias=False, seed=0, with_cache=False):
     g = torch.Generator().manual_seed(seed)
     cache = PagedKVCache(1, hkv, d, page_size, num_pages=sum(-(-n // page_size) for n in cache_lens) + 2, dtype=dtype)
     dense = []
@@ -34,7 +34,7 @@ def make_batch(cache_lens, block_lens, h, hkv, d, page_size, dtype, bias=False, 
     v = torch.randn(n_q, hkv, d, generator=g).to(dtype)
     cu = torch.tensor([0, *torch.tensor(block_lens).cumsum(0).tolist()], dtype=torch.int32)
     batch = AttentionBatch(q, k, v, cu, cache.view([f"s{i}" for i in range(len(cache_lens))], 0), 1 / math.sqrt(d))
-    return batch, dense
+    return (batch, dense, cache) if with_cache else (batch, dense)
 
 
 def dense_reference(batch, dense):
@@ -71,10 +71,9 @@ def test_backend_matches_dense_reference(backend, case, bias, dtype):
 
 
 def test_vllm_mirror_follows_compaction():
-    batch, dense = make_batch([40], [6], 2, 2, 64, 16, torch.float32)
+    batch, dense, cache = make_batch([40], [6], 2, 2, 64, 16, torch.float32, with_cache=True)
     be = VllmCpuBackend()
     be.forward(batch)  # builds the mirror
-    cache = batch.cache.cache
     keep = torch.tensor([0, 3, 4, 20, 39])
     cache.compact("s0", 0, keep)
     view = cache.view(["s0"], 0)
@@ -128,8 +127,7 @@ def test_cuda_backends_match_reference(backend, bias):
         pytest.skip(f"{backend} not installed")
     ps = 256 if backend == "flash-attn" else 16
     for dtype in (torch.bfloat16,):
-        batch, dense = make_batch([300, 0, 515], [64, 20, 33], 4, 2, 128, ps, dtype, bias=bias)
-        cache = batch.cache.cache
+        batch, dense, cache = make_batch([300, 0, 515], [64, 20, 33], 4, 2, 128, ps, dtype, bias=bias, with_cache=True)
         for name in ("key_cache", "value_cache", "log_mass"):
             setattr(cache, name, getattr(cache, name).cuda())
         cache.device = torch.device("cuda")

@@ -267,7 +267,8 @@ def test_cache_page_bytes_matches_the_cache_tensors_and_pool_bookkeeping():
 
     def tensor_bytes(num_pages):
         c = PagedKVCache(2, 3, 16, 8, num_pages)
-        return sum(t.numel() * t.element_size() for t in vars(c).values() if isinstance(t, torch.Tensor))
+        return sum(t.numel() * t.element_size() for o in (c, c.storage, c.summaries) for t in vars(o).values()
+                   if isinstance(t, torch.Tensor))
 
     per_page = (tensor_bytes(60) - tensor_bytes(10)) / 50
     assert per_page == memory.cache_page_bytes(8, 3, 16, torch.float32) - memory.PAGE_BOOKKEEPING_BYTES

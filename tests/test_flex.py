@@ -200,10 +200,10 @@ def test_auto_picks_flex_on_cuda_without_vllm_and_flash_attn_biases_through_flex
 
 
 def test_flex_rejects_bias_off_with_merged_tokens_and_duplicate_sessions():
-    batch, _ = make_batch([20], [4], 2, 2, 64, 16, torch.float32, bias=True)
+    batch, _, cache = make_batch([20], [4], 2, 2, 64, 16, torch.float32, bias=True, with_cache=True)
     with pytest.raises(ConfigError, match="merged tokens"):
         FlexAttentionBackend(bias=False).cache_part(batch)
-    view = batch.cache.cache.view(["s0", "s0"], 0)
+    view = cache.view(["s0", "s0"], 0)
     b2 = AttentionBatch(torch.cat([batch.q, batch.q]), torch.cat([batch.k, batch.k]), torch.cat([batch.v, batch.v]),
                         torch.tensor([0, 4, 8], dtype=torch.int32), view, batch.scale)
     with pytest.raises(ConfigError, match="session twice"):
@@ -214,8 +214,8 @@ def test_flex_rejects_bias_off_with_merged_tokens_and_duplicate_sessions():
 @pytest.mark.parametrize("page_size,bias", [(16, True), (32, False), (32, True), (128, True)])
 def test_flex_compiled_cuda_matches_reference(page_size, bias):
     """Real sizes on the GPU: bf16, GQA, three sessions of different lengths, the compiled Triton kernel."""
-    batch, dense = make_batch([1700, 0, 515], [480, 200, 333], 8, 4, 128, page_size, torch.bfloat16, bias=bias)
-    cache = batch.cache.cache
+    batch, dense, cache = make_batch([1700, 0, 515], [480, 200, 333], 8, 4, 128, page_size, torch.bfloat16, bias=bias,
+                                     with_cache=True)
     for name in ("key_cache", "value_cache", "log_mass"):
         setattr(cache, name, getattr(cache, name).cuda())
     cache.device = torch.device("cuda")

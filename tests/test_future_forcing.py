@@ -295,7 +295,7 @@ def test_page_candidate_recall_on_spatially_smooth_keys():
     c.append("s", 0, k, v, pos.int())
     pol = FutureForcing(candidate_oversample=2.0)
     pol.proxy.update(0, torch.randn(500, 4, D, generator=g) * 0.5 + torch.randn(4, D, generator=g))
-    ctx = CompressContext(c, "s", 0, budget_tokens=len(pos) - 2 * gh * gw, newest_frame=n_frames - 1,
+    ctx = CompressContext(c.session_view("s", 0), budget_tokens=len(pos) - 2 * gh * gw, newest_frame=n_frames - 1,
                           frames_per_block=3, tokens_per_frame=gh * gw, token_grid=(gh, gw), rope=ROPE)
     recall = pol.candidate_recall(ctx)
     print(f"smooth-key recall at 2x: {recall:.3f}")
@@ -343,7 +343,7 @@ def test_bound_ranking_keeps_a_lone_important_token_that_centroid_ranking_gives_
         pol = FutureForcing(page_candidates=True, page_rank=rank, candidate_oversample=1.0, merge="none",
                             value_norm=False)
         pol.proxy.update(0, q[None].expand(50, 1, D) + 0.01 * torch.randn(50, 1, D, generator=g))
-        ctx = CompressContext(c, "s", 0, budget_tokens=16, newest_frame=3, frames_per_block=1,
+        ctx = CompressContext(c.session_view("s", 0), budget_tokens=16, newest_frame=3, frames_per_block=1,
                               tokens_per_frame=1, token_grid=(1, 1), rope=None)
         pol.compress(ctx)
         kept[rank] = bool((c.gather("s", 0)["k"][:, 0] - k[4, 0]).norm(dim=-1).min() < 1e-6)

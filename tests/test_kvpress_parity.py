@@ -98,9 +98,7 @@ class Case:
         k, v = (to_pairs(t[0, :, :n].transpose(0, 1)).float() for t in (self.k, self.v))
         cache.append("s", 0, k, v, raster(n))
         ctx = CompressContext(
-            cache,
-            "s",
-            0,
+            cache.session_view("s", 0),
             budget_tokens=n,
             newest_frame=(n - 1) // TPF,
             frames_per_block=frames_per_block,

@@ -67,7 +67,7 @@ class Stream:
             policy.observe(layer, q, q, pos)
         budgets = policy.layer_budgets((self.budget_frames + policy.sink_frames) * TPF, 2, PAGE)
         for layer in range(2):
-            policy.compress(CompressContext(self.cache, "s", layer, budgets[layer], int(frames[-1]), FPB, TPF, GRID,
+            policy.compress(CompressContext(self.cache.session_view("s", layer), budgets[layer], int(frames[-1]), FPB, TPF, GRID,
                                             self.rope))
         self.block += 1
         return budgets
@@ -123,7 +123,7 @@ def test_future_forcing_scores_only_after_its_statistics():
     cache.add_session("s", 20)
     cache.append("s", 0, torch.randn(30, HKV, D), torch.randn(30, HKV, D), torch.zeros(30, 3, dtype=torch.int32))
     with pytest.raises(AssertionError, match="before observe"):
-        FutureForcing().compress(CompressContext(cache, "s", 0, 12, 0, 1, 6, GRID))
+        FutureForcing().compress(CompressContext(cache.session_view("s", 0), 12, 0, 1, 6, GRID))
 
 
 # ---- a toy scorer under each wrapper -----------------------------------------------------------------------
@@ -138,7 +138,7 @@ class FirstCoordinate(CachePolicy):
         return tokens.k[:, 0, 0]
 
     def page_estimates(self, ctx: CompressContext) -> PageEstimate:
-        return PageEstimate(ctx.cache.page_summaries(ctx.session_id, ctx.layer)["centroid"][:, 0, 0])
+        return PageEstimate(ctx.view.page_summaries()["centroid"][:, 0, 0])
 
 
 @dataclass
@@ -170,7 +170,7 @@ def test_merge_folds_a_near_duplicate_into_its_partner():
     cache.add_session("s", 8)
     cache.append("s", 0, k, v, torch.stack([torch.arange(12), torch.zeros(12), torch.zeros(12)], 1).int())
     policy = Merge(FirstCoordinate(), key_tol=0.3, value_tol=0.3, partners=3.0)  # spread over >= 2 partners
-    policy.compress(CompressContext(cache, "s", 0, 11, 11, 1, 1, (1, 1)))
+    policy.compress(CompressContext(cache.session_view("s", 0), 11, 11, 1, 1, (1, 1)))
     got = cache.gather("s", 0)
     assert sorted(got["positions"][:, 0].tolist()) == list(range(1, 12))
     assert abs(float(got["log_mass"][got["positions"][:, 0] == 1]) - 0.6931) < 1e-3

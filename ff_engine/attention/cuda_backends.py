@@ -122,7 +122,7 @@ class XformersBackend(AttentionBackend):
                 slots = view.slots(i)
                 k = torch.cat([view.key_cache.view(-1, hkv, d)[slots], k])
                 v = torch.cat([view.value_cache.view(-1, hkv, d)[slots], v])
-                bias = torch.cat([view.cache.log_mass.view(-1)[slots], bias])
+                bias = torch.cat([view.bias(i), bias])
             nk = k.shape[0]
             pad = (-nk) % 8  # xformers wants the bias' last dim aligned; padded keys get -inf
             if pad:

@@ -306,7 +306,7 @@ class FlexAttentionBackend(AttentionBackend):
         cu_p, rows = padded_rows(batch.cu_seqlens.to(q.device))
         bm, _ = paged_block_mask(view.block_table.to(q.device), view.seq_lens.to(q.device), cu_p, ps, kc.shape[2])
         out, lse = _rows_out(*flex_call(_pad(q, rows, int(cu_p[-1])), kc, vc, bm, batch.scale,
-                                        self._score_mod(view.cache.log_mass.view(-1)), compiled,
+                                        self._score_mod(view.log_mass.view(-1)), compiled,
                                         self._kernel_options(ps, q.device)))
         return out[rows], lse[rows]
 
@@ -325,7 +325,7 @@ class FlexAttentionBackend(AttentionBackend):
         compact_table = torch.arange(n_pages, dtype=torch.int32, device=q.device)[None]
         cu = torch.tensor([0, s.stop - s.start], dtype=torch.int32, device=q.device)
         bm, _ = paged_block_mask(compact_table, seq_len, cu, ps, n_pages * ps)
-        score_mod = self._score_mod(view.cache.log_mass.index_select(0, pages).view(-1))
+        score_mod = self._score_mod(view.log_mass.index_select(0, pages).view(-1))
         return _rows_out(*flex_call(q.transpose(0, 1)[None], kc, vc, bm, batch.scale, score_mod, compiled,
                                     self._kernel_options(ps, q.device)))
 

@@ -9,6 +9,8 @@ from ff_engine.attention.interface import AttentionBackend, AttentionBatch
 
 
 def sdpa(q, k, v, scale, bias):
+    """Dense attention of q [N, H, D] over k, v [M, Hkv, D] with an optional per-key additive bias [M]: the one
+    dense SDPA of the library (the reference backend and LongLive's re-cache pass), so both compute alike."""
     # [N, H, D] -> [1, H, N, D]; the float mask adds log-mass per key (broadcast over heads and queries).
     mask = None if bias is None else bias.to(q.dtype)[None, None, None, :]
     out = F.scaled_dot_product_attention(
@@ -25,14 +27,14 @@ def _gather_with_block(view, i, k, v):
     only the first ``n`` slots before any arithmetic: a slot past ``seq_len`` never reaches the math (isolation).
     """
     n, nb = int(view.seq_lens[i]), k.shape[0]
-    pages = view.block_table[i, : view.cache.pages_for(n)].to(torch.int64)
+    pages = view.block_table[i, : view.pages_for(n)].to(torch.int64)
     hkv, d = k.shape[1], k.shape[2]
     kk = k.new_empty((n + nb, hkv, d))
     vv = v.new_empty((n + nb, hkv, d))
     kk[:n] = view.key_cache.index_select(0, pages).view(-1, hkv, d)[:n]
     vv[:n] = view.value_cache.index_select(0, pages).view(-1, hkv, d)[:n]
     kk[n:], vv[n:] = k, v
-    lm = view.cache.log_mass.index_select(0, pages).view(-1)[:n]
+    lm = view.log_mass.index_select(0, pages).view(-1)[:n]
     bias = torch.cat([lm, lm.new_zeros(nb)]) if bool((lm != 0).any()) else None
     return kk, vv, bias
 

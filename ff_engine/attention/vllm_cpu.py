@@ -49,29 +49,30 @@ def _ops():
 
 
 class PackedKVMirror:
-    """vLLM's packed CPU layout ``[rows, kv_heads, 2 * page_size, head_dim]`` of one ``PagedKVCache``.
+    """vLLM's packed CPU layout ``[rows, kv_heads, 2 * page_size, head_dim]`` of one cache's ``KVStorage``.
 
-    Rows 0..num_pages are the cache's pages (same ids); rows after that are scratch pages for block K/V.
+    Rows 0..num_pages are the cache's pages (same ids); rows after that are scratch pages for block K/V.  It sees
+    the storage only (a ``StorageListener`` of it), never the cache's tables or sessions.
     """
 
-    def __init__(self, cache, isa: str):
-        self.cache, self.isa = cache, isa
-        self.scratch_start = cache.num_pages + 1
+    def __init__(self, storage, isa: str):
+        self.source, self.isa = storage, isa
+        self.scratch_start = storage.num_pages + 1
         self.storage = torch.zeros(0)
         self._alloc(self.scratch_start + 1)
         self.packed_tokens = 0  # tokens re-packed through on_write (cost accounting)
         ops, _ = _ops()
         self._ops = ops
         # Pack what the cache already holds (all slots of all held pages).
-        held = [p for sid in list(cache._tables) for t in cache._tables[sid] for p in t.pages]
+        held = storage.held_pages()
         if held:
-            ps = cache.page_size
+            ps = storage.page_size
             slots = (torch.tensor(held)[:, None] * ps + torch.arange(ps)[None]).reshape(-1)
-            self.on_write(cache, slots)
-        cache.listeners.append(self)
+            self.on_write(storage, slots)
+        storage.listeners.append(self)
 
     def _alloc(self, rows: int) -> None:
-        c = self.cache
+        c = self.source
         new = torch.zeros((rows, c.num_kv_heads, 2 * c.page_size, c.head_dim), dtype=c.dtype)
         if self.storage.numel():
             new[: self.storage.shape[0]] = self.storage
@@ -92,19 +93,19 @@ class PackedKVMirror:
     def pack(self, k, v, slots) -> None:
         self._ops.cpu_attn_reshape_and_cache(k, v, self.key_cache, self.value_cache, slots, self.isa)
 
-    def on_write(self, cache, slots: torch.Tensor) -> None:
-        h, d = cache.num_kv_heads, cache.head_dim
-        k = cache.key_cache.view(-1, h, d)[slots]
-        v = cache.value_cache.view(-1, h, d)[slots]
+    def on_write(self, storage, slots: torch.Tensor) -> None:
+        h, d = storage.num_kv_heads, storage.head_dim
+        k = storage.key_cache.view(-1, h, d)[slots]
+        v = storage.value_cache.view(-1, h, d)[slots]
         self.pack(k, v, slots)
         self.packed_tokens += int(slots.numel())
 
-    def on_free(self, cache, pages: list[int]) -> None:
+    def on_free(self, storage, pages: list[int]) -> None:
         self.storage.index_fill_(0, torch.as_tensor(pages, dtype=torch.int64), 0)
 
-    def check_invariants(self, cache) -> None:
+    def check_invariants(self, storage) -> None:
         """Rows of pages no table holds (the null page 0 included) are all-zero."""
-        held = cache.live_slots().any(1)  # a held page holds >= 1 live token
+        held = storage.live_slots().any(1)  # a held page holds >= 1 live token
         stale = (self.storage[: self.scratch_start][~held] != 0).flatten(1).any(-1)
         assert not bool(stale.any()), f"packed mirror: {int(stale.sum())} pages held by no table are not zero"
 
@@ -138,12 +139,13 @@ class VllmCpuBackend(AttentionBackend):
     def isa(self, dtype, page_size, head_dim) -> str:
         return _ops()[1](dtype, page_size, head_dim)
 
-    def mirror(self, cache) -> PackedKVMirror:
-        m = self._mirrors.get(id(cache))
-        if m is None or m.cache is not cache:
-            self.validate(cache.page_size, cache.dtype, cache.head_dim)
-            m = PackedKVMirror(cache, self.isa(cache.dtype, cache.page_size, cache.head_dim))
-            self._mirrors[id(cache)] = m
+    def mirror(self, storage) -> PackedKVMirror:
+        """The packed mirror of ``storage`` (a cache's ``KVStorage``), built on first use."""
+        m = self._mirrors.get(id(storage))
+        if m is None or m.source is not storage:
+            self.validate(storage.page_size, storage.dtype, storage.head_dim)
+            m = PackedKVMirror(storage, self.isa(storage.dtype, storage.page_size, storage.head_dim))
+            self._mirrors[id(storage)] = m
         return m
 
     def forward(self, batch: AttentionBatch) -> torch.Tensor:
@@ -157,16 +159,16 @@ class VllmCpuBackend(AttentionBackend):
             raise ConfigError("the vllm-cpu backend needs a paged cache view (cache=None given)")
         if len(set(view.session_ids)) != n_seq:
             raise ConfigError(f"a batch must hold each session once, got {view.session_ids}")
-        cache, ps = view.cache, view.page_size
-        m = self.mirror(cache)
+        ps = view.page_size
+        m = self.mirror(view.storage)
         # Lay each sequence's block tokens after its cached tokens: fill the tail of its last page (mirror
         # only, canonical storage is untouched) and continue in scratch pages private to it in this call;
         # then zeros up to the end of its last page, so every slot the op reads was written for it (module doc).
         tables, block_slots, pad_slots, seq_lens, scratch_next = [], [], [], [], m.scratch_start
         for i in range(n_seq):
             n_cache, n_new = int(view.seq_lens[i]), batch.seq(i).stop - batch.seq(i).start
-            pages = view.block_table[i, : cache.pages_for(n_cache)].tolist()
-            n_scratch = cache.pages_for(n_cache + n_new) - len(pages)
+            pages = view.block_table[i, : view.pages_for(n_cache)].tolist()
+            n_scratch = view.pages_for(n_cache + n_new) - len(pages)
             pages += list(range(scratch_next, scratch_next + n_scratch))
             scratch_next += n_scratch
             pos = torch.arange(n_cache, len(pages) * ps)  # this call's slots: the block, then the padding

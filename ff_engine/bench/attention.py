@@ -97,9 +97,9 @@ def main(argv=None):
             row[f"vllm_{tag}_s"] = timeit(lambda: vb.forward(batch), a.repeats)
             if scatter:
                 row["torch_paged_s"] = timeit(lambda: TorchReferenceBackend().forward(batch), a.repeats)
-                mirror = vb.mirror(cache)
+                mirror = vb.mirror(cache.storage)
                 slots = cache.slots("s", 0)
-                row["mirror_repack_s"] = timeit(lambda: mirror.on_write(cache, slots), a.repeats)
+                row["mirror_repack_s"] = timeit(lambda: mirror.on_write(cache.storage, slots), a.repeats)
                 out_ref = TorchReferenceBackend().forward(batch)
                 row["vllm_vs_torch_max_abs_err"] = float((vb.forward(batch) - out_ref).abs().max())
             else:

@@ -218,6 +218,7 @@ def stage_throughput(a) -> int:
 
     from ff_engine.engine import SessionConfig
     from ff_engine.engine.engine import reservation_pages
+    from ff_engine.memory import kv_page_bytes
     from ff_engine.policies import make_policy
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,7 +248,7 @@ def stage_throughput(a) -> int:
     # the pool: what the card holds after the weights, minus a working margin
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        bytes_per_page = 2 * a.page_size * g.num_kv_heads * g.head_dim * 2
+        bytes_per_page = kv_page_bytes(a.page_size, g.num_kv_heads, g.head_dim, 2)  # bf16
         pool = int(free * a.kv_share) // bytes_per_page
     else:
         pool = streams * pages(session("unbounded", None, 0))

@@ -48,7 +48,7 @@ def measure(engine, session, teacher=None):
         if ctx.num_tokens > ctx.budget_tokens and pol.proxy.has(ctx.layer):
             for rank, over in VARIANTS:
                 pol.page_rank, pol.candidate_oversample = rank, over
-                ctx.cache.page_importance_version.fill_(-1)  # pages cache their rank per proxy version only
+                pol.scorer.forget_page_importance()  # pages cache their rank per proxy version only
                 acc[(rank, over)][0].append(pol.candidate_recall(ctx))
                 acc[(rank, over)][1].append(pol.candidate_regret(ctx))
             pol.page_rank, pol.candidate_oversample = "centroid", 2.0

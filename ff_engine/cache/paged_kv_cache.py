@@ -17,6 +17,9 @@ Invariants of every ``LayerPageTable`` (checked by ``check_invariants``):
     every page is full except possibly the last, and ``len(pages) == ceil(num_tokens / page_size)``.
   * token order inside a table is *not* time order: attention over the cache has no mask, so compaction may
     permute survivors (it fills holes from the tail); a token's latent frame is in ``positions``.
+Other layers see the cache through narrow views only: an attention backend through a per-call ``CacheView`` (block
+table, lengths, the shared ``KVStorage``), a cache policy through a ``SessionCacheView`` of one (session, layer),
+which reads tokens and summaries and asks the cache to merge or keep tokens.
 Every write into physical storage is reported to registered ``StorageListener``s (e.g. the packed mirror of
 vLLM's CPU attention op), so derived layouts never go stale.
 
@@ -32,25 +35,70 @@ ever sees finite zeros there.  Summaries mask by selection, never by multiplicat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from ff_engine.cache.page_pool import PagePool
+from ff_engine.cache.page_summaries import PageSummaries
 from ff_engine.errors import BudgetError, ConfigError
-from ff_engine.memory import check_cache_fits
+from ff_engine.memory import check_cache_fits, kv_page_bytes
 
 
 class StorageListener(Protocol):
-    def on_write(self, cache: PagedKVCache, slots: torch.Tensor) -> None:
+    """A derived layout of the physical storage (vLLM CPU's packed mirror): told of every write and free."""
+
+    def on_write(self, storage: KVStorage, slots: torch.Tensor) -> None:
         """``slots`` (int64, flat ``page * page_size + offset``) were (re)written in the canonical storage."""
 
-    def on_free(self, cache: PagedKVCache, pages: list[int]) -> None:
+    def on_free(self, storage: KVStorage, pages: list[int]) -> None:
         """``pages`` were scrubbed to zero and are going back to the pool: derived copies must clear them."""
 
-    def check_invariants(self, cache: PagedKVCache) -> None:
-        """Assert the derived layout holds nothing of pages that no table holds (called by the cache's check)."""
+    def check_invariants(self, storage: KVStorage) -> None:
+        """Assert the derived layout holds nothing of pages that hold no live token (``storage.live_slots()``;
+        called by the cache's check)."""
+
+
+@dataclass(eq=False)
+class KVStorage:
+    """The physical storage shared by every layer and session, without page tables or sessions: what attention
+    backends read and derived layouts mirror.  The tensors are the cache's own (no copy); only the cache writes
+    them, and it reports every write to ``listeners``."""
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    positions: torch.Tensor
+    log_mass: torch.Tensor
+    listeners: list[StorageListener]
+    #: pages some table holds now (a derived layout built late copies them once)
+    held_pages: Callable[[], list[int]]
+    #: bool ``[num_pages + 1, page_size]``: slots holding a live token (O(storage): invariant checks only)
+    live_slots: Callable[[], torch.Tensor]
+
+    @property
+    def page_size(self) -> int:
+        return self.key_cache.shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.key_cache.shape[0] - 1
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key_cache.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.key_cache.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.key_cache.dtype
+
+    def pages_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.page_size)
 
 
 @dataclass
@@ -63,13 +111,12 @@ class LayerPageTable:
 
 @dataclass
 class CacheView:
-    """What an attention backend needs to read the cache of a batch of sessions for one layer.
+    """What an attention backend sees of the cache for one call (one layer, a batch of sessions), in vLLM's
+    format: int32 ``block_table`` ``[num_seqs, max_pages]`` padded with the null page 0, int32 ``seq_lens``, and the
+    shared storage they index.  Like vLLM v1's ``KVCacheBlocks``, it is a narrow type: a backend never holds the
+    multi-tenant cache, so it cannot reach another stream's table or change one."""
 
-    Everything is in vLLM's format: int32 ``block_table`` ``[num_seqs, max_pages]`` padded with the null page 0,
-    int32 ``seq_lens``; storage tensors are the shared physical ones.
-    """
-
-    cache: PagedKVCache
+    storage: KVStorage
     session_ids: list[str]
     layer: int
     block_table: torch.Tensor
@@ -77,25 +124,87 @@ class CacheView:
 
     @property
     def key_cache(self) -> torch.Tensor:
-        return self.cache.key_cache
+        return self.storage.key_cache
 
     @property
     def value_cache(self) -> torch.Tensor:
-        return self.cache.value_cache
+        return self.storage.value_cache
+
+    @property
+    def log_mass(self) -> torch.Tensor:
+        """``[num_pages + 1, page_size]``: the per-key bias (log of the originals a merged token stands for)."""
+        return self.storage.log_mass
 
     @property
     def page_size(self) -> int:
-        return self.cache.page_size
+        return self.storage.page_size
+
+    def pages_for(self, num_tokens: int) -> int:
+        return self.storage.pages_for(num_tokens)
 
     def slots(self, i: int) -> torch.Tensor:
         """Flat slot ids of sequence ``i``'s tokens, in order."""
-        return self.cache.slots(self.session_ids[i], self.layer)
+        n, ps = int(self.seq_lens[i]), self.page_size
+        pages = self.block_table[i, : self.pages_for(n)].to(torch.int64)
+        offs = torch.arange(ps, device=pages.device)
+        return (pages[:, None] * ps + offs[None, :]).reshape(-1)[:n]
 
-    def log_mass(self, i: int) -> torch.Tensor:
-        return self.cache.log_mass.view(-1)[self.slots(i)]
+    def bias(self, i: int) -> torch.Tensor:
+        """Sequence ``i``'s per-key bias (log-mass), in token order."""
+        return self.log_mass.view(-1)[self.slots(i)]
 
     def has_bias(self) -> bool:
-        return any(bool((self.log_mass(i) != 0).any()) for i in range(len(self.session_ids)))
+        return any(bool((self.bias(i) != 0).any()) for i in range(len(self.session_ids)))
+
+
+class SessionCacheView:
+    """One (session, layer) of the cache as a cache policy sees it: it reads that layer's tokens (keys, values,
+    positions, log-mass) and page summaries, and *requests* changes — merge tokens in place, keep a subset — that
+    the cache applies (with its bookkeeping: summaries, listeners, the pool).  A policy never holds the
+    multi-tenant cache, so it cannot read or change another stream's pages."""
+
+    def __init__(self, cache: PagedKVCache, session_id: str, layer: int):
+        cache.table(session_id, layer)  # unknown session / layer: the cache's error, at once
+        self._cache, self.session_id, self.layer = cache, session_id, layer
+        self.page_size, self.num_kv_heads, self.head_dim = cache.page_size, cache.num_kv_heads, cache.head_dim
+        self.device, self.dtype, self.num_pages = cache.device, cache.dtype, cache.num_pages
+
+    @property
+    def num_tokens(self) -> int:
+        return self._cache.num_tokens(self.session_id, self.layer)
+
+    def slots(self) -> torch.Tensor:
+        """Flat storage slots of the layer's tokens, in table order (the ids ``read`` and ``flat`` take)."""
+        return self._cache.slots(self.session_id, self.layer)
+
+    def flat(self, name: str) -> torch.Tensor:
+        """Storage ``name`` (key_cache, value_cache, positions, log_mass) viewed per slot; for reading the slots of
+        this layer in place (the fused scoring kernel): ``[slots, Hkv, D]``, ``[slots, 3]`` or ``[slots]``."""
+        c = self._cache
+        tail = {"key_cache": (c.num_kv_heads, c.head_dim), "value_cache": (c.num_kv_heads, c.head_dim),
+                "positions": (3,), "log_mass": ()}[name]
+        return getattr(c, name).view(-1, *tail)
+
+    def read(self, name: str, slots: torch.Tensor) -> torch.Tensor:
+        """Copies of storage ``name`` at ``slots`` (which must be this layer's)."""
+        return self.flat(name)[slots]
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        return self._cache.gather(self.session_id, self.layer)
+
+    def page_summaries(self) -> dict[str, torch.Tensor]:
+        """The layer's page summaries in table order (``PagedKVCache.page_summaries``; the first request makes the
+        cache keep them)."""
+        return self._cache.page_summaries(self.session_id, self.layer)
+
+    def merge(self, token_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_mass: torch.Tensor) -> None:
+        """Rewrite tokens ``token_idx`` (table indices) in place: the merge half of merge-in-place."""
+        self._cache.update(self.session_id, self.layer, token_idx, k, v, log_mass)
+
+    def keep(self, keep: torch.Tensor) -> torch.Tensor:
+        """Evict every token but ``keep`` (increasing table indices); returns the survivors' old indices in their
+        new order (``PagedKVCache.compact``)."""
+        return self._cache.compact(self.session_id, self.layer, keep)
 
 
 class PagedKVCache:
@@ -121,22 +230,25 @@ class PagedKVCache:
         check_cache_fits(num_pages, page_size, num_kv_heads, head_dim, dtype, self.device)  # before allocating
         self.pool = PagePool(num_pages)
         shape = (num_pages + 1, page_size, num_kv_heads, head_dim)
-        self.key_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.value_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.positions = torch.zeros((num_pages + 1, page_size, 3), dtype=torch.int32, device=self.device)
-        self.log_mass = torch.zeros((num_pages + 1, page_size), dtype=torch.float32, device=self.device)
-        # Per-page summaries, kept current on every append / update / compaction (see ``page_summaries``).
-        self.page_valid = torch.zeros(num_pages + 1, dtype=torch.int32, device=self.device)
-        self.page_log_mass = torch.full((num_pages + 1,), float("-inf"), dtype=torch.float32, device=self.device)
-        self.page_centroid = torch.zeros((num_pages + 1, num_kv_heads, head_dim), dtype=torch.float32, device=self.device)
-        # Largest distance of a valid key from its page's centroid, per kv head: with the centroid it bounds every
-        # key of the page (a policy can rank pages by the most any of their tokens could score, not the average).
-        self.page_radius = torch.zeros((num_pages + 1, num_kv_heads), dtype=torch.float32, device=self.device)
-        # Importance under a policy's query proxy: (max, sum) and the proxy version it was computed for (-1: stale).
-        self.page_importance = torch.zeros((num_pages + 1, 2), dtype=torch.float32, device=self.device)
-        self.page_importance_version = torch.full((num_pages + 1,), -1, dtype=torch.int64, device=self.device)
-        self._tables: dict[str, list[LayerPageTable]] = {}
         self.listeners: list[StorageListener] = []
+        self.storage = KVStorage(
+            torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device),
+            torch.zeros((num_pages + 1, page_size, 3), dtype=torch.int32, device=self.device),
+            torch.zeros((num_pages + 1, page_size), dtype=torch.float32, device=self.device),
+            self.listeners, self._held_pages, self.live_slots)
+        # Per-page summaries, kept current on every append / update / compaction (``page_summaries``).  Eager, not
+        # started on a policy's first request: seeding them later would reduce over other sets of pages at once
+        # than the incremental refreshes do, and a float32 reduction of another shape may differ in the last bit,
+        # which page candidates and merge tolerances could turn into other survivors (not worth the bit-identity).
+        self.summaries = PageSummaries(self.storage)
+        self._tables: dict[str, list[LayerPageTable]] = {}
+
+    # ---- storage (owned by ``storage``, the one object backends and listeners see) ---------------------------
+    key_cache = property(lambda self: self.storage.key_cache, lambda self, t: setattr(self.storage, "key_cache", t))
+    value_cache = property(lambda self: self.storage.value_cache,
+                           lambda self, t: setattr(self.storage, "value_cache", t))
+    positions = property(lambda self: self.storage.positions, lambda self, t: setattr(self.storage, "positions", t))
+    log_mass = property(lambda self: self.storage.log_mass, lambda self, t: setattr(self.storage, "log_mass", t))
 
     # ---- sizes ----------------------------------------------------------------------------------
     @property
@@ -147,7 +259,7 @@ class PagedKVCache:
         return math.ceil(num_tokens / self.page_size)
 
     def bytes_per_page(self) -> int:
-        return 2 * self.page_size * self.num_kv_heads * self.head_dim * self.key_cache.element_size()
+        return kv_page_bytes(self.page_size, self.num_kv_heads, self.head_dim, self.key_cache.element_size())
 
     # ---- sessions -------------------------------------------------------------------------------
     def add_session(self, session_id: str, reserve_pages: int) -> None:
@@ -166,6 +278,9 @@ class PagedKVCache:
         if held:
             self._free_pages(held)
         self.pool.release(session_id)
+
+    def _held_pages(self) -> list[int]:
+        return [p for tables in self._tables.values() for t in tables for p in t.pages]
 
     def has_session(self, session_id: str) -> bool:
         return session_id in self._tables
@@ -200,7 +315,11 @@ class PagedKVCache:
             if t.pages:
                 bt[i, : len(t.pages)] = torch.tensor(t.pages, dtype=torch.int32)
         seq = torch.tensor([t.num_tokens for t in tables], dtype=torch.int32)
-        return CacheView(self, list(session_ids), layer, bt.to(self.device), seq.to(self.device))
+        return CacheView(self.storage, list(session_ids), layer, bt.to(self.device), seq.to(self.device))
+
+    def session_view(self, session_id: str, layer: int) -> SessionCacheView:
+        """What a cache policy may see and ask of one layer of one session."""
+        return SessionCacheView(self, session_id, layer)
 
     # ---- writes ---------------------------------------------------------------------------------
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor, name: str = "k/v") -> None:
@@ -249,7 +368,7 @@ class PagedKVCache:
         lm = self.log_mass.view(-1)
         lm[slots] = 0.0 if log_mass is None else log_mass.to(self.device, torch.float32)
         for listener in self.listeners:
-            listener.on_write(self, slots)
+            listener.on_write(self.storage, slots)
 
     def update(
         self,
@@ -298,7 +417,7 @@ class PagedKVCache:
             pos, lm = self.positions.view(-1, 3), self.log_mass.view(-1)
             kc[dst], vc[dst], pos[dst], lm[dst] = kc[src], vc[src], pos[src], lm[src]
             for listener in self.listeners:
-                listener.on_write(self, dst)
+                listener.on_write(self.storage, dst)
             order[holes] = movers
         n_pages, n_before = self.pages_for(n_keep), t.num_tokens
         freed = t.pages[n_pages:]
@@ -331,7 +450,7 @@ class PagedKVCache:
         self.positions.view(-1, 3)[slots] = 0
         self.log_mass.view(-1)[slots] = 0.0
         for listener in self.listeners:
-            listener.on_write(self, slots)
+            listener.on_write(self.storage, slots)
 
     def _free_pages(self, pages) -> None:
         """Scrub pages that are leaving their table (storage, summaries, listeners) before the pool gets them."""
@@ -339,49 +458,31 @@ class PagedKVCache:
         for storage in (self.key_cache, self.value_cache, self.positions, self.log_mass):
             storage.index_fill_(0, idx, 0)
         for listener in self.listeners:
-            listener.on_free(self, idx.tolist())
+            listener.on_free(self.storage, idx.tolist())
         self._clear_pages(idx)
 
-    # ---- per-page summaries ---------------------------------------------------------------------
+    # ---- per-page summaries (page_summaries.py) ------------------------------------------------------------
     def _clear_pages(self, pages) -> None:
-        idx = torch.as_tensor(pages, dtype=torch.int64, device=self.device)
-        self.page_valid[idx] = 0
-        self.page_log_mass[idx] = float("-inf")
-        self.page_centroid[idx] = 0
-        self.page_radius[idx] = 0
-        self.page_importance[idx] = 0
-        self.page_importance_version[idx] = -1
+        self.summaries.clear(pages)
 
     def _refresh_pages(self, t: LayerPageTable, page_positions) -> None:
-        """Recompute summaries of the table's pages at ``page_positions`` (indices into ``t.pages``) from storage.
-        Cost O(pages touched): appends touch the tail, merges their own pages, compaction the moved suffix."""
+        """Tell the summaries (if kept) that the table's pages at ``page_positions`` (indices into ``t.pages``)
+        changed.  Cost O(pages touched): appends touch the tail, merges their own pages, compaction the moved
+        suffix."""
         pos = [j for j in page_positions if 0 <= j < len(t.pages)]
         if not pos:
             return
         ids = torch.tensor([t.pages[j] for j in pos], dtype=torch.int64, device=self.device)
         valid = torch.tensor([min(self.page_size, t.num_tokens - j * self.page_size) for j in pos],
                              dtype=torch.int32, device=self.device)
-        mask = torch.arange(self.page_size, device=self.device)[None, :] < valid[:, None]
-        k = self.key_cache[ids].float()
-        partial = (valid < self.page_size).nonzero().flatten()  # only a table's last page can be partial
-        if partial.numel():  # select, never multiply by the mask: NaN * 0 is NaN
-            k[partial] = k[partial].masked_fill(~mask[partial][:, :, None, None], 0.0)
-        self.page_valid[ids] = valid
-        self.page_centroid[ids] = k.sum(1) / valid.clamp_min(1)[:, None, None].float()
-        dist = (k - self.page_centroid[ids][:, None]).norm(dim=-1)  # [pages, page, Hkv]
-        self.page_radius[ids] = dist.masked_fill(~mask[:, :, None], 0.0).amax(1)
-        lm = self.log_mass[ids].masked_fill(~mask, float("-inf"))
-        self.page_log_mass[ids] = torch.logsumexp(lm, dim=1)
-        self.page_importance_version[ids] = -1  # contents changed: any cached importance is stale
+        self.summaries.refresh(ids, valid)
 
     def page_summaries(self, session_id: str, layer: int) -> dict[str, torch.Tensor]:
-        """Summaries of one layer's pages in table order: valid count, log total mass, key centroid and radius
-        (largest key distance from the centroid) per kv head, cached importance."""
+        """Summaries of one layer's pages in table order: ``pages`` (ids), valid count, log total mass, key
+        centroid and radius (largest key distance from the centroid) per kv head, ``epoch`` (changes with the
+        page's contents)."""
         ids = torch.tensor(self.table(session_id, layer).pages, dtype=torch.int64, device=self.device)
-        return {"pages": ids, "valid": self.page_valid[ids], "log_mass": self.page_log_mass[ids],
-                "centroid": self.page_centroid[ids], "radius": self.page_radius[ids],
-                "importance": self.page_importance[ids],
-                "importance_version": self.page_importance_version[ids]}
+        return self.summaries.of(ids)
 
     def recompute_page_summaries(self, session_id: str, layer: int) -> dict[str, torch.Tensor]:
         """From-scratch recomputation (the oracle the incremental summaries are tested against)."""
@@ -457,9 +558,9 @@ class PagedKVCache:
             assert len(owned) == self.pool.held(sid), f"{sid}: tables {len(owned)} != pool {self.pool.held(sid)}"
             for t in tables:
                 assert len(t.pages) == self.pages_for(t.num_tokens), f"{sid}: {t}"
-        self._check_clean()
+        self._check_clean(self.live_slots())
         for listener in self.listeners:
-            listener.check_invariants(self)
+            listener.check_invariants(self.storage)
 
     def live_slots(self) -> torch.Tensor:
         """Bool ``[num_pages + 1, page_size]``: which physical slots hold a live token of some table."""
@@ -469,9 +570,9 @@ class PagedKVCache:
                 live[self.slots(sid, layer)] = True
         return live.view(self.num_pages + 1, self.page_size)
 
-    def _check_clean(self) -> None:
+    def _check_clean(self, live: torch.Tensor) -> None:
         """The isolation invariant: every slot without a live token is all-zero (O(storage): tests only)."""
-        dead = ~self.live_slots()
+        dead = ~live
         for name in ("key_cache", "value_cache", "positions", "log_mass"):
             nonzero = getattr(self, name) != 0  # True for NaN too
             stale = dead & (nonzero.flatten(2).any(-1) if nonzero.dim() > 2 else nonzero)

@@ -31,8 +31,11 @@ import torch
 
 from ff_engine.attention import AttentionBackend, AttentionBatch, get_backend
 from ff_engine.cache import PagedKVCache
+from ff_engine.engine.observer import AttentionCall, EngineObserver
+from ff_engine.engine.recache import switch_prompt
 from ff_engine.engine.sampler import FlowMatchSchedule
 from ff_engine.engine.session import SESSION_ID_RE, Session, SessionConfig
+from ff_engine.engine.snapshot import restore_session, snapshot_session
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 from ff_engine.policies.base import CachePolicy, CompressContext
 
@@ -82,8 +85,13 @@ class PagedSelfAttention:
         e, n_seq = self.engine, len(self.sessions)
         n = q.shape[0] // n_seq
         cu = torch.arange(n_seq + 1, dtype=torch.int32) * n
-        view = e.cache.view([s.id for s in self.sessions], layer)
-        out = e.backend.forward(AttentionBatch(q, k, v, cu, view, 1.0 / math.sqrt(q.shape[-1])))
+        ids = [s.id for s in self.sessions]
+        batch = AttentionBatch(q, k, v, cu, e.cache.view(ids, layer), 1.0 / math.sqrt(q.shape[-1]))
+        out = e.backend.forward(batch)
+        if e.observers:
+            call = AttentionCall(layer, tuple(ids), batch, out, self.write, q_pre_rope, positions)
+            for observer in e.observers:
+                observer.on_attention(call)
         if self.write:
             for i, s in enumerate(self.sessions):
                 sl = slice(i * n, (i + 1) * n)
@@ -147,6 +155,15 @@ class Engine:
             context_noise = getattr(getattr(model, "cfg", None), "context_noise", 0.0)
         self.context_noise = float(context_noise)
         self.sessions: dict[str, Session] = {}
+        self.observers: list[EngineObserver] = []
+
+    def add_observer(self, observer: EngineObserver) -> EngineObserver:
+        """Call ``observer``'s hooks from now on (``observer.py``); returns it."""
+        self.observers.append(observer)
+        return observer
+
+    def remove_observer(self, observer: EngineObserver) -> None:
+        self.observers.remove(observer)
 
     # ---- admission ------------------------------------------------------------------------------
     def pages_needed(self, cfg: SessionConfig) -> int:
@@ -284,8 +301,10 @@ class Engine:
         newest = session.start_frame + session.frames_per_block - 1
         for layer in range(g.num_layers):
             session.policy.compress(CompressContext(
-                self.cache, session.id, layer, budgets[layer], newest, g.frames_per_block, g.tokens_per_frame,
+                self.cache.session_view(session.id, layer), budgets[layer], newest, g.frames_per_block, g.tokens_per_frame,
                 g.token_grid, getattr(self.model, "rope", None)))
+            for observer in self.observers:
+                observer.on_compress(session, layer, self.cache.num_tokens(session.id, layer))
 
     def advance(self, session: Session, block: torch.Tensor | None) -> None:
         """The one place a session moves to its next block (``block``: its latents [F, C, H, W] to keep, or None
@@ -377,6 +396,9 @@ class Engine:
                 results.append(BlockResult(s.id, blocks[s.id], s.latents[-1], s.done))
                 if s.done:
                     self.cancel(s.id)  # finished: pages go back to the pool
+        for observer in self.observers:
+            for r in results:
+                observer.on_block(r)
         return results
 
     def _contained(self, sessions: list[Session], run, cache: bool) -> tuple[dict, dict[str, str]]:
@@ -423,19 +445,15 @@ class Engine:
             self.cancel(s.id)
         return torch.cat(s.latents)[: cfg.num_frames]
 
-    # ---- session snapshots (ff_engine/engine/snapshot.py) -----------------------------------------------
+    # ---- session snapshots (ff_engine/engine/snapshot.py owns them; snapshot.py never imports this module) --------------------------------------------
     def snapshot(self, session_id: str):
         """``SessionSnapshot`` of an active session between blocks: everything it needs to continue
         bit-identically on any engine with the same model (the session itself is not touched)."""
-        from ff_engine.engine.snapshot import snapshot_session  # snapshot.py builds on this module's types
-
         return snapshot_session(self, session_id)
 
     def restore(self, snap, session_id: str | None = None) -> Session:
         """Admit a snapshotted session (pages reserved exactly as ``add_session``; ``BudgetError`` if they do not
         fit, ``SnapshotError`` for another model) where it stopped; continue it with ``step``."""
-        from ff_engine.engine.snapshot import restore_session
-
         return restore_session(self, snap, session_id)
 
     # ---- prompt switching (ff_engine/engine/recache.py) ----------------------------------------------------
@@ -446,6 +464,4 @@ class Engine:
         block, or every frame so far when unbounded; 0: switch without re-cache; sink frames keep theirs).  Call it
         between steps (the next block boundary); the page count and budget do not change.  Returns the number of
         frames re-cached.  ``ConfigError`` for an unknown or finished session or a bad prompt (nothing changed)."""
-        from ff_engine.engine.recache import switch_prompt
-
         return switch_prompt(self, session_id, prompt, recache_frames)

@@ -25,8 +25,8 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 
+from ff_engine.attention.torch_ref import sdpa
 from ff_engine.errors import ConfigError, FFEngineError
 
 
@@ -53,14 +53,6 @@ def streaming_config(cfg, frames_per_block: int):
     return dataclasses.replace(cfg, retain_frames=retain_for_recache(cfg, frames_per_block))
 
 
-def _attend(q, k, v, bias):
-    mask = None if bias is None else bias.to(q.dtype)[None, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return out[0].transpose(0, 1)
-
-
 class RecacheAttention:
     """The ``SelfAttentionFn`` of one re-cache pass over frames ``[first, end)`` of one session: attend to the
     cached tokens older than ``first`` plus the pass's own tokens, then overwrite the K/V of the pass's frames that
@@ -84,7 +76,7 @@ class RecacheAttention:
         vv = torch.cat([c.value_cache.view(-1, h, d)[older], v.to(c.dtype)])
         past_lm = c.log_mass.view(-1)[older]
         bias = torch.cat([past_lm, past_lm.new_zeros(k.shape[0])]) if bool((past_lm != 0).any()) else None
-        out = _attend(q.to(c.dtype), kk, vv, bias).to(q.dtype)
+        out = sdpa(q.to(c.dtype), kk, vv, 1.0 / math.sqrt(q.shape[-1]), bias).to(q.dtype)
         mine = ((pos[:, 0] >= self.first) & (pos[:, 0] < self.end) & (lm == 0)).nonzero().flatten()
         if mine.numel():
             index = torch.full((int(self._key(positions).max()) + 1,), -1, dtype=torch.long, device=k.device)

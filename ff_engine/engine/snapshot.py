@@ -38,7 +38,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
 import torch
 
 from ff_engine.engine.session import Session, SessionConfig
@@ -68,6 +67,8 @@ class SessionSnapshot:
 
     def to_bytes(self) -> bytes:
         """safetensors bytes with the JSON meta in the header metadata."""
+        import safetensors.torch  # here, not at the top: the engine imports this module, and must run without it
+
         return safetensors.torch.save(self.tensors, metadata={META_KEY: json.dumps(self.meta, sort_keys=True)})
 
     @classmethod
@@ -76,6 +77,8 @@ class SessionSnapshot:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise SnapshotError(f"snapshot data must be bytes, got {type(data).__name__}")
         data = bytes(data)
+        import safetensors.torch  # see to_bytes
+
         try:
             tensors = safetensors.torch.load(data)
             header_len = int.from_bytes(data[:8], "little")

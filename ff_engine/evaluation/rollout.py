@@ -1,7 +1,8 @@
 """One rollout of the world model under a cache policy: free after a ground-truth prefix, or teacher-forced.
 
-The building block of every quality measurement; ``AttentionTap`` records each attention call's output so the
-attention-output error of a policy can be compared with the unbounded cache's on the same inputs.
+The building block of every quality measurement; an ``AttentionTap`` (an engine observer) records each attention
+call's output so the attention-output error of a policy can be compared with the unbounded cache's on the same
+inputs.
 """
 
 from __future__ import annotations
@@ -12,23 +13,7 @@ import torch
 
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.engine import reservation_pages
-
-
-class AttentionTap:
-    """Wraps an engine's backend and keeps each call's output per layer (for the attention-output error)."""
-
-    def __init__(self, engine):
-        self.inner, self.outputs, self.active = engine.backend, [], True
-        engine.backend = self
-
-    def validate(self, *a):
-        return self.inner.validate(*a)
-
-    def forward(self, batch):
-        out = self.inner.forward(batch)
-        if self.active:
-            self.outputs.append(out.detach().clone())
-        return out
+from ff_engine.engine.observer import AttentionTap
 
 
 def rollout(model, clip_lat, prefix, frames, policy, budget, seed, page_size, tap=None, teacher=None,

@@ -22,16 +22,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from ff_engine.cache import PagedKVCache
+from ff_engine.cache import SessionCacheView
 from ff_engine.errors import ConfigError, SnapshotError
 from ff_engine.policies.params import check_params
 
 
 @dataclass
 class CompressContext:
-    cache: PagedKVCache
-    session_id: str
-    layer: int
+    """One compression of one layer of one session: the policy's view of that layer (``view``: read tokens, request
+    merges and evictions) and what the engine knows about the block just written."""
+
+    view: SessionCacheView
     budget_tokens: int
     newest_frame: int  # last latent frame written
     frames_per_block: int
@@ -43,8 +44,16 @@ class CompressContext:
     scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def session_id(self) -> str:
+        return self.view.session_id
+
+    @property
+    def layer(self) -> int:
+        return self.view.layer
+
+    @property
     def num_tokens(self) -> int:
-        return self.cache.num_tokens(self.session_id, self.layer)
+        return self.view.num_tokens
 
 
 class LayerTokens:
@@ -59,7 +68,7 @@ class LayerTokens:
     def __init__(self, ctx: CompressContext, index: torch.Tensor | None = None,
                  outside_log_mass: torch.Tensor | None = None, layer_slots: torch.Tensor | None = None):
         self._ctx, self._index = ctx, index
-        self._layer_slots = ctx.cache.slots(ctx.session_id, ctx.layer) if layer_slots is None else layer_slots
+        self._layer_slots = ctx.view.slots() if layer_slots is None else layer_slots
         self.slots = self._layer_slots if index is None else self._layer_slots[index]  # [N] flat page-storage slots
         self.layer, self.newest_frame, self.tokens_per_frame = ctx.layer, ctx.newest_frame, ctx.tokens_per_frame
         self.outside_log_mass = outside_log_mass
@@ -78,26 +87,21 @@ class LayerTokens:
             return self._index
         return torch.arange(self.slots.numel(), device=self.slots.device)
 
-    def _read(self, storage, *tail):
-        return storage.view(-1, *tail)[self.slots] if tail else storage.view(-1)[self.slots]
-
     @cached_property
     def k(self) -> torch.Tensor:  # [N, Hkv, D] post-RoPE
-        c = self._ctx.cache
-        return self._read(c.key_cache, c.num_kv_heads, c.head_dim)
+        return self._ctx.view.read("key_cache", self.slots)
 
     @cached_property
     def v(self) -> torch.Tensor:
-        c = self._ctx.cache
-        return self._read(c.value_cache, c.num_kv_heads, c.head_dim)
+        return self._ctx.view.read("value_cache", self.slots)
 
     @cached_property
     def positions(self) -> torch.Tensor:  # [N, 3] int32 (frame, h, w)
-        return self._read(self._ctx.cache.positions, 3)
+        return self._ctx.view.read("positions", self.slots)
 
     @cached_property
     def log_mass(self) -> torch.Tensor:  # [N]
-        return self._read(self._ctx.cache.log_mass)
+        return self._ctx.view.read("log_mass", self.slots)
 
     @property
     def num_tokens(self) -> int:
@@ -197,13 +201,12 @@ class CachePolicy:
         protected = self.protected(tokens.positions, ctx)
         if not self.scores_whole_layer:
             tokens = tokens.subset((~protected).nonzero().flatten())
-        return Ranking(tokens, self.score(tokens, ctx).float().to(ctx.cache.device), protected)
+        return Ranking(tokens, self.score(tokens, ctx).float().to(ctx.view.device), protected)
 
     def remove(self, ctx: CompressContext, ranking: Ranking) -> torch.Tensor:
         """Bring the layer to ``ctx.budget_tokens``: keep the highest-scoring tokens (protected and unranked ones
-        always), compact.  Returns ``survivors`` (``cache.compact``'s order) for ``on_compact``."""
-        keep = top_tokens(ranking.keep_scores(), ctx.budget_tokens)
-        return ctx.cache.compact(ctx.session_id, ctx.layer, keep)
+        always), evict the others.  Returns ``survivors`` (``SessionCacheView.keep``'s order) for ``on_compact``."""
+        return ctx.view.keep(top_tokens(ranking.keep_scores(), ctx.budget_tokens))
 
     def protected(self, positions: torch.Tensor, ctx: CompressContext) -> torch.Tensor:
         """Tokens that must survive: sink frames and (by default) the newest block, or as many of its newest

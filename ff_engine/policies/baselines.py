@@ -80,7 +80,7 @@ class H2O(_QuerySample, CachePolicy):
 
     def score(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         n, layer = tokens.num_tokens, ctx.layer
-        dev = ctx.cache.device  # the accumulators live beside the keys they score
+        dev = ctx.view.device  # the accumulators live beside the keys they score
         acc = _grown(self._acc, layer, n, dev)
         count = _grown(self._count, layer, n, dev) if self.normalize else None
         if layer in self._q:

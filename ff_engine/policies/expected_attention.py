@@ -83,7 +83,7 @@ class ExpectedAttention(CachePolicy):
     def future_moments(self, ctx: CompressContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """kvpress's ``apply_avg_rope``: (mu_f [H, D], Sigma_f [H, D, D] or None) float64 on the cache's device;
         without a RoPE (``ctx.rope`` None) the moments are used as they are."""
-        dev = ctx.cache.device
+        dev = ctx.view.device
         mu, cov = self._mu[ctx.layer].to(dev), self._cov.get(ctx.layer)
         cov = None if cov is None else cov.to(dev)
         if ctx.rope is None:
@@ -117,7 +117,7 @@ class ExpectedAttention(CachePolicy):
         pos = tokens.positions.long()
         sink = pos[:, 0] * ctx.tokens_per_frame + pos[:, 1] * ctx.token_grid[1] + pos[:, 2] < self.n_sink
         rest = (~sink).nonzero().flatten()
-        out = torch.ones(tokens.num_tokens, device=ctx.cache.device)
+        out = torch.ones(tokens.num_tokens, device=ctx.view.device)
         if rest.numel() == 0:
             return out
         per_head = self.kv_head_scores(tokens.k[rest], tokens.v[rest], tokens.log_mass[rest], *self.future_moments(ctx))

@@ -57,8 +57,8 @@ class FutureForcingScorer(CachePolicy):
         self.proxy.update(layer, q_pre_rope)
 
     def state_dict(self):
-        """The proxy's statistics (``proxy.*``).  Importance cached in the page summaries is keyed by the proxy
-        version, which moves on every write pass, so none of it outlives a block and it needs no saving."""
+        """The proxy's statistics (``proxy.*``).  The page importance cache (``page_estimates``) is keyed by the
+        proxy version, which moves on every write pass, so none of it outlives a block and it needs no saving."""
         return {**super().state_dict(), **{f"proxy.{k}": v for k, v in self.proxy.state_dict().items()}}
 
     def load_state_dict(self, state):
@@ -102,20 +102,20 @@ class FutureForcingScorer(CachePolicy):
         mu_f, sigma_f = self.projected(ctx)
         rest = tokens.outside_log_mass
         if self.fused_scoring:
-            return self.fused_importance(ctx.cache, tokens.slots, mu_f, sigma_f, rest)
+            return self.fused_importance(ctx.view, tokens.slots, mu_f, sigma_f, rest)
         logits = self.head_logits(tokens.k, tokens.v, tokens.log_mass, mu_f, sigma_f)
         lse = torch.logsumexp(logits, 1)
         return self.aggregate(logits, lse if rest is None else torch.logaddexp(lse, rest))
 
-    def fused_importance(self, cache, slots, mu_f, sigma_f, rest=None) -> torch.Tensor:
-        """``aggregate(head_logits(...))`` of the tokens at ``slots`` through ``kernels.expected_attention_scores``:
-        keys and values read in place from the page storage, one launch for all terms (Triton on CUDA)."""
-        hkv, d = cache.num_kv_heads, cache.head_dim
+    def fused_importance(self, view, slots, mu_f, sigma_f, rest=None) -> torch.Tensor:
+        """``aggregate(head_logits(...))`` of the tokens at ``slots`` (of ``view``, a ``SessionCacheView``) through
+        ``kernels.expected_attention_scores``: keys and values read in place from the page storage, one launch for
+        all terms (Triton on CUDA)."""
         u, lam = proxy_factors(sigma_f, self.cov_rank)
-        dev = cache.key_cache.device
+        dev = view.device
         seg = torch.tensor([0, slots.numel()], device=dev)
         return expected_attention_scores(
-            cache.key_cache.view(-1, hkv, d), cache.value_cache.view(-1, hkv, d), cache.log_mass.view(-1),
+            view.flat("key_cache"), view.flat("value_cache"), view.flat("log_mass"),
             slots.to(dev), seg, mu_f.float()[None].to(dev), u[None].to(dev), lam[None].to(dev), self.value_norm,
             self.aggregation, None if rest is None else rest[None].to(dev))[2]
 
@@ -128,9 +128,7 @@ class FutureForcingScorer(CachePolicy):
         mean key, which averages such a token away.  Also each page's estimated log attention mass per head
         [H, P] (its centroid's score plus its log total mass), for the normaliser of pages not scored."""
         mu_f, sigma_f = self.projected(ctx)
-        cache = ctx.cache
-        summ = cache.page_summaries(ctx.session_id, ctx.layer)
-        ids = summ["pages"]
+        summ = ctx.view.page_summaries()
         lin, quad = FutureQueryProxy.score_terms(summ["centroid"], mu_f, sigma_f, self.cov_rank)
         z = log_mean_exp(lin + quad)  # [H, P] at centroids
         page_mass = z + summ["log_mass"][None]
@@ -139,16 +137,43 @@ class FutureForcingScorer(CachePolicy):
             z = log_expected_exp_bound(lin, quad, summ["radius"], mu_f, sigma_f)
         version = self.proxy.version.get(ctx.layer, 0)
         agg = self.aggregate(z, lse)
-        stale = summ["importance_version"] != version
-        cache.page_importance[ids[stale], 0] = agg[stale]
-        cache.page_importance[ids[stale], 1] = agg[stale] * summ["valid"][stale].float()
-        cache.page_importance_version[ids[stale]] = version
-        return PageEstimate(cache.page_importance[ids, 0], page_mass)
+        return PageEstimate(self.page_importance(ctx).lookup(summ["pages"], summ["epoch"], version, agg), page_mass)
+
+    def page_importance(self, ctx: CompressContext) -> PageImportance:
+        """This session's page importance cache (made on first use, sized to the cache's pages).  A plain attribute,
+        not a dataclass field: it is derived data, not configuration or state to snapshot."""
+        cached = self.__dict__.get("_page_importance")
+        if cached is None:
+            cached = self.__dict__["_page_importance"] = PageImportance(ctx.view.num_pages, ctx.view.device)
+        return cached
+
+    def forget_page_importance(self) -> None:
+        """Drop the cached page importance (a benchmark that re-ranks the same pages under other settings)."""
+        self.__dict__.pop("_page_importance", None)
 
     def merge_space(self, ctx: CompressContext, num_kv_heads: int) -> MergeSpace:
         """The proxy's affine subspace per kv head and its mean query direction (``merge_subspace``)."""
         mu_g, basis = merge_subspace(*self.projected(ctx), num_kv_heads, self.merge_rank)
         return MergeSpace(basis, mu_g)
+
+
+class PageImportance:
+    """Page importance under the scorer's query proxy, per page id, with the proxy version and page epoch
+    (``PageSummaries.epoch``) it was computed for: a page is recomputed only when either moved.  Kept by the
+    scorer, not the cache: it is the policy's derived data; the cache only says when a page changed."""
+
+    def __init__(self, num_pages: int, device: torch.device):
+        self.value = torch.zeros(num_pages + 1, dtype=torch.float32, device=device)
+        self.version = torch.full((num_pages + 1,), -1, dtype=torch.int64, device=device)
+        self.epoch = torch.full((num_pages + 1,), -1, dtype=torch.int64, device=device)
+
+    def lookup(self, ids: torch.Tensor, epoch: torch.Tensor, version: int, fresh: torch.Tensor) -> torch.Tensor:
+        """Importance of pages ``ids``: the cached value where still current, else ``fresh`` (stored)."""
+        stale = (self.version[ids] != version) | (self.epoch[ids] != epoch)
+        self.value[ids[stale]] = fresh[stale]
+        self.version[ids[stale]] = version
+        self.epoch[ids[stale]] = epoch[stale]
+        return self.value[ids]
 
 
 def merge_subspace(mu_f, sigma_f, hkv: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

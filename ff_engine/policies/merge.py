@@ -81,7 +81,7 @@ class Merge(PolicyWrapper):
                                    self.mode, self.key_tol, self.value_tol)
 
     def remove(self, ctx: CompressContext, ranking: Ranking) -> torch.Tensor:
-        cache, sid, layer, n = ctx.cache, ctx.session_id, ctx.layer, ctx.num_tokens
+        n = ctx.num_tokens
         n_remove = n - ctx.budget_tokens
         cand, imp = ranking.removable()
         if cand.numel() < n_remove:
@@ -100,10 +100,10 @@ class Merge(PolicyWrapper):
         self.stats["evicted"] += int((assign < 0).sum())
         if merged is not None:
             targets, nk, nv, nl = merged
-            cache.update(sid, layer, cand[targets], nk, nv, nl)
+            ctx.view.merge(cand[targets], nk, nv, nl)
         drop = torch.zeros(n, dtype=torch.bool, device=cand.device)
         drop[cand[victims]] = True
-        return cache.compact(sid, layer, (~drop).nonzero().flatten())
+        return ctx.view.keep((~drop).nonzero().flatten())
 
     def state_dict(self):
         """The inner policy's state and the decision counters (``stats.<name>``, integers)."""

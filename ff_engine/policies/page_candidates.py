@@ -66,7 +66,7 @@ class PageCandidates(PolicyWrapper):
         protected = self.inner.protected(tokens.positions, ctx)
         cand, outside = self.candidates(ctx, protected, self.inner.page_estimates(ctx))
         tokens = tokens.subset(cand, outside)
-        return Ranking(tokens, self.inner.score(tokens, ctx).float().to(ctx.cache.device), protected)
+        return Ranking(tokens, self.inner.score(tokens, ctx).float().to(ctx.view.device), protected)
 
     def candidates(self, ctx: CompressContext, protected: torch.Tensor, pages: PageEstimate):
         """Table indices [M] of every removable token of the lowest-ranked pages holding ``oversample x removed``
@@ -74,7 +74,7 @@ class PageCandidates(PolicyWrapper):
         n = protected.numel()
         dev = protected.device
         free_per_page = torch.zeros(pages.rank.numel(), dtype=torch.long, device=dev)
-        page_of = torch.arange(n, device=dev) // ctx.cache.page_size
+        page_of = torch.arange(n, device=dev) // ctx.view.page_size
         free_per_page.index_add_(0, page_of, (~protected).long())
         est = pages.rank.masked_fill(free_per_page == 0, float("inf"))
         order = torch.argsort(est)
