@@ -90,6 +90,22 @@ class MjpegParser:
             self.buf = self.buf[head_end + 4 + n + 2 :]
 
 
+def _ended(video_id: str, st: dict) -> str:
+    """'video vid_… was cancelled' / 'video vid_… failed: <error>' (no 'None' for a stream without an error)."""
+    what = {"cancelled": "was cancelled", "failed": "failed"}.get(st["status"], st["status"])
+    return f"video {video_id} {what}" + (f": {st['error']}" if st.get("error") else "")
+
+
+def _refused(exc) -> ServerError:
+    """websockets' ``InvalidStatus`` (the upgrade was answered with an HTTP error) as a ``ServerError``."""
+    resp = exc.response
+    try:
+        err = json.loads(resp.body or b"")["error"]
+        return ServerError(resp.status_code, err.get("message", ""), err.get("param"), err.get("code"))
+    except (ValueError, TypeError, KeyError, AttributeError):  # a body that is not the API's shape
+        return ServerError(resp.status_code, f"websocket: upgrade refused with HTTP {resp.status_code}")
+
+
 def _ws_url(base_url: str) -> str:
     return base_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/v1/realtime/video"
 
@@ -184,7 +200,7 @@ class Client(_Base):
         """Wait for the stream to finish and download its MP4."""
         st = self.wait(video_id, timeout)
         if st["status"] != "finished":
-            raise ServerError(409, f"video {video_id} ended {st['status']}: {st.get('error')}", "id", "not_ready")
+            raise ServerError(409, _ended(video_id, st), "id", "not_ready")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with self.http.stream("GET", f"/v1/videos/{video_id}/file") as r:
@@ -196,16 +212,25 @@ class Client(_Base):
         return path
 
     def realtime(self, slow_client: str = "wait", include_latents: bool = False, **params) -> RealtimeStream:
+        return RealtimeStream(self._connect(), _start_event(params, slow_client, include_latents))
+
+    def resume(self, session_id: str, from_block: int | None = None, include_latents: bool = False) -> RealtimeStream:
+        """Re-attach a ``wait`` session whose connection was lost (``session.resume``), from ``from_block``
+        (default: the first block the lost connection did not send)."""
+        ev = {"type": "session.resume", "session_id": session_id, "include_latents": include_latents}
+        if from_block is not None:
+            ev["from_block"] = from_block
+        return RealtimeStream(self._connect(), ev)
+
+    def _connect(self, **kw):
+        from websockets.exceptions import InvalidStatus
         from websockets.sync.client import connect
 
-        ws = connect(
-            _ws_url(self.base_url),
-            additional_headers=self.headers,
-            subprotocols=["ff-engine"],
-            max_size=None,
-            open_timeout=30,
-        )
-        return RealtimeStream(ws, _start_event(params, slow_client, include_latents))
+        try:
+            return connect(_ws_url(self.base_url), additional_headers=self.headers, subprotocols=["ff-engine"],
+                           max_size=None, open_timeout=30, **kw)
+        except InvalidStatus as exc:
+            raise _refused(exc) from None
 
 
 class RealtimeStream:
@@ -220,7 +245,7 @@ class RealtimeStream:
             if ev["type"] == "error":
                 ws.close()
                 raise ServerError.from_event(ev)
-            if ev["type"] == "session.started":
+            if ev["type"] in ("session.started", "session.resumed"):
                 self.started, self.id = ev, ev["session_id"]
                 return
 
@@ -313,7 +338,7 @@ class AsyncClient(_Base):
     async def save(self, video_id: str, path: str | Path, timeout: float = 300.0) -> Path:
         st = await self.wait(video_id, timeout)
         if st["status"] != "finished":
-            raise ServerError(409, f"video {video_id} ended {st['status']}: {st.get('error')}", "id", "not_ready")
+            raise ServerError(409, _ended(video_id, st), "id", "not_ready")
         r = self._check(await self.http.get(f"/v1/videos/{video_id}/file"))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,14 +347,13 @@ class AsyncClient(_Base):
 
     async def realtime(self, slow_client: str = "wait", include_latents: bool = False, **params) -> AsyncRealtimeStream:
         from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus
 
-        ws = await connect(
-            _ws_url(self.base_url),
-            additional_headers=self.headers,
-            subprotocols=["ff-engine"],
-            max_size=None,
-            open_timeout=30,
-        )
+        try:
+            ws = await connect(_ws_url(self.base_url), additional_headers=self.headers, subprotocols=["ff-engine"],
+                               max_size=None, open_timeout=30)
+        except InvalidStatus as exc:
+            raise _refused(exc) from None
         stream = AsyncRealtimeStream(ws)
         await stream.start(_start_event(params, slow_client, include_latents))
         return stream
@@ -346,7 +370,7 @@ class AsyncRealtimeStream:
             if ev["type"] == "error":
                 await self.ws.close()
                 raise ServerError.from_event(ev)
-            if ev["type"] == "session.started":
+            if ev["type"] in ("session.started", "session.resumed"):
                 self.started, self.id = ev, ev["session_id"]
                 return
 

@@ -72,7 +72,7 @@ async def stalled_session(server, slow_client: str, blocks: int):
 
 
 def run(server, coro):
-    return asyncio.run_coroutine_threadsafe(coro, server.app.state.ff["loop"]).result(120)
+    return asyncio.run_coroutine_threadsafe(coro, server.app.state.ff.loop).result(120)
 
 
 def test_drop_policy_skips_frames_and_counts_them(server):

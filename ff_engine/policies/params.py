@@ -25,6 +25,24 @@ from ff_engine.errors import ConfigError
 #: far inside torch's 64-bit seed range
 MAX_POLICY_SEED = 2**32 - 1
 
+#: upper bounds of parameters whose declaration has none (or a looser one): the tighter of the two applies
+#: everywhere (validation, ``GET /v1/policies``, ``--policy-arg``).  Each is past any useful value: the work a
+#: policy does per block grows with these (queries scored, ranks, positions), so an unbounded one is a cost
+#: amplifier for anyone who can send a request.
+UPPER_BOUNDS: dict[str, float] = {
+    "num_queries": 4096,  # h2o / snapkv: queries per layer per block (defaults 256 / 64)
+    "n_sink": 4096,  # expected attention: sink tokens (default 4)
+    "n_future_positions": 4096,  # expected attention: positions the RoPE rotation is averaged over (default 512)
+    "epsilon": 10.0,  # added to attention scores (in [0, 1]) before the value-norm rescaling
+    "cov_rank": 512,  # eigenpairs of a head_dim x head_dim covariance (head_dim <= 256 in every adapter)
+    "merge_rank": 512,  # the same
+    "sink_frames": 65536,  # latent frames (the budget must hold them anyway)
+    "key_tol": 1e4,
+    "value_tol": 1e4,
+    "merge_key_tol": 1e4,
+    "merge_value_tol": 1e4,
+}
+
 _JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
 _ARTICLES = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
 
@@ -72,6 +90,18 @@ def param(default: Any = dataclasses.MISSING, *, doc: str, ge=None, gt=None, le=
     """A policy dataclass field with its allowed range and a one-line description (see the module docstring)."""
     rng = Range(ge, gt, le, lt, tuple(choices) if choices is not None else None)
     return field(default=default, metadata={"range": rng, "doc": doc})
+
+
+def range_of(f: dataclasses.Field) -> Range:
+    """The declared range of ``f`` with its ``UPPER_BOUNDS`` cap applied (the tighter upper bound wins)."""
+    rng: Range = f.metadata["range"]
+    cap = UPPER_BOUNDS.get(f.name)
+    if cap is None or rng.choices is not None:
+        return rng
+    if rng.lt is not None and rng.lt <= cap or rng.le is not None and rng.le <= cap:
+        return rng
+    cap = int(cap) if f.type in ("int", "int | None", int) and float(cap).is_integer() else cap
+    return dataclasses.replace(rng, le=cap, lt=None)
 
 
 def _declared(cls: type, name: str) -> dataclasses.Field | None:
@@ -128,7 +158,7 @@ def declared_params(cls: type) -> dict[str, dataclasses.Field]:
 def allowed(f: dataclasses.Field) -> str:
     """Human description of a declared field's allowed values: 'an integer >= 1 or None'."""
     base, nullable = _type_of(f)
-    rng: Range = f.metadata["range"]
+    rng = range_of(f)
     text = rng.describe() if rng.choices is not None else f"{_ARTICLES[base]} {rng.describe()}".strip()
     return text + (" or None" if nullable else "")
 
@@ -144,7 +174,7 @@ def check_range(name: str, value, f: dataclasses.Field) -> None:
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
     }[base]
-    ok = ok_type and (base != "float" or math.isfinite(value)) and f.metadata["range"].contains(value)
+    ok = ok_type and (base != "float" or math.isfinite(value)) and range_of(f).contains(value)
     if not ok:
         raise ConfigError(f"policy parameter {name} must be {allowed(f)}, got {value!r}")
 
@@ -159,7 +189,7 @@ def field_schema(cls: type, name: str) -> dict:
     """JSON-schema-style description of one declared field (type, default, bounds or enum, nullable)."""
     f = declared_params(cls)[name]
     base, nullable = _type_of(f)
-    rng: Range = f.metadata["range"]
+    rng = range_of(f)
     default = next(g for g in dataclasses.fields(cls) if g.name == name).default
     out = {
         "type": _JSON_TYPES[base],

@@ -1,13 +1,8 @@
 """``ff-engine serve``: FastAPI routes over a ``StreamService`` (local engine or Ray cluster).
 
-REST (OpenAI-style errors, see ``errors.py``):
-  POST   /v1/videos               -> 202 {id, ...}     (429 + Retry-After when the queue or the key is full)
-  GET    /v1/videos/{id}          -> status, blocks done, pages held, error
-  GET    /v1/videos/{id}/stream   -> multipart/x-mixed-replace MJPEG, frames as they are produced
-  GET    /v1/videos/{id}/file     -> the finished MP4 (Range requests)
-  DELETE /v1/videos/{id}          -> cancel; the stream's pages return to the pool at once
-  GET    /v1/models, /v1/policies, /metrics (Prometheus), /health (no key), / (the viewer, static)
-WebSocket /v1/realtime/video: see ``realtime.py``.
+The app: middleware (``limits.BodyLimit``, ``auth.BearerAuth``), error handlers (OpenAI-style errors, see
+``errors.py``), the routers of ``routes.py`` (REST) and the WebSocket ``/v1/realtime/video`` (``realtime.py``),
+and the helpers the routes share (request parsing, submit, the finished file, MJPEG parts).
 
 Why MJPEG for ``/stream`` and not fragmented MP4: every part is one self-contained JPEG, so a frame goes out the
 moment its block is decoded (no GOP or fragment to fill), a client may join at any frame, an ``<img>`` tag shows it
@@ -21,65 +16,65 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from ff_engine.errors import FFEngineError
+from ff_engine.server import routes
 from ff_engine.server.auth import BearerAuth, KeyCheck
 from ff_engine.server.errors import ApiError, field_of
-from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
+from ff_engine.server.frames import BlockRenderer, stream_blocks
 from ff_engine.server.limits import BodyLimit
 from ff_engine.server.prometheus import ServerMetrics
 from ff_engine.server.schemas import VideoRequest, first_error, policy_schema, request_model
-from ff_engine.server.stream_registry import STREAM_ID, KeyLimit, StreamRegistry, owner_of
-from ff_engine.serving.contract import UnknownStream
+from ff_engine.server.state import AppState
+from ff_engine.server.stream_registry import KeyLimit, StreamRegistry
 
-STATIC = Path(__file__).parent / "static"
-BOUNDARY = "ffframe"
 PUBLIC = ("/health", "/")  # and /static/: the viewer's files (no data, no action)
+INVALID = (400, 408, 413, 415, 416, 422)  # counted in ff_engine_requests_invalid_total
 log = logging.getLogger("ff_engine.server")
 
 
 def create_app(settings, runtime=None) -> FastAPI:
-    """The app.  ``runtime`` (model + service) is built at startup unless given (tests pass their own)."""
-    from ff_engine.server.runtime import Runtime
-
+    """The app.  ``runtime`` (model + service) is built at startup unless given (``ff-engine serve`` and the
+    tests build it first, so that a startup error is one line)."""
     keys = KeyCheck(settings.api_key)
-    state: dict = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from ff_engine.server.runtime import Runtime
+
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, thread_name_prefix="ffe-io"))
         rt = runtime or await asyncio.to_thread(Runtime, settings)
         metrics = ServerMetrics(rt.service)
-        state.update(
-            runtime=rt,
-            metrics=metrics,
-            registry=StreamRegistry(rt, metrics),
-            request_model=request_model(rt.limits),
-            loop=asyncio.get_running_loop(),
-        )
-        app.state.ff = state
+        app.state.ff = AppState(settings, keys, rt, metrics, StreamRegistry(rt, metrics), request_model(rt.limits),
+                                asyncio.get_running_loop())
         try:
             yield
         finally:
-            await state["registry"].close()
+            await app.state.ff.registry.close()
             if runtime is None:
                 await asyncio.to_thread(rt.service.shutdown)
 
     app = FastAPI(title="ff-engine", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(BearerAuth, keys=keys, public=PUBLIC, public_prefixes=("/static/",))
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", StaticFiles(directory=routes.STATIC), name="static")
+    add_error_handlers(app)
+    for router in (routes.service, routes.videos, routes.realtime):
+        app.include_router(router)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in the API's one shape (``errors.ApiError``); bad input counted by status."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        if exc.status in (400, 413, 415, 422):
-            state["metrics"].invalid.labels(str(exc.status)).inc()
+        if exc.status in INVALID:
+            request.app.state.ff.metrics.invalid.labels(str(exc.status)).inc()
         return exc.response()
 
     @app.exception_handler(Exception)
@@ -93,100 +88,15 @@ def create_app(settings, runtime=None) -> FastAPI:
 
     @app.exception_handler(405)
     async def _method(request: Request, exc):
-        return ApiError(405, f"method: {request.method} is not allowed on {request.url.path[:120]!r}").response()
+        return ApiError(
+            405, f"method: {request.method} is not allowed on {request.url.path[:120]!r}", "method", "method_not_allowed"
+        ).response()
 
-    def owner(request: Request) -> str:
-        return owner_of(getattr(request.state, "key", None))
 
-    def stream_of(request: Request, video_id: str):
-        if not STREAM_ID.match(video_id):
-            raise ApiError(400, "id: must be a server-made video id ('vid_' + 32 hex digits)", "id", "invalid_id")
-        try:
-            return state["registry"].get(video_id, owner(request))
-        except UnknownStream as exc:
-            raise ApiError(404, str(exc), "id", "not_found") from None
-
-    # ---- routes ---------------------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        stats = await asyncio.to_thread(state["runtime"].service.stats)
-        alive = sum(1 for w in stats.get("workers", []) if w.get("alive", True))
-        body = {
-            "status": "ok" if alive else "unavailable",
-            "workers_alive": alive,
-            "active": stats.get("active", 0),
-            "queued": stats.get("queued", 0),
-        }
-        return JSONResponse(body, status_code=200 if alive else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        data = await asyncio.to_thread(state["metrics"].render)
-        return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [state["runtime"].describe()]}
-
-    @app.get("/v1/policies")
-    async def policies():
-        from ff_engine.policies import POLICIES
-
-        data = [policy_schema(n) for n in sorted(POLICIES)]
-        return {"object": "list", "data": data}
-
-    @app.post("/v1/videos", status_code=202)
-    async def create_video(request: Request):
-        if "json" not in request.headers.get("content-type", "application/json"):
-            raise ApiError(415, "content-type: send application/json", "content-type", "unsupported_media_type")
-        req = parse_request(state["request_model"], await request.body())
-        rec = await submit(state["registry"], req, owner(request))
-        body = await state["registry"].status(rec)
-        return JSONResponse(body, status_code=202, headers={"Location": f"/v1/videos/{rec.id}"})
-
-    @app.get("/v1/videos/{video_id}")
-    async def get_video(request: Request, video_id: str):
-        return await state["registry"].status(stream_of(request, video_id))
-
-    @app.delete("/v1/videos/{video_id}")
-    async def cancel_video(request: Request, video_id: str):
-        rec = stream_of(request, video_id)
-        if rec.final is None:  # already ended: nothing to cancel (the service may have forgotten it)
-            await asyncio.to_thread(rec.handle.cancel)
-        return await state["registry"].status(rec)
-
-    @app.get("/v1/videos/{video_id}/file")
-    async def video_file(request: Request, video_id: str):
-        rec = stream_of(request, video_id)
-        if not rec.file_ready:
-            st = await state["registry"].status(rec)
-            raise ApiError(
-                409, f"id: the video is {st['status']}; its file exists once it has finished", "id", "not_ready"
-            )
-        return FileResponse(rec.path, media_type="video/mp4", filename=f"{rec.id}.mp4")
-
-    @app.get("/v1/videos/{video_id}/stream")
-    async def video_stream(request: Request, video_id: str):
-        rec = stream_of(request, video_id)
-        rt = state["runtime"]
-        renderer = BlockRenderer(rt.decoder(), JpegEncoder(settings.jpeg_quality))
-        return StreamingResponse(
-            mjpeg_parts(rec, renderer),
-            media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-            headers={"Cache-Control": "no-store", "X-Video-Id": rec.id},
-        )
-
-    @app.websocket("/v1/realtime/video")
-    async def realtime(ws: WebSocket):
-        from ff_engine.server.realtime import RealtimeSession
-
-        await RealtimeSession(ws, state, keys, settings).run()
-
-    @app.get("/")
-    async def viewer():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
-
-    return app
+def is_json(content_type: str) -> bool:
+    """``application/json`` or ``application/<x>+json``, with any parameters (``; charset=utf-8``)."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
 def parse_request(model: type[VideoRequest], body: bytes) -> VideoRequest:
@@ -210,7 +120,44 @@ async def submit(registry: StreamRegistry, req: VideoRequest, owner: str, source
         if retry is not None:  # ff_engine.serving.contract.Overloaded
             raise ApiError(429, str(exc), None, "queue_full", {"Retry-After": str(max(1, round(retry)))}) from None
         msg = str(exc).splitlines()[0]
-        raise ApiError(422, msg, field_of(msg), "invalid_value") from None
+        field = field_of(msg)
+        if field is None and "pages" in msg:  # the engine's admission: the stream can never fit the pool
+            field = pages_field(req)
+            msg = f"{field}: {msg}"
+        raise ApiError(422, msg, field, "invalid_value") from None
+
+
+def pages_field(req: VideoRequest) -> str:
+    """What sets a stream's pages: its budget (bounded policy) or its length (unbounded)."""
+    from ff_engine.server.runtime import length_field
+
+    try:
+        bounded = policy_schema(req.policy).get("bounded", True)
+    except FFEngineError:
+        bounded = True
+    return "budget_frames" if bounded else length_field(req)
+
+
+FILE_WAIT_S = 30.0  # a finished stream's MP4 is closed and renamed well within this
+
+
+async def file_of(registry: StreamRegistry, rec) -> None:
+    """Return once ``rec``'s MP4 is in place; ``ApiError`` 409 when it will not be.  A stream the service reports
+    finished has its file written by then or within moments (the writer closes and renames it after the last
+    block): that is waited for, so ``finished`` always means ``/file`` answers 200."""
+    st = await registry.status(rec)
+    if st["status"] == "finished" and not rec.file_ready and rec.writer is not None and not rec.writer.done():
+        await asyncio.wait({rec.writer}, timeout=FILE_WAIT_S)
+    if rec.file_ready:
+        return
+    if rec.file_error:
+        raise ApiError(409, f"id: the video finished but its file could not be written ({rec.file_error})",
+                       "id", "file_error")
+    st = await registry.status(rec)
+    ended = st["status"] in ("failed", "cancelled")
+    msg = f"id: the video {st['status']}; it has no file" if ended else f"id: the video is {st['status']}; its " \
+        f"file is served once it has finished ({st['blocks_done']} of {st['num_blocks']} blocks done)"
+    raise ApiError(409, msg, "id", "not_ready")
 
 
 async def mjpeg_parts(rec, renderer: BlockRenderer):
@@ -220,9 +167,9 @@ async def mjpeg_parts(rec, renderer: BlockRenderer):
         px = await asyncio.to_thread(renderer.pixels, blk.latents)
         for jpeg in await asyncio.to_thread(renderer.jpegs, px):
             head = (
-                f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n"
+                f"--{routes.BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n"
                 f"X-Block: {blk.block}\r\nX-Frame: {frame}\r\n\r\n"
             )
             yield head.encode() + jpeg + b"\r\n"
             frame += 1
-    yield f"--{BOUNDARY}--\r\n".encode()
+    yield f"--{routes.BOUNDARY}--\r\n".encode()

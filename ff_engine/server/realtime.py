@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import OrderedDict
 
 import numpy as np
@@ -35,19 +36,21 @@ from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
 from ff_engine.server.schemas import CLIENT_EVENTS, SessionStart, first_error, request_model, validate_policy_params
 from ff_engine.server.stream_registry import owner_of
 
+log = logging.getLogger("ff_engine.server")
 SUBPROTOCOL = "ff-engine"
 SEEN_EVENTS = 256
 
 
 class RealtimeSession:
-    def __init__(self, ws: WebSocket, state: dict, keys, settings):
+    def __init__(self, ws: WebSocket, state, keys, settings):
         self.ws, self.state, self.keys, self.settings = ws, state, keys, settings
         self.out: asyncio.Queue = asyncio.Queue(maxsize=settings.ws_queue_blocks)
         self.seq = 0
         self.seen: OrderedDict[str, dict] = OrderedDict()
         self.rec = None
         self.producer: asyncio.Task | None = None
-        self.start_model = request_model(state["runtime"].limits, SessionStart)
+        self.start_model = request_model(state.runtime.limits, SessionStart)
+        self.slow_client, self.delivered, self.done_sent, self.close_code = "wait", 0, False, None
 
     # ---- connection ---------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -65,12 +68,24 @@ class RealtimeSession:
         try:
             await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if self.rec is not None and self.rec.final is None:
-                await asyncio.to_thread(self.rec.handle.cancel)  # leaving cancels: pages return at once
+            await self._leave()
             for t in (receiver, self.producer, sender):
                 if t is not None:
                     t.cancel()
             await asyncio.gather(*(t for t in (receiver, self.producer, sender) if t), return_exceptions=True)
+
+    async def _leave(self) -> None:
+        """Leaving cancels the running stream (pages return at once), except a ``wait`` session whose client
+        went without closing (a lost network, a missed keepalive): its stream is held ``ws_resume_seconds`` for
+        a ``session.resume`` by id on a new connection, then cancelled."""
+        if self.rec is None or self.done_sent:
+            return
+        abnormal = self.close_code not in (1000, 1001)
+        if self.slow_client == "wait" and abnormal and self.settings.ws_resume_seconds > 0:
+            self.state.registry.detach(self.rec, self.delivered, self.settings.ws_resume_seconds)
+            log.info("realtime: %s detached at block %d (close %s)", self.rec.id, self.delivered, self.close_code)
+        elif self.rec.final is None:
+            await asyncio.to_thread(self.rec.handle.cancel)
 
     async def _deny(self, exc: ApiError) -> None:
         if "websocket.http.response" in self.ws.scope.get("extensions", {}):
@@ -86,6 +101,10 @@ class RealtimeSession:
             self.seq += 1
             for b in binaries:
                 await self.ws.send_bytes(b)
+            if event["type"] == "video.block":
+                self.delivered = event["block"] + 1  # the next block this connection has not handed to TCP
+            elif event["type"] == "session.done":
+                self.done_sent = True
 
     @property
     def running(self) -> bool:
@@ -106,6 +125,7 @@ class RealtimeSession:
         while True:
             msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
+                self.close_code = msg.get("code")
                 return
             if msg.get("text") is None:
                 await self.error(
@@ -123,6 +143,10 @@ class RealtimeSession:
                 await self._handle(text)
             except WebSocketDisconnect:
                 return
+            except Exception:
+                log.exception("realtime: event %r failed", text[:120])
+                await self.error(500, "message: internal error handling this event; see the server log",
+                                 "message", "internal_error")
 
     async def _handle(self, text: str) -> None:
         try:
@@ -132,10 +156,10 @@ class RealtimeSession:
         if not isinstance(data, dict):
             return await self.error(400, "message: must be a JSON object with a 'type'", "message", "invalid_json")
         typ = data.get("type")
-        if typ not in CLIENT_EVENTS:
+        if not isinstance(typ, str) or typ not in CLIENT_EVENTS:  # a list or an object is not hashable
             return await self.error(
                 422,
-                f"type: unknown event type {str(typ)[:64]!r}; one of {sorted(CLIENT_EVENTS)}",
+                f"type: unknown event type {json.dumps(typ)[:64]}; one of {sorted(CLIENT_EVENTS)}",
                 "type",
                 "unknown_event",
             )
@@ -169,7 +193,7 @@ class RealtimeSession:
         req = ev.model_dump(exclude={"type", "event_id", "slow_client", "include_latents"}, exclude_none=True)
         try:
             rec = await submit(
-                self.state["registry"], self.state["request_model"].model_validate(req), self.owner, "ws"
+                self.state.registry, self.state.request_model.model_validate(req), self.owner, "ws"
             )
         except ApiError as exc:
             await self.emit(
@@ -184,9 +208,9 @@ class RealtimeSession:
                 }
             )
             return None
-        self.rec = rec
+        self.rec, self.slow_client, self.delivered, self.done_sent = rec, ev.slow_client, 0, False
         st = await asyncio.to_thread(rec.handle.status)
-        g = self.state["runtime"].geometry
+        g = self.state.runtime.geometry
         answer = {
             "type": "session.started",
             "event_id": ev.event_id,
@@ -199,6 +223,28 @@ class RealtimeSession:
         }
         await self.emit(answer)
         self.producer = asyncio.create_task(self._produce(rec, ev.slow_client, ev.include_latents))
+        return answer
+
+    async def _on_resume(self, ev) -> dict | None:
+        """Re-attach a ``wait`` session whose connection was lost, by id; blocks from ``from_block`` (default:
+        the first one the lost connection did not send)."""
+        if self.running:
+            msg = "type: a session is already running on this connection; cancel it first"
+            await self.error(409, msg, "type", "session_active", ev.event_id)
+            return None
+        got = self.state.registry.reattach(ev.session_id, self.owner)
+        if got is None:
+            msg = f"session_id: no detached session {ev.session_id!r} (unknown, another key's, ended or expired)"
+            await self.error(404, msg, "session_id", "not_found", ev.event_id)
+            return None
+        rec, next_block = got
+        start = next_block if ev.from_block is None else ev.from_block
+        self.rec, self.slow_client, self.delivered, self.done_sent = rec, "wait", start, False
+        st = await asyncio.to_thread(rec.handle.status)
+        answer = {"type": "session.resumed", "event_id": ev.event_id, "session_id": rec.id, "from_block": start,
+                  "num_blocks": st.num_blocks, "blocks_done": st.blocks_done}
+        await self.emit(answer)
+        self.producer = asyncio.create_task(self._produce(rec, "wait", ev.include_latents, start))
         return answer
 
     async def _on_update(self, ev) -> dict | None:
@@ -222,7 +268,7 @@ class RealtimeSession:
             return None
         handle = self.rec.handle
         try:
-            prompt = self.state["runtime"].prompts.load(ev.prompt, 0)
+            prompt = self.state.runtime.prompts.load(ev.prompt, 0)
             applies_at = await asyncio.to_thread(handle.update, prompt)
         except ValueError as exc:  # FFEngineError: a bad prompt, or the stream ended meanwhile
             ended = (await asyncio.to_thread(handle.status)).terminal
@@ -258,13 +304,15 @@ class RealtimeSession:
         return answer
 
     # ---- the stream's blocks --------------------------------------------------------------------------------
-    async def _produce(self, rec, slow_client: str, include_latents: bool) -> None:
-        rt = self.state["runtime"]
+    async def _produce(self, rec, slow_client: str, include_latents: bool, start_block: int = 0) -> None:
+        rt = self.state.runtime
         renderer = BlockRenderer(rt.decoder(), JpegEncoder(self.settings.jpeg_quality))
         frame, dropped = 0, 0
         async for blk in stream_blocks(rec.handle):
-            px = await asyncio.to_thread(renderer.pixels, blk.latents)
+            px = await asyncio.to_thread(renderer.pixels, blk.latents)  # every block: the decoder keeps state
             first, frame = frame, frame + len(px)
+            if blk.block < start_block:  # a resumed session: delivered before the connection was lost
+                continue
             if slow_client == "drop" and self.out.full():
                 dropped += len(px)
                 continue

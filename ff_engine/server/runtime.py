@@ -14,6 +14,7 @@ import torch
 
 from ff_engine import models
 from ff_engine.errors import ConfigError
+from ff_engine.server.cost import check_cost
 from ff_engine.server.schemas import NAME_PATTERN, RequestLimits, VideoRequest
 from ff_engine.server.settings import ServerSettings
 
@@ -22,6 +23,11 @@ def load_model(settings: ServerSettings):
     """The model ``ff-engine generate`` would build from the same flags (``models.load_model``)."""
     return models.load_model(settings.model or models.DEFAULT_MODEL, preset=settings.preset,
                              random_weights=settings.random_weights, seed=0)
+
+
+def length_field(req: VideoRequest) -> str:
+    """The request field that sets its length (named by errors about length)."""
+    return "frames" if req.frames is not None else "seconds"
 
 
 def model_id(settings: ServerSettings) -> str:
@@ -122,6 +128,7 @@ class Runtime:
             policy.validate(budget if policy.bounded else None, self.geometry.frames_per_block)
         except ConfigError as exc:
             raise ConfigError(f"budget_frames: {exc}") from None
+        check_cost(policy, frames, self.geometry.frames_per_block, self.settings, length_field(req))
         prompt = self.prompts.load(req.prompt, req.seed)
         return SessionConfig(
             prompt=prompt,

@@ -185,10 +185,18 @@ class SessionPing(ClientEvent):
     type: Literal["session.ping"]
 
 
+class SessionResume(ClientEvent):
+    type: Literal["session.resume"]
+    session_id: str = Field(pattern=r"^vid_[0-9a-f]{32}$")
+    from_block: int | None = Field(None, ge=0, le=MAX_FRAMES_CAP)
+    include_latents: bool = False
+
+
 CLIENT_EVENTS = {
     "session.start": SessionStart,
     "session.update": SessionUpdate,
     "session.cancel": SessionCancel,
     "session.stop": SessionCancel,
     "session.ping": SessionPing,
+    "session.resume": SessionResume,
 }

@@ -40,6 +40,14 @@ class ServerSettings:
     torch_threads: int = 0  # intra-op threads of the local engine (0 = torch's default)
     snapshot_every: int = 8  # Ray: blocks between snapshots (0 = none: a dead worker fails its streams)
     max_seconds: int = 600  # longest video one request may ask for (10 min); no RoPE table caps a stream
+    max_block_cost: int = 32  # policy work units of one block (ff_engine/server/cost.py)
+    max_request_cost: int = 16384  # policy work units of a whole request (blocks x units per block)
+    ws_ping_interval: float = 20.0  # seconds between the server's WebSocket pings
+    ws_ping_timeout: float = 120.0  # a client that answers no ping this long is closed (1011): wait's bound
+    ws_resume_seconds: float = 60.0  # a wait session's stream outlives a lost connection this long (resume by id)
+    header_timeout: float = 10.0  # seconds to send a request's headers (slowloris)
+    body_timeout: float = 10.0  # seconds to send a request's body
+    max_connections_per_client: int = 32  # open connections per client address
 
     def validate(self) -> ServerSettings:
         checks = {
@@ -57,6 +65,14 @@ class ServerSettings:
             "snapshot_every": (0, 1 << 20),
             "torch_threads": (0, 1024),
             "max_seconds": (1, 86400),
+            "max_block_cost": (1, 1 << 20),
+            "max_request_cost": (1, 1 << 40),
+            "ws_ping_interval": (0.05, 3600),
+            "ws_ping_timeout": (0.05, 3600),
+            "ws_resume_seconds": (0, 3600),
+            "header_timeout": (0.05, 600),
+            "body_timeout": (0.05, 600),
+            "max_connections_per_client": (1, 1 << 16),
         }
         for name, (lo, hi) in checks.items():
             v = getattr(self, name)
@@ -73,11 +89,11 @@ def _env(name: str, default):
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be true or false, got {raw!r}")
         return raw.lower() in ("1", "true", "yes")
-    if isinstance(default, int):
+    if isinstance(default, (int, float)):
         try:
-            return int(raw)
+            return type(default)(raw)
         except ValueError:
-            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be an integer, got {raw!r}") from None
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be a number, got {raw!r}") from None
     return raw
 
 
@@ -89,6 +105,13 @@ _HELP = {
     "host": "bind address (127.0.0.1: this machine only)",
     "ray": "serve from Ray: 'auto' (join the running cluster), an address, or 'local' (start one here)",
     "snapshot_every": "Ray: snapshot each stream every N blocks so a dead worker's streams resume elsewhere",
+    "max_block_cost": "policy work units one block may cost (policy_params that cost more: 422)",
+    "max_request_cost": "policy work units a request may cost (blocks x units per block)",
+    "ws_ping_timeout": "a WebSocket client that answers no ping this long is closed; a 'wait' client may pause this long",
+    "ws_resume_seconds": "a 'wait' session's stream outlives a lost connection this long (session.resume by id)",
+    "header_timeout": "seconds a client has to send a request's headers",
+    "body_timeout": "seconds a client has to send a request's body",
+    "max_connections_per_client": "open connections per client address; more are closed at once",
     "max_seconds": "longest video (seconds) a request may ask for; streams are endless, memory and this bound them",
 }
 
@@ -96,7 +119,7 @@ _HELP = {
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """One flag per field, its default read from the environment (so ``--help`` shows the effective value)."""
     for f in fields(ServerSettings):
-        default = _env(f.name, f.default)
+        default = _env(f.name, None if f.name == "api_key" else f.default)
         flag = "--" + f.name.replace("_", "-")
         shown = "set" if f.name == "api_key" and default else default  # never print a key
         help_ = f"{_HELP.get(f.name, '')} [{shown!r}; env {ENV_PREFIX}{f.name.upper()}]".lstrip()
@@ -107,4 +130,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(**{f.name: getattr(args, f.name) for f in fields(ServerSettings)}).validate()
+    values = {f.name: getattr(args, f.name) for f in fields(ServerSettings)}
+    if values["api_key"] is not None and not [k for k in values["api_key"].split(",") if k.strip()]:
+        # --api-key "" (or an unset $KEY) would silently turn auth off
+        raise ConfigError("--api-key: empty (no key in it would turn auth off); give a key or omit the flag")
+    values["api_key"] = values["api_key"] or ""
+    return ServerSettings(**values).validate()

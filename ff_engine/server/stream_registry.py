@@ -72,6 +72,7 @@ class StreamRegistry:
         self.out_dir = Path(self.settings.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._pending: dict[str, int] = {}  # submits in flight per owner (counted before any await)
+        self.detached: dict[str, tuple] = {}  # id -> (stream, next undelivered block, expiry task)
 
     # ---- submit / look up ---------------------------------------------------------------------------------
     def live_count(self, owner: str) -> int:
@@ -199,7 +200,29 @@ class StreamRegistry:
         if folder is not None and folder.is_relative_to(self.out_dir.resolve()) and folder.name == rec.id:
             shutil.rmtree(folder, ignore_errors=True)
 
+    # ---- detached realtime sessions (resume by id) -------------------------------------------------------
+    def detach(self, rec: ServedStream, next_block: int, hold_s: float) -> None:
+        """Keep a stream whose WebSocket was lost for ``hold_s`` seconds; cancelled then unless re-attached."""
+
+        async def expire():
+            await asyncio.sleep(hold_s)
+            if self.detached.pop(rec.id, None) is not None and rec.final is None:  # blocks stay until forgotten
+                log.info("stream %s: not resumed within %.0f s; cancelled", rec.id, hold_s)
+                await asyncio.to_thread(rec.handle.cancel)
+
+        self.detached[rec.id] = (rec, next_block, asyncio.get_running_loop().create_task(expire()))
+
+    def reattach(self, sid: str, owner: str) -> tuple[ServedStream, int] | None:
+        got = self.detached.get(sid)
+        if got is None or got[0].owner != owner:
+            return None
+        rec, next_block, timer = self.detached.pop(sid)
+        timer.cancel()
+        return rec, next_block
+
     async def close(self) -> None:
+        for _, _, timer in self.detached.values():
+            timer.cancel()
         tasks = [s.writer for s in self.streams.values() if s.writer and not s.writer.done()]
         for s in self.streams.values():
             if s.final is None:

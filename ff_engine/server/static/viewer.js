@@ -43,7 +43,8 @@ function panel(title) {
   el.innerHTML = `<header><span>${title}</span><button class="cancel">cancel</button></header>
     <canvas width="384" height="256"></canvas>
     <div class="stats"><span>fps<b class="fps">–</b></span><span>blocks<b class="blocks">0</b></span>
-    <span>pages<b class="pages">0</b></span><span>state<b class="state">starting</b></span></div>`;
+    <span>pages<b class="pages">0</b></span><span>state<b class="state">starting</b></span></div>
+    <div class="panel-errors"></div>`;
   $("streams").appendChild(el);
   return el;
 }
@@ -55,6 +56,19 @@ function startStream(params) {
   const s = { params, frames: 0, blocks: 0, state: "starting", arrivals: [], pagesHeld: 0, error: null };
   viewer.streams.push(s);
   const show = (cls, text) => { el.querySelector("." + cls).textContent = text; };
+  const fail = (text) => {  // this panel's own error lines (the last 5), and the reason on the canvas
+    s.error = text; s.errors = (s.errors || []).concat([text]).slice(-5);
+    el.querySelector(".panel-errors").textContent = s.errors.join("\n");
+    if (!s.frames) { ctx.fillStyle = "#ff6b6b"; ctx.font = "14px sans-serif"; ctx.fillText(text.slice(0, 60), 8, 24); }
+  };
+  const fps = () => {  // frames of the last 2 s: decays to 0 when frames stop, "–" once the stream ended
+    const now = performance.now();
+    while (s.arrivals.length && s.arrivals[0] < now - 2000) s.arrivals.shift();
+    show("fps", ended ? "–" : (s.arrivals.length / 2).toFixed(1));
+  };
+  let ended = false;
+  const ticker = setInterval(fps, 500);
+  const end = () => { ended = true; s.arrivals = []; clearInterval(ticker); fps(); };
   const setState = (st) => { s.state = st; const b = el.querySelector(".state"); b.textContent = st; b.className = "state state-" + st; };
 
   const protocols = ["ff-engine"].concat(key() ? ["bearer." + key()] : []);
@@ -72,8 +86,7 @@ function startStream(params) {
       s.frames += 1;
       const now = performance.now();
       s.arrivals.push(now);
-      while (s.arrivals.length && s.arrivals[0] < now - 2000) s.arrivals.shift();
-      show("fps", (s.arrivals.length / 2).toFixed(1));
+      fps();
       return;
     }
     const ev = JSON.parse(msg.data);
@@ -81,10 +94,19 @@ function startStream(params) {
     else if (ev.type === "video.block") {
       pending = ev.frames; s.blocks = ev.block + 1; s.pagesHeld = ev.pages_held;
       show("blocks", `${s.blocks}/${numBlocks}`); show("pages", `${ev.pages_held}/${ev.pages_reserved}`);
-    } else if (ev.type === "session.done") { setState(ev.state); if (ev.error) s.error = ev.error; ws.close(); }
-    else if (ev.type === "error") { s.error = ev.message; $("error").textContent = ev.message; if (s.state === "starting") setState("error"); }
+    } else if (ev.type === "session.done") { setState(ev.state); end(); if (ev.error) fail(ev.error); ws.close(); }
+    else if (ev.type === "error") { fail(ev.message); if (s.state === "starting") setState("error"); }
   };
-  ws.onclose = () => { if (s.state === "running" || s.state === "starting") setState("closed"); };
+  ws.onclose = async (e) => {
+    end();
+    if (s.state !== "running" && s.state !== "starting") return;
+    let why = e.reason || `connection closed (code ${e.code})`;
+    if (e.code === 1006) {  // a refused upgrade gives the page no reason: ask the REST API with the same key
+      try { await api("/v1/models"); } catch (err) { why = err.message; }
+    }
+    setState(s.state === "starting" ? "error" : "closed");
+    fail(why);
+  };
   return s;
 }
 
