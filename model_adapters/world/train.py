@@ -230,8 +230,11 @@ def qk_gains(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if "self_attn.norm_q" in n or "self_attn.norm_k" in n]
 
 
-def param_groups(model: torch.nn.Module, qk_gain_lr: float) -> list[dict]:
-    """AdamW groups: the self-attention q/k RMSNorm gains learn ``qk_gain_lr`` times faster (no weight decay).
+def param_groups(model: torch.nn.Module, qk_gain_lr: float, action_lr: float = 1.0) -> list[dict]:
+    """AdamW groups: the self-attention q/k RMSNorm gains learn ``qk_gain_lr`` times faster (no weight decay), and
+    an action embedding (world v4) ``action_lr`` times faster (no weight decay: it starts at zero, and it is added
+    to a timestep embedding whose norm is tens, so at the base rate it stays negligible; measured on the first v4
+    run: row norms 0.13-0.17 after 2,853 steps, and swapping left for right changed the next block by 3 %).
 
     With q/k RMSNorm a logit is bounded by the product of the two gains times sqrt(head_dim): at gains near
     their initial 1 a 64-dim head cannot put most of its weight on one of thousands of keys, so a small model's
@@ -239,9 +242,13 @@ def param_groups(model: torch.nn.Module, qk_gain_lr: float) -> list[dict]:
     (measured on v3: the sharpest head gave 18 % of its weight to the same position one frame back).  The gains
     are the attention's temperature; letting them move fast is the cheap cure."""
     gains = [p for _, p in qk_gains(model)]
-    ids = {id(p) for p in gains}
+    actions = [p for n, p in model.named_parameters() if n.startswith("action_embedding")]
+    ids = {id(p) for p in gains + actions}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": rest, "lr_mult": 1.0}, {"params": gains, "lr_mult": qk_gain_lr, "weight_decay": 0.0}]
+    groups = [{"params": rest, "lr_mult": 1.0}, {"params": gains, "lr_mult": qk_gain_lr, "weight_decay": 0.0}]
+    if actions:
+        groups.append({"params": actions, "lr_mult": action_lr, "weight_decay": 0.0})
+    return groups
 
 
 def shifted_sigma(u, shift: float):

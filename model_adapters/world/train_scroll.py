@@ -78,6 +78,7 @@ class Recipe:
     p_context_noise: float = 0.5
     target_weight: float = 2.0
     qk_gain_lr: float = 5.0
+    action_lr: float = 20.0  # the action embedding's learning-rate multiplier (train.param_groups says why)
     patch: tuple[int, int, int] | None = None  # ablations: override the preset's patch / spatial theta / gain init
     rope_theta_space: float | None = None
     qk_gain_init: float | None = None
@@ -314,7 +315,7 @@ def build(r: Recipe, resume: Path | None):
     torch.manual_seed(r.seed)
     model = CausalWanModel(r.config()).train()
     model.rope_dtype = torch.float32  # instance attribute: the saved model and the engine keep float64
-    opt = torch.optim.AdamW(param_groups(model, r.qk_gain_lr), lr=r.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(param_groups(model, r.qk_gain_lr, r.action_lr), lr=r.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(r.seed + 1)
     state = {"step": 0, "seconds": 0.0, "curve": [], "checks": []}
     if resume is not None:
