@@ -59,7 +59,7 @@ def layer_with(case, sink: int, layers: int = 1, keys_layer: int = 0, seed: int 
             kk, vv = torch.randn(frames * tpf, *k.shape[1:], generator=g), torch.randn(frames * tpf, *v.shape[1:])
         cache.append("s", layer, kk, vv, pos)
     budget = (sink + case["temporal_frames"] + case["dynamic_context_length"]) * tpf
-    ctx = CompressContext(cache, "s", 0, budget_tokens=budget, newest_frame=frames - 1, frames_per_block=FPB,
+    ctx = CompressContext(cache.session_view("s", 0), budget_tokens=budget, newest_frame=frames - 1, frames_per_block=FPB,
                           tokens_per_frame=tpf, token_grid=tuple(grid))
     return cache, ctx
 
@@ -118,12 +118,12 @@ def test_every_layer_uses_the_scoring_layers_selection():
     cache, ctx = layer_with(case, sink=1, layers=3, keys_layer=1)
     shared = policy_for(case, 1, score_layer=1)
     for layer in range(3):
-        lctx = CompressContext(cache, "s", layer, ctx.budget_tokens, ctx.newest_frame, FPB, ctx.tokens_per_frame,
+        lctx = CompressContext(cache.session_view("s", layer), ctx.budget_tokens, ctx.newest_frame, FPB, ctx.tokens_per_frame,
                                ctx.token_grid)
         shared.compress(lctx)
     tpf = ctx.tokens_per_frame
     for layer in range(3):
-        lt = LayerTokens(CompressContext(cache, "s", layer, 0, ctx.newest_frame, FPB, tpf, ctx.token_grid))
+        lt = LayerTokens(CompressContext(cache.session_view("s", layer), 0, ctx.newest_frame, FPB, tpf, ctx.token_grid))
         f = lt.positions[:, 0]
         cand = lt.positions[(f >= 1) & (f < 1 + FPB)].long()
         got = sorted(((p[0] - 1) * case["num_frame_patch"] + (p[1] * case["grid"][1] + p[2]) * case[

@@ -45,6 +45,7 @@ from ff_engine.cache.page_pool import PagePool
 from ff_engine.cache.page_summaries import PageSummaries
 from ff_engine.errors import BudgetError, ConfigError
 from ff_engine.memory import check_cache_fits, kv_page_bytes
+from kernels import move_slots, write_slots
 
 
 class StorageListener(Protocol):
@@ -172,6 +173,15 @@ class SessionCacheView:
     @property
     def num_tokens(self) -> int:
         return self._cache.num_tokens(self.session_id, self.layer)
+
+    @property
+    def num_layers(self) -> int:
+        return self._cache.num_layers
+
+    def other_layer(self, layer: int) -> SessionCacheView:
+        """The same session's view of another layer (a policy that scores every layer by one of them reads it:
+        forcing-kv's ``score_layer``)."""
+        return SessionCacheView(self._cache, self.session_id, layer)
 
     def slots(self) -> torch.Tensor:
         """Flat storage slots of the layer's tokens, in table order (the ids ``read`` and ``flat`` take)."""
@@ -384,7 +394,13 @@ class PagedKVCache:
         self._check_kv(k, v)
         if token_idx.numel() and (int(token_idx.min()) < 0 or int(token_idx.max()) >= t.num_tokens):
             raise ConfigError(f"token_idx must lie in [0, {t.num_tokens})")
-        self._write(self.slots(session_id, layer)[token_idx], k, v, None, log_mass)
+        slots = self.slots(session_id, layer)[token_idx]
+        kc = self.key_cache.view(-1, self.num_kv_heads, self.head_dim)
+        vc = self.value_cache.view(-1, self.num_kv_heads, self.head_dim)
+        write_slots(kc, vc, self.log_mass.view(-1), slots, k.to(self.device), v.to(self.device),
+                    log_mass.to(self.device))  # kernels.dispatch, as compaction
+        for listener in self.listeners:
+            listener.on_write(self.storage, slots)
         self._refresh_pages(t, sorted(set((token_idx // self.page_size).tolist())))
 
     def compact(self, session_id: str, layer: int, keep: torch.Tensor) -> torch.Tensor:
@@ -415,7 +431,7 @@ class PagedKVCache:
             kc = self.key_cache.view(-1, self.num_kv_heads, self.head_dim)
             vc = self.value_cache.view(-1, self.num_kv_heads, self.head_dim)
             pos, lm = self.positions.view(-1, 3), self.log_mass.view(-1)
-            kc[dst], vc[dst], pos[dst], lm[dst] = kc[src], vc[src], pos[src], lm[src]
+            move_slots(kc, vc, pos, lm, src, dst)  # kernels.dispatch: Triton on CUDA, the torch reference elsewhere
             for listener in self.listeners:
                 listener.on_write(self.storage, dst)
             order[holes] = movers

@@ -111,10 +111,10 @@ class ForcingKV(CachePolicy):
     def _scores_for_block(self, tokens: LayerTokens, ctx: CompressContext) -> torch.Tensor:
         if self.score_layer < 0:
             return self.segment_scores(tokens, ctx)
-        layer = min(self.score_layer, ctx.cache.num_layers - 1)
+        layer = min(self.score_layer, ctx.view.num_layers - 1)
         key = (ctx.newest_frame, layer)
         if key not in self._shared:  # first layer compressed this block: read the scoring layer before it compacts
-            src = tokens if layer == ctx.layer else LayerTokens(dataclasses.replace(ctx, layer=layer, scratch={}))
+            src = tokens if layer == ctx.layer else LayerTokens(dataclasses.replace(ctx, view=ctx.view.other_layer(layer), scratch={}))
             self._shared = {key: self.segment_scores(src, ctx)}
         return self._shared[key]
 
