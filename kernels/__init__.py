@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels.attention_ref import attention_with_lse, combine_lse
-from kernels.dispatch import expected_attention_scores, move_slots, write_slots
+from kernels.dispatch import expected_attention_scores, implementation, move_slots, use, write_slots
 from kernels.scoring_ref import proxy_factors
 
-__all__ = ["attention_with_lse", "combine_lse", "expected_attention_scores", "move_slots", "proxy_factors",
-           "write_slots"]
+__all__ = ["attention_with_lse", "combine_lse", "expected_attention_scores", "implementation", "move_slots",
+           "proxy_factors", "use", "write_slots"]

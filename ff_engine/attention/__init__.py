@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ff_engine.attention.cuda_backends import FlashAttnBackend, VllmFlashAttnBackend, XformersBackend
-from ff_engine.attention.flex import FlexAttentionBackend
+from ff_engine.attention.flex import CompiledFlexAttentionBackend, FlexAttentionBackend
 from ff_engine.attention.interface import AttentionBackend, AttentionBatch
 from ff_engine.attention.torch_ref import TorchReferenceBackend
 from ff_engine.attention.vllm_cpu import VllmCpuBackend
@@ -15,6 +15,7 @@ from ff_engine.errors import ConfigError
 BACKENDS: dict[str, type[AttentionBackend]] = {
     "torch": TorchReferenceBackend,
     "flex": FlexAttentionBackend,
+    "flex-compiled": CompiledFlexAttentionBackend,
     "vllm-cpu": VllmCpuBackend,
     "vllm-flash-attn": VllmFlashAttnBackend,
     "flash-attn": FlashAttnBackend,

@@ -64,8 +64,25 @@ def _flex():
 
 
 @functools.cache
-def _compiled_flex():  # pragma: no cover - CUDA only
-    return torch.compile(_flex().flex_attention)
+def _compiled_flex():
+    # dynamic=False: one kernel per distinct shape, cached by dynamo; the layouts keep shapes few (row counts in
+    # powers of two of QUERY_BLOCK on CPU, block-list widths in powers of two everywhere)
+    return torch.compile(_flex().flex_attention, dynamic=False)
+
+
+def lse_when_compiled(device: torch.device) -> bool:
+    """Whether compiled ``flex_attention`` can return the LSE here.  Inductor's CPU template cannot (PyTorch
+    2.13: "torch.compile on CPU only supports inference and `return_lse` is not supported yet"), so compiled
+    off CUDA the backend uses the one-call layout, which needs no LSE."""
+    return device.type == "cuda"
+
+
+def flex_out(q, k, v, block_mask, scale, score_mod=None, compiled=False):
+    """``flex_attention`` on [1, H, L, D] tensors returning only out [1, H, L, D] (no LSE: the one-call layout)."""
+    fn = _compiled_flex() if compiled else _flex().flex_attention
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def flex_call(q, k, v, block_mask, scale, score_mod=None, compiled=False, kernel_options=None):
@@ -112,14 +129,12 @@ def _width(count: torch.Tensor, full_width: int) -> int:
     return min(full_width, 1 << (w - 1).bit_length())  # powers of two: few distinct shapes to compile for
 
 
-def paged_block_mask(block_table, seq_lens, cu_seqlens, page_size, num_slots):
-    """BlockMask of the cache part: query rows (``cu_seqlens``) against the physical slots (``num_slots`` =
-    ``(pages + 1) * page_size``) of their own sequence's pages (``block_table`` [S, max_pages], ``seq_lens`` [S]).
-    All inputs on the query device; returns (block_mask, row_seq)."""
-    fa = _flex()
+def _page_lists(block_table, seq_lens, row_seq, page_size, num_slots):
+    """The cache part's block lists: per query block of ``row_seq`` (the sequence of every query row), its
+    candidate pages and which are partial / full, plus the per-page owner and fill ``mask_mod`` reads.
+    Returns (cand [QB, C], partial [QB, C], full [QB, C], owner [pages], fill [pages])."""
     dev = block_table.device
-    row_seq = row_sequences(cu_seqlens)
-    n, n_pages_total = row_seq.numel(), num_slots // page_size
+    n_pages_total = num_slots // page_size
     lens = seq_lens.long()
     npages, nfull = (lens + page_size - 1) // page_size, lens // page_size
     owner = torch.full((n_pages_total,), -1, dtype=torch.int32, device=dev)
@@ -130,27 +145,97 @@ def paged_block_mask(block_table, seq_lens, cu_seqlens, page_size, num_slots):
     pages = block_table.long()
     owner[pages[held]] = seq_ids[held]
     fill[pages[held]] = torch.clamp(lens[:, None] - jj[None, :] * page_size, max=page_size).to(torch.int32)[held]
-    lo, hi = _block_spans(row_seq, QUERY_BLOCK)
+    lo, hi = _block_spans(row_seq.clamp(min=0), QUERY_BLOCK)
+    live = row_seq[::QUERY_BLOCK] >= 0  # query blocks of no sequence (the one-call layout's bucket padding)
     span = int((hi - lo).max()) + 1 if lo.numel() else 1
     seqs = lo[:, None] + torch.arange(span, device=dev)[None, :]  # [QB, span]: the sequences of each query block
-    in_span = seqs <= hi[:, None]
+    in_span = (seqs <= hi[:, None]) & live[:, None]
     seqs = seqs.clamp(max=lens.numel() - 1)
     valid = in_span[:, :, None] & held[seqs]  # [QB, span, max_pages]
     single = (lo == hi)[:, None, None]
     full = valid & single & (jj[None, None, :] < nfull[seqs][:, :, None])
-    cand = pages[seqs].flatten(1)
     valid, full = valid.flatten(1), full.flatten(1)
-    partial = valid & ~full
-    kv_num, kv_idx = _compact(cand, partial, min(_width(partial.sum(-1), n_pages_total), cand.shape[1]))
-    full_num, full_idx = _compact(cand, full, min(_width(full.sum(-1), n_pages_total), cand.shape[1]))
+    return pages[seqs].flatten(1), valid & ~full, full, owner, fill
+
+
+def _from_lists(cand, partial, full, mask_mod, block_size, seq_lengths, n_kv_blocks, full_width=False):
+    """A BlockMask from per-query-block candidate KV blocks and their partial / full flags.  Index lists are cut
+    to a power-of-two width (few shapes to compile), or kept ``n_kv_blocks`` wide (``full_width``: inductor's
+    CPU template wants the index tensor to span the whole KV length)."""
+    if full_width:
+        pad = max(0, n_kv_blocks - cand.shape[1])
+        cand, partial, full = (torch.nn.functional.pad(x, (0, pad)) for x in (cand, partial, full))
+        width = min(n_kv_blocks, cand.shape[1])
+        kv_num, kv_idx = _compact(cand, partial, width)
+        full_num, full_idx = _compact(cand, full, width)
+    else:
+        kv_num, kv_idx = _compact(cand, partial, min(_width(partial.sum(-1), n_kv_blocks), cand.shape[1]))
+        full_num, full_idx = _compact(cand, full, min(_width(full.sum(-1), n_kv_blocks), cand.shape[1]))
+    return _flex().BlockMask.from_kv_blocks(kv_num[None, None], kv_idx[None, None], full_num[None, None],
+                                            full_idx[None, None], BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                            seq_lengths=seq_lengths, compute_q_blocks=False)
+
+
+def paged_block_mask(block_table, seq_lens, cu_seqlens, page_size, num_slots):
+    """BlockMask of the cache part: query rows (``cu_seqlens``) against the physical slots (``num_slots`` =
+    ``(pages + 1) * page_size``) of their own sequence's pages (``block_table`` [S, max_pages], ``seq_lens`` [S]).
+    All inputs on the query device; returns (block_mask, row_seq)."""
+    row_seq = row_sequences(cu_seqlens)
+    cand, partial, full, owner, fill = _page_lists(block_table, seq_lens, row_seq, page_size, num_slots)
 
     def mask_mod(b, h, q_idx, kv_idx):
         page = kv_idx // page_size
         return (owner[page] == row_seq[q_idx]) & (kv_idx % page_size < fill[page])
 
-    bm = fa.BlockMask.from_kv_blocks(kv_num[None, None], kv_idx[None, None], full_num[None, None],
-                                     full_idx[None, None], BLOCK_SIZE=(QUERY_BLOCK, page_size), mask_mod=mask_mod,
-                                     seq_lengths=(n, num_slots), compute_q_blocks=False)
+    bm = _from_lists(cand, partial, full, mask_mod, (QUERY_BLOCK, page_size), (row_seq.numel(), num_slots),
+                     num_slots // page_size)
+    return bm, row_seq
+
+
+def fused_block_mask(block_table, seq_lens, cu_padded, key_lens, page_size, num_slots, n_rows):
+    """BlockMask of the one-call layout (``FlexAttentionBackend.fused``): padded query rows (``cu_padded``, see
+    ``padded_rows``; ``n_rows`` >= its last entry, the rows past it belong to no sequence) against one KV
+    sequence made of the pool's slots (``num_slots``) followed by the padded block rows (their K/V at
+    ``num_slots + row``).  A row sees its own sequence's live cache slots and the real (first ``key_lens[i]``)
+    block rows of its own sequence; KV blocks are ``page_size`` long in both parts (``QUERY_BLOCK`` must be a
+    multiple of the page size, so the block part's chunks never straddle two sequences).  Returns
+    (block_mask, row_seq [n_rows]: -2 for rows of no sequence)."""
+    if QUERY_BLOCK % page_size:
+        raise ConfigError(f"the one-call flex layout needs a page size dividing {QUERY_BLOCK}, got {page_size}")
+    dev = block_table.device
+    n_padded = int(cu_padded[-1])
+    row_seq = torch.full((n_rows,), -2, dtype=torch.int64, device=dev)
+    row_seq[:n_padded] = row_sequences(cu_padded)
+    p_cand, p_partial, p_full, owner, fill = _page_lists(block_table, seq_lens, row_seq, page_size, num_slots)
+    # block part: the chunks (page_size rows) of each query block's own sequence, after the pool's pages
+    seq_of_block = row_seq[::QUERY_BLOCK]
+    starts = cu_padded[:-1].long() // page_size
+    n_chunks = (cu_padded[1:] - cu_padded[:-1]).long() // page_size
+    width = max(1, int(n_chunks.max()) if n_chunks.numel() else 1)
+    c = torch.arange(width, device=dev)[None, :]
+    s = seq_of_block.clamp(min=0)
+    real = (key_lens.long()[s][:, None] - c * page_size).clamp(0, page_size)  # real key rows per chunk
+    ok = (seq_of_block >= 0)[:, None] & (c < n_chunks[s][:, None])
+    b_cand = num_slots // page_size + starts[s][:, None] + c.clamp(max=width - 1)
+    b_full, b_partial = ok & (real == page_size), ok & (real > 0) & (real < page_size)
+    key_seq = torch.full((n_padded,), -3, dtype=torch.int64, device=dev)
+    key_real = torch.zeros(n_padded, dtype=torch.bool, device=dev)
+    if n_padded:
+        key_seq[:] = row_sequences(cu_padded)
+        key_real[:] = torch.arange(n_padded, device=dev) - cu_padded[:-1].long()[key_seq] < key_lens.long()[key_seq]
+    n_cache = num_slots
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        page = torch.clamp(kv_idx // page_size, max=n_cache // page_size - 1)
+        cache_ok = (owner[page] == row_seq[q_idx]) & (kv_idx % page_size < fill[page])
+        j = torch.clamp(kv_idx - n_cache, min=0, max=max(n_padded - 1, 0))
+        block_ok = (key_seq[j] == row_seq[q_idx]) & key_real[j]
+        return torch.where(kv_idx < n_cache, cache_ok, block_ok)
+
+    cand = torch.cat([p_cand, b_cand], 1)
+    bm = _from_lists(cand, torch.cat([p_partial, b_partial], 1), torch.cat([p_full, b_full], 1), mask_mod,
+                     (QUERY_BLOCK, page_size), (n_rows, num_slots + n_rows), (num_slots + n_rows) // page_size,
+                     full_width=True)
     return bm, row_seq
 
 
@@ -250,6 +335,8 @@ class FlexAttentionBackend(AttentionBackend):
     def forward(self, batch: AttentionBatch) -> torch.Tensor:
         q, view = batch.q, batch.cache
         compiled = self._compile(q.device)
+        if view is not None and compiled and not lse_when_compiled(q.device):
+            return self.fused(batch, compiled=True)
         parts = [self.block_part(batch, compiled=compiled)]
         if view is not None and int(view.seq_lens.max()) > 0:
             parts.append(self.cache_part(batch, compiled=compiled))
@@ -286,6 +373,30 @@ class FlexAttentionBackend(AttentionBackend):
             return self._cache_padded(batch, compiled)
         seqs = [i for i in range(batch.num_seqs) if batch.seq(i).stop > batch.seq(i).start]
         return _cat_rows([self._cache_one(batch, i, compiled) for i in seqs], q)
+
+    def fused(self, batch: AttentionBatch, compiled: bool = True) -> torch.Tensor:
+        """The one-call layout: queries in the padded layout, bucketed to a power of two of ``QUERY_BLOCK`` rows,
+        against one KV sequence = the pool's slots followed by the block's own K/V rows (same padding), so the
+        cache part and the block part are one softmax and no LSE is needed (``lse_when_compiled``).  Isolation as
+        in the padded layout (``fused_block_mask``: a query block lists only its own sequence's pages and rows).
+        Cost: one copy of the pool per call (``torch.cat``), which is why CUDA keeps the two-call layout."""
+        q, view = batch.q, batch.cache
+        if len(set(view.session_ids)) != len(view.session_ids):
+            raise ConfigError(f"a batch holds a session twice: {view.session_ids} (session_ids)")
+        if not self.bias and view.has_bias():
+            raise ConfigError("bias=False but the cache holds merged tokens (log-mass != 0)")
+        ps, hkv, d = view.page_size, view.key_cache.shape[2], view.key_cache.shape[3]
+        cu = batch.cu_seqlens.to(q.device)
+        cu_p, rows = padded_rows(cu)
+        blocks = max(1, -(-int(cu_p[-1]) // QUERY_BLOCK))
+        n_rows = QUERY_BLOCK * (1 << (blocks - 1).bit_length())
+        bm, _ = fused_block_mask(view.block_table.to(q.device), view.seq_lens.to(q.device), cu_p, cu[1:] - cu[:-1],
+                                 ps, view.key_cache.shape[0] * ps, n_rows)
+        kv = [torch.cat([c.view(-1, hkv, d), x.to(c.dtype).new_zeros((n_rows, hkv, d)).index_copy(0, rows, x.to(c.dtype))])
+              .transpose(0, 1)[None] for c, x in ((view.key_cache, batch.k), (view.value_cache, batch.v))]
+        log_mass = torch.cat([view.log_mass.view(-1), view.log_mass.new_zeros(n_rows)])
+        out = flex_out(_pad(q, rows, n_rows), *kv, bm, batch.scale, self._score_mod(log_mass), compiled)
+        return out[0].transpose(0, 1)[rows].to(q.dtype)
 
     def _score_mod(self, log_mass: torch.Tensor):
         if not self.bias:
@@ -328,6 +439,24 @@ class FlexAttentionBackend(AttentionBackend):
         score_mod = self._score_mod(view.log_mass.index_select(0, pages).view(-1))
         return _rows_out(*flex_call(q.transpose(0, 1)[None], kc, vc, bm, batch.scale, score_mod, compiled,
                                     self._kernel_options(ps, q.device)))
+
+
+class CompiledFlexAttentionBackend(FlexAttentionBackend):
+    """``flex-compiled``: the flex backend with ``flex_attention`` always compiled -- Triton on CUDA (the two-call
+    padded layout), inductor's CPU template elsewhere (the one-call layout, ``FlexAttentionBackend.fused``).
+    On CPU it exists to run the compiled path in the normal test suite; the CPU engine's default stays vLLM's op.
+    The first call per shape compiles (seconds on CPU); dynamo caches the kernel per shape."""
+
+    name = "flex-compiled"
+
+    def __init__(self, bias: bool = True):
+        super().__init__(compiled=True, bias=bias)
+
+    def validate(self, page_size: int, dtype: torch.dtype, head_dim: int) -> None:
+        super().validate(page_size, dtype, head_dim)
+        if QUERY_BLOCK % page_size:
+            raise ConfigError(f"page_size {page_size} is not supported by the {self.name} backend: it must divide "
+                              f"{QUERY_BLOCK} (the one-call layout's chunks of block rows)")
 
 
 def _cat_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
