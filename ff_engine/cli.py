@@ -394,6 +394,8 @@ def cmd_plan(args) -> int:
 
     cfg = registry.get_preset(args.preset)
     weights = 0 if args.no_weights else registry.param_count(cfg) * args.dtype_bytes
+    if args.limits:
+        return print_limits(args, cfg, weights)
     r = plan(cfg.geometry(), gpu_mem_bytes=parse_bytes(args.gpu_mem), budget_frames=args.budget_frames,
              seconds=args.seconds, page_size=args.page_size, dtype_bytes=args.dtype_bytes, weights_bytes=weights)
     r["weights_bytes"] = weights
@@ -408,6 +410,51 @@ def cmd_plan(args) -> int:
           f"({r['memory_ratio']:.1f}x less)")
     print(f"  {args.gpu_mem}: {r['kv_bytes_available'] / gib:.1f} GiB for KV after {weights / gib:.1f} GiB weights "
           f"and 10 % workspace -> streams per GPU: unbounded {r['unbounded_streams']}, bounded {r['bounded_streams']}")
+    return 0
+
+
+def parse_budgets(text: str) -> list[int | None]:
+    """'6,12,21,unbounded' -> [6, 12, 21, None]."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part in ("unbounded", "none"):
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise ConfigError(f"--budgets takes latent-frame counts and 'unbounded', comma-separated; got {part!r}")
+    return out
+
+
+def print_limits(args, cfg, weights: int) -> int:
+    """``plan --limits``: the physical limit per block on each GPU (``ff_engine.limits``)."""
+    import json
+
+    from ff_engine.limits import gpu, limits
+    from model_adapters import registry
+
+    budgets = parse_budgets(args.budgets)
+    flops = lambda n, ctx: registry.forward_flops(cfg, n, ctx)
+    reports = [limits(cfg, cfg.geometry(), flops, gpu(name.strip()), budgets=budgets, seconds=args.seconds,
+                      page_size=args.page_size, dtype_bytes=args.dtype_bytes, weight_bytes=weights)
+               for name in args.gpu.split(",")]
+    if args.json:
+        print(json.dumps(reports, indent=1))
+        return 0
+    print(f"{args.preset}: physical limits per block -- arithmetic from data-sheet figures, not measurements")
+    for r in reports:
+        print(f"\n{r['gpu']} ({r['source']})")
+        print(f"  {'budget':>10} {'TFLOP/blk':>10} {'KV GiB/blk':>11} {'min s/blk':>10} {'max fps':>8} {'bound by':>17}"
+              f" {'rt streams':>11} (compute/bw/memory)")
+        for row in r["rows"]:
+            b = "unbounded" if row["budget_frames"] is None else f"{row['budget_frames']} fr"
+            print(f"  {b:>10} {row['tflops_per_block']:10.1f} {row['kv_gib_read_per_block']:11.2f} "
+                  f"{row['block_seconds_min']:10.3f} {row['fps_max']:8.1f} {row['bound_by']:>17} "
+                  f"{row['real_time_streams_max']:11d} ({row['real_time_streams_compute']}/"
+                  f"{row['real_time_streams_bandwidth']}/{row['memory_streams']})")
+    print(f"\n  {args.seconds:g} s videos at {reports[0]['fps']} fps; 'unbounded' averages its cache over the video; "
+          "docs/gpu.md says what is left out")
     return 0
 
 
@@ -544,6 +591,10 @@ def make_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype-bytes", type=int, default=2, choices=[1, 2, 4])
     pl.add_argument("--no-weights", action="store_true", help="do not subtract the model weights")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--limits", action="store_true", help="the physical limit per block (FLOPs, KV bytes, "
+                    "roofline time, fps and real-time streams per GPU): arithmetic from data-sheet figures")
+    pl.add_argument("--gpu", default="H100,H200", help="GPUs for --limits (data-sheet figures): H100, H200")
+    pl.add_argument("--budgets", default="6,12,21,unbounded", help="cache budgets (latent frames) for --limits")
     cv = sub.add_parser("convert", help="write any supported checkpoint layout as one clean safetensors file")
     cv.add_argument("input", help="checkpoint file or diffusers folder (Self-Forcing, CausVid, LongLive, Wan, "
                                   "SkyReels-V2...)")

@@ -39,6 +39,9 @@ class Architecture:
     claims(keys, recorded_config) -> whether a cleaned key set (with the config found beside it) is this
         architecture's, in any of its layouts.
     param_count(config) -> parameters of a model of that config, without building it (``plan``, memory checks).
+    forward_flops(config, query_tokens, cached_tokens) -> matmul FLOPs (2 per multiply-add) of one forward pass
+        of one stream's block: ``query_tokens`` rows attending to ``cached_tokens`` cached ones plus themselves
+        (``ff-engine plan --limits``); None where the architecture does not say.
     decoder(config, vae_folder | None) -> an object with ``streaming: bool`` and ``decode(latents [F, C, H, W]) ->
         uint8 frames [T, H', W', 3]`` (``model_adapters.decoders`` has the Wan VAE, world codec and latent preview).
     """
@@ -54,6 +57,7 @@ class Architecture:
     param_count: Callable[[Any], int]
     decoder: Callable[[Any, Any], Any]
     default_preset: str | None = None  # the base config of a checkpoint when no preset is named
+    forward_flops: Callable[[Any, int, int], int] | None = None
     #: the submodule whose ``state_dict`` names are the checkpoint names (default: the model itself)
     weights_module: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
 
@@ -145,6 +149,14 @@ def build(cfg, seed: int | None = None) -> torch.nn.Module:
 
 def param_count(cfg) -> int:
     return int(architecture_of(cfg).param_count(cfg))
+
+
+def forward_flops(cfg, query_tokens: int, cached_tokens: int) -> int:
+    """``Architecture.forward_flops`` of a config's architecture; ``ConfigError`` where it has none."""
+    arch = architecture_of(cfg)
+    if arch.forward_flops is None:
+        raise ConfigError(f"architecture {arch.name!r} does not state its FLOPs per forward pass")
+    return int(arch.forward_flops(cfg, query_tokens, cached_tokens))
 
 
 def make_decoder(model_or_config, vae: str | Path | None = None):

@@ -128,7 +128,7 @@ def test_the_cache_reaches_the_triton_compaction_kernel():
     for impl in ("torch", "triton"):
         real = {n: getattr(compaction_triton, n) for n in calls}
 
-        def spy(name):
+        def spy(name, real=real):
             def f(*a):
                 calls[name] += 1
                 return real[name](*a)

@@ -38,6 +38,22 @@ def param_count(cfg: CausalWanConfig) -> int:
     return n_layers * per_block + patch + embed + head
 
 
+def wan_block_flops(dim: int, ffn_dim: int, num_layers: int, text_len: int, query_tokens: int,
+                    cached_tokens: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one Wan2.1 forward pass over ``query_tokens`` rows: per layer the
+    self-attention projections q, k, v, o (4 N d^2), scores and weighted values over the cache and the block
+    itself (2 N (L + N) d), the cross-attention projections q, o (2 N d^2; the prompt's K/V are computed once
+    per prompt) and its attention over ``text_len`` keys (2 N T d), the FFN (2 N d F).  Norms, modulation, the
+    patch embedding and the head are left out (under 1 % at Wan-1.3B sizes): a lower bound, as a limit must be."""
+    n, ctx = query_tokens, cached_tokens + query_tokens
+    macs = 4 * n * dim * dim + 2 * n * ctx * dim + 2 * n * dim * dim + 2 * n * text_len * dim + 2 * n * dim * ffn_dim
+    return 2 * num_layers * macs
+
+
+def forward_flops(cfg: CausalWanConfig, query_tokens: int, cached_tokens: int) -> int:
+    return wan_block_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.text_len, query_tokens, cached_tokens)
+
+
 def decoder(cfg, vae=None):
     from model_adapters.decoders import WanVAEDecoder, default_decoder
 
@@ -57,5 +73,6 @@ ARCH = register(Architecture(
     adopt=adopt,
     claims=claims,
     param_count=param_count,
+    forward_flops=forward_flops,
     decoder=decoder,
 ))

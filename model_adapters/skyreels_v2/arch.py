@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from model_adapters.causal_wan.arch import wan_block_flops
 from model_adapters.registry import Architecture, register
 from model_adapters.skyreels_v2.config import PRESETS, SkyReelsV2Config
 from model_adapters.skyreels_v2.loading import adopt
@@ -34,6 +35,11 @@ def param_count(cfg: SkyReelsV2Config) -> int:
     return cfg.num_layers * block + embed + fps + head
 
 
+
+def forward_flops(cfg: SkyReelsV2Config, query_tokens: int, cached_tokens: int) -> int:
+    """Wan2.1's block structure (``causal_wan.arch.wan_block_flops``); the fps embedding is not a matmul per token."""
+    return wan_block_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.text_len, query_tokens, cached_tokens)
+
 def decoder(cfg, vae=None):
     from model_adapters.decoders import LatentPreviewDecoder, WanVAEDecoder
 
@@ -54,6 +60,7 @@ ARCH = register(Architecture(
     adopt=adopt,
     claims=claims,
     param_count=param_count,
+    forward_flops=forward_flops,
     decoder=decoder,
     weights_module=lambda model: model.transformer,
 ))
