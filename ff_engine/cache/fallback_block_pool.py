@@ -59,5 +59,11 @@ class FallbackBlockPool:
                 freed.append(b)
         self._free.extendleft(reversed(freed))  # the first freed block is the next one handed out (vLLM's order)
 
+    def touch(self, blocks) -> None:
+        """One more reference to each (held) block: a forked stream shares it (vLLM: a prefix-cache hit)."""
+        for b in blocks:
+            assert b.ref_cnt > 0 and not b.is_null, f"touch of free or null block {b.block_id}"
+            b.ref_cnt += 1
+
     def get_num_free_blocks(self) -> int:
         return len(self._free)

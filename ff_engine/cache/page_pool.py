@@ -6,11 +6,17 @@ pages; we do not reimplement an allocator.  What vLLM does not have is a
 must never be refused a page it reserved, however many other streams run.
 ``PagePool`` adds exactly that bookkeeping on top.
 
+Forked streams share pages (copy-on-write, ``share``): vLLM's reference count of a page is the number of
+sessions holding it (``BlockPool.touch`` adds one, ``free_blocks`` drops one and returns the page to the free
+queue at zero).  A shared page counts against the reservation of *every* session holding it, so each session
+can still grow to its whole reservation without asking anyone (copying a shared page before writing frees one
+reference and takes one page: its count does not change), and the pages in use never exceed the reservations.
+
 Invariants (checked by ``check_invariants`` and the property tests):
   * ``sum(reserved) <= capacity``: admission is exact, no overcommit.
-  * for every session ``held(s) <= reserved(s)``.
-  * a page id is held by at most one session, with ref_cnt 1 in vLLM's pool.
-  * ``capacity - sum(held) == BlockPool.get_num_free_blocks()``.
+  * for every session ``held(s) <= reserved(s)`` (shared pages included).
+  * every held page's ref_cnt in vLLM's pool equals the number of sessions holding it.
+  * ``capacity - |union of held| == BlockPool.get_num_free_blocks()``: a shared page is counted once.
 Page id 0 is vLLM's null block and is never handed out.
 The pool sees page ids, never their bytes: ``PagedKVCache`` scrubs a page (storage, summaries, derived layouts)
 before it frees it here, so every page ``allocate`` hands out is all-zero whoever held it before (isolation).
@@ -119,6 +125,26 @@ class PagePool:
         res.held.update(ids)
         return ids
 
+    def share(self, session_id: str, page_ids: list[int]) -> None:
+        """``session_id`` takes one more reference to pages another session holds (a fork); within its
+        reservation, as any page it holds."""
+        res = self._res(session_id)
+        owned = [p for p in page_ids if p in res.held]
+        if owned or len(set(page_ids)) != len(page_ids):
+            raise BudgetError(f"session {session_id!r} already holds pages {owned or page_ids}")
+        if len(res.held) + len(page_ids) > res.reserved:
+            raise BudgetError(f"session {session_id!r} would hold {len(res.held) + len(page_ids)} pages, over its "
+                              f"reservation of {res.reserved} (page budget)")
+        blocks = [self._blocks[p] for p in page_ids]
+        if any(b.ref_cnt < 1 for b in blocks):
+            raise BudgetError(f"cannot share free pages {[b.block_id for b in blocks if b.ref_cnt < 1]}")
+        self._pool.touch(blocks)
+        res.held.update(page_ids)
+
+    def refs(self, page_id: int) -> int:
+        """How many sessions hold the page (vLLM's ref_cnt): above 1, it must be copied before it is written."""
+        return self._blocks[page_id].ref_cnt
+
     def free(self, session_id: str, page_ids: list[int]) -> None:
         res = self._res(session_id)
         foreign = [p for p in page_ids if p not in res.held]
@@ -134,14 +160,15 @@ class PagePool:
         return self._pool.get_num_free_blocks()
 
     def check_invariants(self) -> None:
-        seen: set[int] = set()
+        holders: dict[int, int] = {}
         for sid, res in self._sessions.items():
             assert len(res.held) <= res.reserved, f"{sid} holds more than reserved"
-            assert not (seen & res.held), f"page shared by two sessions: {seen & res.held}"
             assert 0 not in res.held, "null page handed out"
-            seen |= res.held
             for p in res.held:
-                assert self._blocks[p].ref_cnt == 1, f"page {p} ref_cnt {self._blocks[p].ref_cnt}"
+                holders[p] = holders.get(p, 0) + 1
+        for p, n in holders.items():
+            assert self._blocks[p].ref_cnt == n, f"page {p} ref_cnt {self._blocks[p].ref_cnt}, held by {n} sessions"
+        seen = set(holders)
         assert self.reserved_total <= self.capacity
         assert self.capacity - len(seen) == self.num_free, (
             f"leak: capacity {self.capacity}, held {len(seen)}, free {self.num_free}"

@@ -284,10 +284,54 @@ class PagedKVCache:
         two bytecodes) cut short between updating a table and telling the pool.  Trusting the tables there would
         crash the cleanup or leak pages; the pool's set is always a superset of what the tables list."""
         self._tables.pop(session_id, None)
-        held = self.pool.held_pages(session_id)
-        if held:
-            self._free_pages(held)
+        private = [p for p in self.pool.held_pages(session_id) if self.pool.refs(p) == 1]
+        if private:  # pages a fork still holds stay as they are: the fork reads them
+            self._free_pages(private)
         self.pool.release(session_id)
+
+    def fork_session(self, source_id: str, fork_id: str) -> None:
+        """Give session ``fork_id`` (admitted, empty) exactly ``source_id``'s tokens by sharing its pages
+        (copy-on-write: vLLM's reference counts say who holds a page; ``_private`` copies a shared page before
+        either stream writes, compacts or merges into it).  The pages count against the fork's reservation as
+        against the source's, so each can still reach its whole budget alone."""
+        src = [self.table(source_id, layer) for layer in range(self.num_layers)]
+        dst = [self.table(fork_id, layer) for layer in range(self.num_layers)]
+        if any(t.num_tokens or t.pages for t in dst):
+            raise ConfigError(f"fork_session needs an empty session; {fork_id!r} has tokens")
+        pages = [p for t in src for p in t.pages]
+        self.pool.share(fork_id, pages)  # BudgetError before anything changes
+        for s_t, d_t in zip(src, dst, strict=True):
+            d_t.pages, d_t.num_tokens = list(s_t.pages), s_t.num_tokens
+
+    def shared_pages(self, session_id: str) -> int:
+        """How many of the session's pages another session also holds (copy-on-write pending)."""
+        return sum(self.pool.refs(p) > 1 for p in self.pool.held_pages(session_id))
+
+    def _private(self, session_id: str, layer: int, page_positions) -> None:
+        """Copy-on-write: before a write into the table's pages at ``page_positions``, give each one another
+        session also holds a private copy (the reference to the shared page is dropped first, so the copy fits
+        the reservation the shared page counted against)."""
+        t = self.table(session_id, layer)
+        for j in sorted(set(page_positions)):
+            if not 0 <= j < len(t.pages) or self.pool.refs(t.pages[j]) == 1:
+                continue
+            old = t.pages[j]
+            self.pool.free(session_id, [old])  # still held by the other session: not scrubbed, not free
+            (new,) = self.pool.allocate(session_id, 1)
+            for storage in (self.key_cache, self.value_cache, self.positions, self.log_mass):
+                storage[new] = storage[old]
+            t.pages[j] = new
+            for listener in self.listeners:
+                listener.on_write(self.storage, new * self.page_size + torch.arange(self.page_size, device=self.device))
+            self._refresh_pages(t, [j])
+
+    def _drop_pages(self, session_id: str, pages: list[int]) -> None:
+        """The session gives up ``pages``: scrub those it alone holds (they go back to the pool), drop its
+        reference to shared ones (another stream still reads them)."""
+        private = [p for p in pages if self.pool.refs(p) == 1]
+        if private:
+            self._free_pages(private)
+        self.pool.free(session_id, pages)
 
     def _held_pages(self) -> list[int]:
         return [p for tables in self._tables.values() for t in tables for p in t.pages]
@@ -357,6 +401,8 @@ class PagedKVCache:
         n = k.shape[0]
         if positions.shape != (n, 3):
             raise ConfigError(f"positions must have shape [{n}, 3] (frame, h, w), got {tuple(positions.shape)}")
+        if t.num_tokens % self.page_size and n:
+            self._private(session_id, layer, [len(t.pages) - 1])  # the partly filled last page is written
         need = self.pages_for(t.num_tokens + n) - len(t.pages)
         if need > 0:
             # Raises BudgetError before anything is written: no half-appended block.
@@ -394,6 +440,7 @@ class PagedKVCache:
         self._check_kv(k, v)
         if token_idx.numel() and (int(token_idx.min()) < 0 or int(token_idx.max()) >= t.num_tokens):
             raise ConfigError(f"token_idx must lie in [0, {t.num_tokens})")
+        self._private(session_id, layer, (token_idx // self.page_size).tolist())
         slots = self.slots(session_id, layer)[token_idx]
         kc = self.key_cache.view(-1, self.num_kv_heads, self.head_dim)
         vc = self.value_cache.view(-1, self.num_kv_heads, self.head_dim)
@@ -425,6 +472,8 @@ class PagedKVCache:
         holes = (~kept[:n_keep]).nonzero().flatten()  # free places below n_keep
         movers = kept[n_keep:].nonzero().flatten() + n_keep  # survivors above it (same count as holes)
         order = torch.arange(n_keep, device=self.device)
+        tail_page = [self.pages_for(n_keep) - 1] if n_keep < t.num_tokens and n_keep % self.page_size else []
+        self._private(session_id, layer, (holes // self.page_size).tolist() + tail_page)  # the pages written
         if holes.numel():
             slots = self.slots(session_id, layer)
             src, dst = slots[movers], slots[holes]
@@ -443,8 +492,7 @@ class PagedKVCache:
             tail = torch.arange(n_keep % self.page_size, self.page_size, device=self.device)
             self._zero_slots(t.pages[-1] * self.page_size + tail)
         if freed:
-            self._free_pages(freed)
-            self.pool.free(session_id, freed)
+            self._drop_pages(session_id, freed)
         changed = set((holes // self.page_size).tolist()) | {n_pages - 1}
         self._refresh_pages(t, sorted(changed))
         return order

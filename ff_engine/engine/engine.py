@@ -31,6 +31,7 @@ import torch
 
 from ff_engine.attention import AttentionBackend, AttentionBatch, get_backend
 from ff_engine.cache import PagedKVCache
+from ff_engine.engine.branching import UndoHistory, fork_session
 from ff_engine.engine.observer import AttentionCall, EngineObserver
 from ff_engine.engine.recache import switch_prompt
 from ff_engine.engine.sampler import FlowMatchSchedule
@@ -140,6 +141,7 @@ class Engine:
         schedule: FlowMatchSchedule | None = None,
         context_noise: float | None = None,
         device: str = "cpu",
+        undo_blocks: int = 0,
     ):
         self.model = model
         self.geometry = g = model.geometry
@@ -156,6 +158,9 @@ class Engine:
         self.context_noise = float(context_noise)
         self.sessions: dict[str, Session] = {}
         self.observers: list[EngineObserver] = []
+        if not isinstance(undo_blocks, int) or isinstance(undo_blocks, bool) or not 0 <= undo_blocks <= 64:
+            raise ConfigError(f"undo_blocks must be an integer in [0, 64], got {undo_blocks!r}")
+        self.history = UndoHistory(undo_blocks)  # rollback (branching.py); 0: no history kept
 
     def add_observer(self, observer: EngineObserver) -> EngineObserver:
         """Call ``observer``'s hooks from now on (``observer.py``); returns it."""
@@ -257,9 +262,22 @@ class Engine:
         return session
 
     def cancel(self, session_id: str) -> None:
-        """Stop a stream and return all its pages. Idempotent."""
+        """Stop a stream and return all its pages (a fork's shared pages stay with the fork). Idempotent."""
         self.sessions.pop(session_id, None)
         self.cache.release_session(session_id)
+        self.history.forget(session_id)
+
+    # ---- branching (ff_engine/engine/branching.py) -------------------------------------------------
+    def fork(self, session_id: str, fork_id: str | None = None) -> Session:
+        """A second stream from the exact state of active session ``session_id`` (between blocks), sharing its
+        pages copy-on-write; it reserves its own budget (``BudgetError`` if that does not fit).  Both continue
+        as the source alone would; set the fork's actions (``set_actions``) to try another path."""
+        return fork_session(self, session_id, fork_id)
+
+    def rollback(self, session_id: str, blocks: int = 1) -> Session:
+        """Return an active stream to its state before its last ``blocks`` blocks (at most ``undo_blocks``,
+        the engine's setting); its next ``step`` regenerates from there."""
+        return self.history.rollback(self, session_id, blocks)
 
     # ---- the block loop -------------------------------------------------------------------------
     def forward_block(self, sessions: list[Session], x: torch.Tensor, t: torch.Tensor, write: bool) -> torch.Tensor:
@@ -379,6 +397,8 @@ class Engine:
         sessions = [self.sessions[i] for i in ids if i in self.sessions and not self.sessions[i].done]
         if not sessions:
             return []
+        for s in sessions:
+            self.history.record(self, s)
         x0, errors = self._contained(sessions, self.denoise, cache=False)
         for s in sessions:
             if s.id not in errors and not torch.isfinite(x0[s.id]).all():

@@ -173,8 +173,10 @@ def policy_config(policy) -> dict:
     return {"name": policy.name, "params": params}
 
 
-def snapshot_session(engine: Engine, session_id: str) -> SessionSnapshot:
-    """Capture active session ``session_id`` (between blocks); the session itself is not touched."""
+def snapshot_session(engine: Engine, session_id: str, with_cache: bool = True) -> SessionSnapshot:
+    """Capture active session ``session_id`` (between blocks); the session itself is not touched.
+    ``with_cache=False``: everything but the K/V (a fork shares pages instead; an undo mark truncates), which
+    ``restore`` refuses."""
     s = engine.sessions.get(session_id)
     if s is None:
         raise SnapshotError(f"session_id {session_id!r} is not active on this engine (finished, failed or unknown)")
@@ -192,8 +194,9 @@ def snapshot_session(engine: Engine, session_id: str) -> SessionSnapshot:
         tensors["config.step_noise"] = (
             torch.stack([n.float() for n in cfg.step_noise]) if cfg.step_noise else torch.zeros(0, *s.block_shape)
         )
-    for layer, parts in enumerate(engine.cache.export_session(s.id)):
-        tensors.update({f"cache.{layer}.{name}": t.cpu() for name, t in parts.items()})
+    if with_cache:
+        for layer, parts in enumerate(engine.cache.export_session(s.id)):
+            tensors.update({f"cache.{layer}.{name}": t.cpu() for name, t in parts.items()})
     numbers = {}
     for key, value in s.policy.state_dict().items():
         if isinstance(value, torch.Tensor):
@@ -358,7 +361,7 @@ def _check_compatible(engine: Engine, snap: SessionSnapshot) -> None:
 
 
 # ---- restore ----------------------------------------------------------------------------------------------
-def _session_config(snap: SessionSnapshot, session_id: str | None) -> SessionConfig:
+def session_config(snap: SessionSnapshot, session_id: str | None) -> SessionConfig:
     m, t = snap.meta, snap.tensors
     pol = m["policy"]
     try:
@@ -388,22 +391,30 @@ def restore_session(engine: Engine, snap: SessionSnapshot, session_id: str | Non
         raise SnapshotError(f"restore needs a SessionSnapshot, got {type(snap).__name__}")
     check_snapshot(snap)
     _check_compatible(engine, snap)
-    m, t, dev = snap.meta, snap.tensors, engine.cache.device
-    cfg = _session_config(snap, session_id)
-    state = {k.removeprefix("policy."): v.to(dev, copy=True) for k, v in t.items() if k.startswith("policy.")}
-    state.update(m["policy"]["state"])
+    m, t = snap.meta, snap.tensors
+    cfg = session_config(snap, session_id)
     layers = [{part: t[f"cache.{layer}.{part}"] for part in _CACHE_PARTS} for layer in range(len(m["cache"]["tokens"]))]
     session = engine.add_session(cfg)
     try:
-        session.policy.load_state_dict(state)
+        load_state(session, snap, engine.cache.device)
         engine.cache.import_session(session.id, layers)
-        session.block = m["session"]["block"]
-        kept = t["latents"].split(session.frames_per_block) if t["latents"].shape[0] else ()
-        session.latents = [b.to(dev, copy=True) for b in kept]
-        session.latents_start_frame = m["session"].get("latents_start_frame", 0)
-        session.generator.set_state(t["rng.generator"].clone())
-        session.step_noise_pos = m["session"]["step_noise_pos"]
     except BaseException:
         engine.cancel(session.id)
         raise
     return session
+
+
+def load_state(session, snap: SessionSnapshot, dev) -> None:
+    """Everything of a snapshot but its K/V into an admitted session: policy state, block cursor, latents, RNG,
+    step-noise cursor, actions (restore, fork and rollback share it)."""
+    m, t = snap.meta, snap.tensors
+    state = {k.removeprefix("policy."): v.to(dev, copy=True) for k, v in t.items() if k.startswith("policy.")}
+    state.update(m["policy"]["state"])
+    session.policy.load_state_dict(state)
+    session.block = m["session"]["block"]
+    kept = t["latents"].split(session.frames_per_block) if t["latents"].shape[0] else ()
+    session.latents = [b.to(dev, copy=True) for b in kept]
+    session.latents_start_frame = m["session"].get("latents_start_frame", 0)
+    session.generator.set_state(t["rng.generator"].clone())
+    session.step_noise_pos = m["session"]["step_noise_pos"]
+    session.actions = t["config.actions"].tolist() if "config.actions" in t else []
