@@ -199,8 +199,8 @@ def test_two_writers_of_one_block_in_one_process_both_succeed(tmp_path, monkeypa
     resumed worker beside the one it replaces would): each must rename its own file, none fails "No such file"."""
     real_save, nested = persist.save_file, []
 
-    def save_then_interleave(tensors, filename):
-        real_save(tensors, filename)
+    def save_then_interleave(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
         if not nested:
             nested.append(filename)
             persist.write_block(str(tmp_path), "s", 5, torch.full((1, 2), 2.0))

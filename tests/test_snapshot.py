@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 from test_engine import noises, tiny_model
 
+from ff_engine.checksum import KEY, tensors_digest
 from ff_engine.engine import Engine, SessionConfig
 from ff_engine.engine.snapshot import CONFIG_FIELDS, SessionSnapshot
 from ff_engine.errors import BudgetError, ConfigError, SnapshotError
@@ -164,7 +165,7 @@ def test_retained_window_round_trips_and_continues_bit_identically(model):
     full, _ = generate(Engine(model, num_pages=200, page_size=4, backend="torch"), cfg)
     kept, snap = generate(Engine(model, num_pages=200, page_size=4, backend="torch"),
                           dataclasses.replace(cfg, retain_frames=6), snap_at=4)
-    assert snap.meta["version"] == 2 and snap.meta["session"]["retain_frames"] == 6
+    assert snap.meta["version"] == 3 and snap.meta["session"]["retain_frames"] == 6
     assert snap.meta["session"]["latents_start_frame"] == 6 and snap.tensors["latents"].shape[0] == 6
     assert torch.equal(snap.tensors["latents"], full[6:12])
     e = Engine(model, num_pages=200, page_size=4, backend="torch")
@@ -198,8 +199,9 @@ def good(model):
 
 def _with(snap, meta=None, drop=(), **tensors):
     m = {**snap.meta, **(meta or {})}
-    t = {k: v for k, v in snap.tensors.items() if k not in drop}
-    return safetensors.torch.save({**t, **tensors}, metadata={"ff_engine.snapshot": json.dumps(m)})
+    t = {**{k: v for k, v in snap.tensors.items() if k not in drop}, **tensors}
+    meta = json.dumps(m)  # with a valid checksum: these tests reach the structural checks behind it
+    return safetensors.torch.save(t, metadata={"ff_engine.snapshot": meta, KEY: tensors_digest(t, meta)})
 
 
 @pytest.mark.parametrize(

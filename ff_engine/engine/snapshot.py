@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ff_engine import checksum
 from ff_engine.engine.session import Session, SessionConfig
 from ff_engine.errors import FFEngineError, SnapshotError
 from ff_engine.policies import POLICIES, make_policy, policy_params
@@ -48,8 +49,8 @@ if TYPE_CHECKING:
     from ff_engine.engine.engine import Engine
 
 FORMAT = "ff-engine/session-snapshot"
-FORMAT_VERSION = 2  # 2: retain_frames and latents_start_frame (version 1 kept every frame from 0)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: a SHA-256 of meta + tensors; 2: retain_frames and latents_start_frame (1 kept every frame)
+READABLE_VERSIONS = (1, 2, 3)
 META_KEY = "ff_engine.snapshot"
 #: SessionConfig fields a snapshot carries (a test keeps this in step with SessionConfig)
 CONFIG_FIELDS = ("prompt", "num_frames", "seed", "policy", "budget_frames", "initial_noise", "step_noise", "session_id",
@@ -69,7 +70,9 @@ class SessionSnapshot:
         """safetensors bytes with the JSON meta in the header metadata."""
         import safetensors.torch  # here, not at the top: the engine imports this module, and must run without it
 
-        return safetensors.torch.save(self.tensors, metadata={META_KEY: json.dumps(self.meta, sort_keys=True)})
+        meta = json.dumps(self.meta, sort_keys=True)
+        return safetensors.torch.save(self.tensors, metadata={META_KEY: meta,
+                                                              checksum.KEY: checksum.tensors_digest(self.tensors, meta)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SessionSnapshot:
@@ -83,11 +86,18 @@ class SessionSnapshot:
             tensors = safetensors.torch.load(data)
             header_len = int.from_bytes(data[:8], "little")
             header = json.loads(data[8 : 8 + header_len])
-            meta = json.loads(header["__metadata__"][META_KEY])
+            meta_json = header["__metadata__"][META_KEY]
+            meta = json.loads(meta_json)
+            digest = header["__metadata__"].get(checksum.KEY)
         except Exception as exc:  # noqa: BLE001 - every parse failure is the same user error
             raise SnapshotError(
                 f"not an ff-engine session snapshot (safetensors + {META_KEY} metadata): {type(exc).__name__}: {exc}"
             ) from None
+        if digest is not None or not isinstance(meta, dict) or meta.get("version", FORMAT_VERSION) >= 3:
+            try:  # version 3 on: every byte of meta and tensors is checked (safetensors checks only structure)
+                checksum.verify(tensors, digest, "snapshot", meta_json)
+            except ValueError as exc:
+                raise SnapshotError(str(exc)) from None
         snap = cls(meta, tensors)
         check_snapshot(snap)
         return snap
@@ -114,7 +124,10 @@ class SessionSnapshot:
                 data = f.read()
         except OSError as exc:
             raise SnapshotError(f"cannot read snapshot file {os.fspath(path)!r}: {exc.strerror}") from None
-        return cls.from_bytes(data)
+        try:
+            return cls.from_bytes(data)
+        except SnapshotError as exc:
+            raise SnapshotError(f"snapshot file {os.fspath(path)!r}: {exc}") from None
 
     @property
     def nbytes(self) -> int:

@@ -19,7 +19,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from ff_engine import checksum
+from ff_engine.errors import FFEngineError
+
+
+class CorruptFile(FFEngineError):
+    """A stored block that fails its checksum or cannot be parsed (the message names the file)."""
 
 SNAPSHOT_NAME = "snapshot.ffsnap"
 
@@ -46,7 +54,8 @@ def write_block(output_dir: str | Path, stream_id: str, block: int, latents: tor
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp)
+        tensors = {"latents": latents.detach().to("cpu", torch.float32).contiguous()}
+        save_file(tensors, tmp, metadata={checksum.KEY: checksum.tensors_digest(tensors)})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,7 +69,20 @@ def missing_blocks(output_dir: str | Path, stream_id: str, blocks: int) -> list[
 
 
 def read_block(output_dir: str | Path, stream_id: str, block: int) -> torch.Tensor:
-    return load_file(str(block_path(output_dir, stream_id, block)))["latents"]
+    """A persisted block's latents, its checksum verified (``CorruptFile`` naming the file otherwise)."""
+    path = block_path(output_dir, stream_id, block)
+    try:
+        with safe_open(str(path), "pt") as f:
+            recorded = (f.metadata() or {}).get(checksum.KEY)
+        tensors = load_file(str(path))
+        checksum.verify(tensors, recorded, f"block file {str(path)!r}")
+    except ValueError as exc:
+        raise CorruptFile(str(exc)) from None
+    except OSError:
+        raise  # a missing or unreadable file is not a corrupt one (callers tell those apart)
+    except Exception as exc:  # noqa: BLE001 - safetensors' structural errors: the same one-line refusal
+        raise CorruptFile(f"block file {str(path)!r} is not a readable safetensors file: {exc}") from None
+    return tensors["latents"]
 
 
 def write_snapshot(output_dir: str | Path, stream_id: str, snapshot) -> Path:
