@@ -25,15 +25,12 @@ What differs from the text-to-video causal Wan (whose block pieces are reused fr
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ff_engine.errors import ConfigError
-from model_adapters.base import SelfAttentionFn
+from model_adapters.base import SelfAttentionFn, StateSpec, StreamStates
 from model_adapters.causal_wan.model import (
     CausalHead,
     CausalWanBlock,
@@ -47,19 +44,6 @@ from model_adapters.matrix_game.config import MatrixGameConfig
 
 #: the per-stream inputs this model reads from ``SessionConfig.conditioning`` (per pixel frame / latent frame)
 CONDITIONING_FIELDS = ("keyboard_cond", "mouse_cond", "cond_concat")
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One tensor of adapter-declared per-stream state: the engine allocates ``zeros(shape, dtype)`` per stream at
-    admission and hands it back on every call; only the adapter reads or writes it."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
 class ActionRMSNorm(nn.Module):
@@ -195,14 +179,6 @@ class MatrixGameBlock(CausalWanBlock):
     def __init__(self, cfg: MatrixGameConfig, layer: int):
         super().__init__(cfg)
         self.action_model = ActionModule(cfg) if layer in cfg.action_blocks else None
-
-
-class StreamStates:
-    """What the engine hands ``forward`` as ``stream_state``: one dict of state tensors per stream (in the order of
-    the batch) and whether this is the cache-writing pass (only then may the adapter change them)."""
-
-    def __init__(self, states: list[dict[str, torch.Tensor]], write: bool):
-        self.states, self.write = states, write
 
 
 class MatrixGameModel(nn.Module):
