@@ -304,3 +304,23 @@ def test_set_conditioning_steers_a_running_stream(model, ref):
     with pytest.raises(ConfigError, match="mouse_cond"):
         e.set_conditioning("s", mouse_cond=torch.zeros(3, 5))
     assert e.sessions["s"].conditioning["keyboard_cond"].shape[0] == 21
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------
+def test_cli_generates_with_actions_and_refuses_poisoned_ones(ref, tmp_path, capsys):
+    from ff_engine.cli import main
+
+    cond, _ = ref
+    torch.save(cond["visual_context"][0].clone(), tmp_path / "img.pt")
+    c = {k: v[:21].clone() if k != "cond_concat" else v[:6].clone() for k, v in stream_conditioning(cond).items()}
+    torch.save(c, tmp_path / "cond.pt")
+    args = ["generate", "--model", "matrix-game-tiny", "--random-weights", "--prompt-embeds", str(tmp_path / "img.pt"),
+            "--frames", "6", "--policy", "window", "--budget-frames", "3", "--quiet"]
+    assert main([*args, "--conditioning", str(tmp_path / "cond.pt"), "--out", str(tmp_path / "a.mp4")]) == 0
+    assert (tmp_path / "a.mp4").is_file()
+    c["mouse_cond"][4, 1] = float("nan")
+    torch.save(c, tmp_path / "bad.pt")
+    capsys.readouterr()
+    assert main([*args, "--conditioning", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "b.mp4")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mouse_cond contains NaN" in err[0]
