@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -254,6 +255,27 @@ def check_memory(args, prep: Prepared, least_budget: int) -> None:
                       f"{format_bytes(usable)} usable: {hint}")
 
 
+def load_conditioning(path) -> dict | None:
+    """``--conditioning FILE``: a .pt / .safetensors dict of per-stream model inputs (Matrix-Game: ``keyboard_cond``
+    [P, keys] and ``mouse_cond`` [P, 2] per pixel frame, ``cond_concat`` [F, 20, H, W]); the model checks them."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"--conditioning: no file {str(path)!r}")
+    try:
+        if str(path).endswith(".safetensors"):
+            import safetensors.torch
+
+            cond = safetensors.torch.load_file(str(path))
+        else:
+            cond = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
+        raise ConfigError(f"--conditioning: cannot read {str(path)!r}: {type(exc).__name__}") from None
+    if not isinstance(cond, dict) or not all(isinstance(v, torch.Tensor) for v in cond.values()):
+        raise ConfigError("--conditioning: the file must hold a dict of tensors")
+    return {k: (v[0] if v.dim() == 3 and k != "cond_concat" and v.shape[0] == 1 else v) for k, v in cond.items()}
+
+
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
@@ -268,7 +290,8 @@ def cmd_generate(args) -> int:
     g = prep.geometry
     decoder = models.make_decoder(prep.cfg, args.vae)  # a VAE folder is loaded and checked before any compute
     cfg = SessionConfig(prompt=prep.prompt, num_frames=prep.frames, seed=args.seed, policy=policy,
-                        budget_frames=prep.budget_frames, actions=prep.world.actions)
+                        budget_frames=prep.budget_frames, actions=prep.world.actions,
+                        conditioning=load_conditioning(getattr(args, "conditioning", None)))
     writer = Mp4Writer(args.out, fps=g.fps, what="--out")  # folder + temporary file: writability proven now
     try:
         model = build_model(args, (prep.cfg, prep.state_dict))
@@ -564,6 +587,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="pool size (default: exactly this stream's reservation)")
     g.add_argument("--actions", default=None, metavar="SCRIPT|FILE", help="an action-conditioned model's actions "
                    "after the prefix: NAME:FRAMES,... (e.g. right:120,stay:24,left:96; the last one is held)")
+    g.add_argument("--conditioning", default=None, metavar="FILE", help="per-stream model inputs (.pt / "
+                   ".safetensors dict): Matrix-Game's keyboard_cond [P, keys] and mouse_cond [P, 2] per pixel frame, "
+                   "cond_concat [F, 20, H, W]")
     g.add_argument("--prefix-frames", type=int_arg(0), default=None, help="world models: ground-truth frames of the "
                    "world (seed 1,000,000 + --seed, held out from training) prefilled before generating (default: "
                    "the whole panorama for world v4, none for v3)")

@@ -53,6 +53,30 @@ class VideoGeometry:
         return 1 + self.vae_stride[0] * (latent_frames - 1) if latent_frames else 0
 
 
+@dataclass(frozen=True)
+class StateSpec:
+    """One tensor of adapter-declared per-stream state (``model.stream_state_spec()`` maps names to these): the
+    engine allocates ``zeros(shape, dtype)`` per stream at admission, hands it back on every call inside a
+    ``StreamStates``, snapshots / restores it bit-identically, undoes a failed batched pass, and frees it with the
+    stream.  Only the adapter reads or writes its contents."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class StreamStates:
+    """What the engine passes ``forward`` as ``stream_state=``: one dict of the declared state tensors per stream,
+    in the order of the batch, and whether this is the cache-writing pass (the only call that may change them;
+    denoising steps only read)."""
+
+    def __init__(self, states: list[dict[str, torch.Tensor]], write: bool):
+        self.states, self.write = states, write
+
+
 class SelfAttentionFn(Protocol):
     def __call__(
         self,

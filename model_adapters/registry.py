@@ -25,7 +25,7 @@ from ff_engine.errors import CheckpointError, ConfigError
 from model_adapters import checkpoints
 
 #: modules that register the built-in architectures (imported on first use of the registry)
-BUILTIN = ("model_adapters.causal_wan.arch", "model_adapters.skyreels_v2.arch")
+BUILTIN = ("model_adapters.causal_wan.arch", "model_adapters.skyreels_v2.arch", "model_adapters.matrix_game.arch")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ff_engine.engine.sampler import FlowMatchSchedule
 from ff_engine.errors import FFEngineError
 from ff_engine.policies import POLICIES, Unbounded, make_policy
 from model_adapters import checkpoints, registry
-from model_adapters.base import rotate_pairs
+from model_adapters.base import StateSpec, StreamStates, rotate_pairs
 
 ARCHS = sorted(registry.architectures())
 
@@ -146,11 +146,16 @@ def dense_loop(model, prompt, frames, init, steps_noise):
     cache, ps, noise, out = DenseCache(g.num_layers), model.encode_prompt(prompt), list(steps_noise), []
     fpb, steps = g.frames_per_block, sched.denoising_timesteps
     cn = float(model.cfg.context_noise)
+    spec = declared_state(model)  # adapter-declared per-stream state, held here as the engine holds it
+    state = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in spec.items()}
+
+    def kw(write):
+        return {"stream_state": StreamStates([state], write)} if spec else {}
     for b in range(frames // fpb):
         x = init[b * fpb:(b + 1) * fpb][None]
         for i, t in enumerate(steps):
             tt = torch.full((1, fpb), float(t))
-            flow = model.forward(x, tt, [ps], [b * fpb], cache)
+            flow = model.forward(x, tt, [ps], [b * fpb], cache, **kw(False))
             x0 = sched.to_x0(x, flow, tt)
             if i < len(steps) - 1:
                 eps = noise.pop(0)[None] if sched.stochastic else x0 + flow
@@ -158,7 +163,7 @@ def dense_loop(model, prompt, frames, init, steps_noise):
         out.append(x0[0])
         clean = x0 if cn == 0 else sched.add_noise(x0, noise.pop(0)[None], torch.full((1, fpb), cn))
         cache.write = True
-        model.forward(clean, torch.full((1, fpb), cn), [ps], [b * fpb], cache)
+        model.forward(clean, torch.full((1, fpb), cn), [ps], [b * fpb], cache, **kw(True))
         cache.write = False
     return torch.cat(out)
 
@@ -176,6 +181,45 @@ def test_unbounded_equals_its_dense_reference(model):
     out = e.generate(SessionConfig(prompt=prompt, num_frames=frames, policy=Unbounded(), initial_noise=init,
                                    step_noise=noise))
     assert (out - ref).abs().max() <= 1e-4
+
+
+def declared_state(model) -> dict:
+    spec = getattr(model, "stream_state_spec", None)
+    return dict(spec()) if callable(spec) else {}
+
+
+def test_declared_state_is_held_per_stream(model):
+    """Adapter-declared per-stream state (docs/adapters.md): declared sizes, reserved at admission, changed only by
+    the cache-writing pass, isolated between streams, snapshotted and restored bit-identically, freed on cancel."""
+    spec = declared_state(model)
+    assert all(isinstance(v, StateSpec) for v in spec.values())
+    e = Engine(model, num_pages=400, page_size=8, backend="torch")
+    fpb = model.geometry.frames_per_block
+    a, b = (e.add_session(SessionConfig(prompt=prompt_for(model, i), num_frames=3 * fpb, seed=i,
+                                        policy=make_policy("window"), budget_frames=fpb)) for i in (1, 2))
+    assert e.state_bytes_per_stream == sum(v.nbytes for v in spec.values())
+    assert e.stream_state_bytes() == 2 * e.state_bytes_per_stream
+    if spec:
+        assert all(tuple(a.stream_state[k].shape) == v.shape and a.stream_state[k].dtype == v.dtype
+                   and not a.stream_state[k].any() for k, v in spec.items())
+        before = {k: t.clone() for k, t in a.stream_state.items()}
+        with torch.no_grad():  # a denoising step reads the state and leaves it as it was
+            e.forward_block([a, b], torch.stack([a.block_noise(), b.block_noise()]),
+                            torch.full((2, fpb), 500.0), write=False)
+        assert all(torch.equal(before[k], a.stream_state[k]) for k in before)
+        assert all(a.stream_state[k].data_ptr() != b.stream_state[k].data_ptr() for k in spec)
+    e.step()
+    snap = e.snapshot(a.id)
+    rest = e.step([a.id])[0].latents
+    e2 = Engine(model, num_pages=400, page_size=8, backend="torch")
+    r = e2.restore(type(snap).from_bytes(snap.to_bytes()))
+    if spec:
+        assert all(torch.equal(r.stream_state[k], snap.tensors[f"state.{k}"]) for k in spec)
+    assert torch.equal(e2.step([r.id])[0].latents, rest)
+    for eng in (e, e2):
+        for sid in list(eng.sessions):
+            eng.cancel(sid)
+        assert eng.stream_state_bytes() == 0 and eng.cache.pool.num_free == eng.cache.num_pages
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

@@ -39,6 +39,7 @@ from ff_engine.engine.session import SESSION_ID_RE, Session, SessionConfig
 from ff_engine.engine.snapshot import restore_session, snapshot_session
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 from ff_engine.policies.base import CachePolicy, CompressContext
+from model_adapters.base import StreamStates
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
@@ -115,15 +116,30 @@ class _Mark:
         self.tokens = [engine.cache.num_tokens(session.id, layer) for layer in range(engine.geometry.num_layers)] \
             if cache else None
         self.policy = copy.deepcopy(session.policy) if cache else None
+        self.state = clone_state(session.stream_state) if cache else None
 
     def restore(self) -> None:
         s, cache = self.session, self.engine.cache
         s.generator.set_state(self.rng)
         s.step_noise_pos = self.noise_pos
+        if self.state is not None and s.stream_state is not None:
+            for name, t in s.stream_state.items():
+                t.copy_(self.state[name])
         if self.tokens is not None and cache.has_session(s.id):
             for layer, n in enumerate(self.tokens):
                 cache.truncate(s.id, layer, n)
             s.policy = self.policy
+
+
+def stream_state_spec(model) -> dict:
+    """The model's declared per-stream state (``model.stream_state_spec()``: name -> spec with ``shape``, ``dtype``
+    and ``nbytes``), {} for a model that keeps none."""
+    spec = getattr(model, "stream_state_spec", None)
+    return dict(spec()) if callable(spec) else {}
+
+
+def clone_state(state: dict | None) -> dict | None:
+    return {k: t.clone() for k, t in state.items()} if state is not None else None
 
 
 def _describe(exc: BaseException) -> str:
@@ -161,6 +177,7 @@ class Engine:
         if not isinstance(undo_blocks, int) or isinstance(undo_blocks, bool) or not 0 <= undo_blocks <= 64:
             raise ConfigError(f"undo_blocks must be an integer in [0, 64], got {undo_blocks!r}")
         self.history = UndoHistory(undo_blocks)  # rollback (branching.py); 0: no history kept
+        self.state_spec = stream_state_spec(model)
 
     def add_observer(self, observer: EngineObserver) -> EngineObserver:
         """Call ``observer``'s hooks from now on (``observer.py``); returns it."""
@@ -216,6 +233,7 @@ class Engine:
         self._validate_noise(cfg, frames)
         if cfg.actions is not None:
             self.validate_actions(cfg.actions)
+        self.check_conditioning(cfg.conditioning, frames)
 
     def validate_actions(self, actions) -> None:
         """Per-frame action indices for this engine's model (one ``ConfigError`` naming the field otherwise)."""
@@ -257,13 +275,18 @@ class Engine:
         with torch.no_grad():
             prompt_state = self.model.encode_prompt(cfg.prompt)
         session = Session(cfg, self.geometry, prompt_state, self.geometry.frames_per_block)
+        session.conditioning = self.check_conditioning(cfg.conditioning, session.num_frames)
         self.cache.add_session(session.id, self.pages_that_fit(cfg))
+        session.stream_state = self.allocate_stream_state()
         self.sessions[session.id] = session
         return session
 
     def cancel(self, session_id: str) -> None:
-        """Stop a stream and return all its pages (a fork's shared pages stay with the fork). Idempotent."""
-        self.sessions.pop(session_id, None)
+        """Stop a stream and return all its pages (a fork's shared pages stay with the fork) and its adapter
+        state. Idempotent."""
+        s = self.sessions.pop(session_id, None)
+        if s is not None:
+            s.stream_state = None
         self.cache.release_session(session_id)
         self.history.forget(session_id)
 
@@ -284,6 +307,7 @@ class Engine:
         """One model call for the current block of ``sessions``: x [S, F, C, H, W], t [S, F] -> flow."""
         attn = PagedSelfAttention(self, sessions, write)
         kw = {"actions": torch.stack([s.block_actions() for s in sessions])} if self.action_names else {}
+        kw.update(self.adapter_inputs(sessions, write))
         with torch.no_grad():
             return self.model.forward(x.to(self.dtype), t, [s.prompt_state for s in sessions],
                                   [s.start_frame for s in sessions], attn, **kw)
@@ -464,6 +488,68 @@ class Engine:
         finally:
             self.cancel(s.id)
         return torch.cat(s.latents)[: cfg.num_frames]
+
+    # ---- adapter-declared per-stream state and conditioning (docs/adapters.md, "Caches an adapter declares") ----
+    @property
+    def state_bytes_per_stream(self) -> int:
+        """Bytes of adapter-declared state each stream holds (reserved at admission, freed with the stream)."""
+        return sum(spec.nbytes for spec in self.state_spec.values())
+
+    def stream_state_bytes(self) -> int:
+        """Bytes of adapter state held by the active sessions."""
+        return sum(sum(t.numel() * t.element_size() for t in s.stream_state.values())
+                   for s in self.sessions.values() if s.stream_state)
+
+    def allocate_stream_state(self) -> dict | None:
+        """A new stream's state: zeros of every declared shape and dtype on the cache's device (None if none)."""
+        if not self.state_spec:
+            return None
+        return {name: torch.zeros(spec.shape, dtype=spec.dtype, device=self.cache.device)
+                for name, spec in self.state_spec.items()}
+
+    def check_conditioning(self, conditioning, num_frames: int) -> dict:
+        """The model's check of a stream's conditioning (one ``ConfigError`` naming the field); {} for none."""
+        if conditioning is None:
+            return {}
+        check = getattr(self.model, "check_conditioning", None)
+        if check is None:
+            raise ConfigError(f"conditioning: this model ({type(self.model).__name__}) takes none")
+        return check(conditioning, num_frames)
+
+    def adapter_inputs(self, sessions: list[Session], write: bool) -> dict:
+        """The keyword arguments of ``model.forward`` for what an adapter declares: its per-stream state (changed
+        only on the cache-writing pass) and the streams' conditioning."""
+        kw = {}
+        if self.state_spec:
+            kw["stream_state"] = StreamStates([s.stream_state for s in sessions], write)
+        if getattr(self.model, "check_conditioning", None) is not None:
+            kw["conditioning"] = [s.conditioning for s in sessions]
+        return kw
+
+    def set_conditioning(self, session_id: str, from_pixel_frame: int | None = None, **fields) -> int:
+        """Steer a running stream's per-frame conditioning (e.g. ``keyboard_cond=``, ``mouse_cond=``): rows from
+        ``from_pixel_frame`` on (default: the end of what the stream holds) are replaced by the given ones; earlier
+        rows stay.  Checked by the model as a whole (one ``ConfigError``, nothing changed).  Returns the new
+        length of the first field."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise ConfigError(f"session_id {session_id!r} is not active")
+        merged = dict(s.conditioning)
+        length = 0
+        for name, rows in fields.items():
+            rows = torch.as_tensor(rows, dtype=torch.float32) if not isinstance(rows, torch.Tensor) else rows
+            old = merged.get(name)
+            start = (old.shape[0] if old is not None else 0) if from_pixel_frame is None else from_pixel_frame
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0 or \
+                    (old is not None and start > old.shape[0]) or (old is None and start):
+                raise ConfigError(f"{name}: from_pixel_frame must be an integer in [0, {0 if old is None else old.shape[0]}]")
+            if old is not None and start and tuple(rows.shape[1:]) != tuple(old.shape[1:]):
+                raise ConfigError(f"{name} rows must be [n, {', '.join(map(str, old.shape[1:]))}] like the stream's, "
+                                  f"got {tuple(rows.shape)}")
+            merged[name] = torch.cat([old[:start].to(rows.dtype), rows]) if old is not None and start else rows
+            length = merged[name].shape[0]
+        s.conditioning = self.check_conditioning(merged, s.num_frames)
+        return length
 
     # ---- session snapshots (ff_engine/engine/snapshot.py owns them; snapshot.py never imports this module) --------------------------------------------
     def snapshot(self, session_id: str):

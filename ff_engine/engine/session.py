@@ -49,6 +49,7 @@ class SessionConfig:
     session_id: str | None = None
     retain_frames: int | None = None
     actions: list[int] | None = None
+    conditioning: dict | None = None
 
 
 class Session:
@@ -74,6 +75,8 @@ class Session:
         c, (h, w) = geometry.latent_channels, geometry.latent_hw
         self.block_shape = (frames_per_block, c, h, w)
         self.actions: list[int] = [int(a) for a in cfg.actions] if cfg.actions else []
+        self.conditioning: dict = {}  # checked by the model at admission (Engine.add_session)
+        self.stream_state: dict | None = None  # adapter-declared per-stream state, allocated by the engine
 
     def block_actions(self) -> torch.Tensor:
         """Action index per frame of the current block [F] (the last given action held past the end, 0 without)."""

@@ -54,7 +54,7 @@ READABLE_VERSIONS = (1, 2, 3)
 META_KEY = "ff_engine.snapshot"
 #: SessionConfig fields a snapshot carries (a test keeps this in step with SessionConfig)
 CONFIG_FIELDS = ("prompt", "num_frames", "seed", "policy", "budget_frames", "initial_noise", "step_noise", "session_id",
-                 "retain_frames", "actions")
+                 "retain_frames", "actions", "conditioning")
 _CACHE_PARTS = {"k": None, "v": None, "positions": torch.int32, "log_mass": torch.float32}  # None: model dtype
 _JSON_SCALARS = (type(None), bool, int, float, str)
 
@@ -210,6 +210,7 @@ def snapshot_session(engine: Engine, session_id: str, with_cache: bool = True) -
     if with_cache:
         for layer, parts in enumerate(engine.cache.export_session(s.id)):
             tensors.update({f"cache.{layer}.{name}": t.cpu() for name, t in parts.items()})
+    tensors.update(_adapter_tensors(s))  # small per-stream state: copied even for a fork
     numbers = {}
     for key, value in s.policy.state_dict().items():
         if isinstance(value, torch.Tensor):
@@ -242,6 +243,28 @@ def snapshot_session(engine: Engine, session_id: str, with_cache: bool = True) -
         },
     }
     return SessionSnapshot(meta, tensors)
+
+
+def _adapter_tensors(s) -> dict[str, torch.Tensor]:
+    """A session's adapter-declared state (``state.<name>``, bit for bit) and its conditioning as it stands
+    (``conditioning.<name>``, ``Engine.set_conditioning`` included)."""
+    out = {f"state.{k}": t.detach().cpu().clone() for k, t in (s.stream_state or {}).items()}
+    out.update({f"conditioning.{k}": _own(t) for k, t in s.conditioning.items()})
+    return out
+
+
+def _restore_adapter_state(session, t: dict) -> None:
+    """Copy ``state.*`` tensors into the state the engine allocated for ``session`` (same names, shapes, dtypes)."""
+    saved = {k.removeprefix("state."): v for k, v in t.items() if k.startswith("state.")}
+    own = session.stream_state or {}
+    if set(saved) != set(own):
+        raise SnapshotError(f"snapshot adapter state {sorted(saved)[:4]} does not match this model's {sorted(own)[:4]}")
+    for name, buf in own.items():
+        v = saved[name]
+        if v.shape != buf.shape or v.dtype != buf.dtype:
+            raise SnapshotError(f"snapshot adapter state {name} {tuple(v.shape)} {v.dtype} does not match "
+                                f"{tuple(buf.shape)} {buf.dtype}")
+        buf.copy_(v)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -335,7 +358,7 @@ def check_snapshot(snap: SessionSnapshot) -> None:
                     f"{n} tokens of k {tuple(k.shape)}"
                 )
             names.add(f"cache.{layer}.{part}")
-    extra = sorted(n for n in snap.tensors if n not in names and not n.startswith("policy."))
+    extra = sorted(n for n in snap.tensors if n not in names and not n.startswith(("policy.", "state.", "conditioning.")))
     if extra:
         raise SnapshotError(f"snapshot has unexpected tensors {extra[:4]}")
 
@@ -393,6 +416,7 @@ def session_config(snap: SessionSnapshot, session_id: str | None) -> SessionConf
         session_id=m["session"]["id"] if session_id is None else session_id,
         retain_frames=m["session"].get("retain_frames"),  # version 1: kept every frame
         actions=t["config.actions"].tolist() if "config.actions" in t else None,
+        conditioning={k.removeprefix("conditioning."): v for k, v in t.items() if k.startswith("conditioning.")} or None,
     )
 
 
@@ -431,3 +455,4 @@ def load_state(session, snap: SessionSnapshot, dev) -> None:
     session.generator.set_state(t["rng.generator"].clone())
     session.step_noise_pos = m["session"]["step_noise_pos"]
     session.actions = t["config.actions"].tolist() if "config.actions" in t else []
+    _restore_adapter_state(session, t)

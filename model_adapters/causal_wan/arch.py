@@ -20,6 +20,8 @@ def claims(keys: set, meta: dict) -> bool:
     """Wan2.1 names, or diffusers ``WanTransformer3DModel`` names (not SkyReels-V2's, which add fps conditioning)."""
     if "fps_embedding.weight" in keys or meta.get("_class_name", "").startswith("SkyReels"):
         return False
+    if "img_emb.proj.1.weight" in keys:  # image-to-video (Matrix-Game's i2v causal Wan, model_adapters/matrix_game)
+        return False
     wan = "patch_embedding.weight" in keys and "blocks.0.self_attn.q.weight" in keys
     diffusers = "patch_embedding.weight" in keys and "blocks.0.attn1.to_q.weight" in keys
     return wan or diffusers

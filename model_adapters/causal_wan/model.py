@@ -233,30 +233,44 @@ class CausalWanBlock(nn.Module):
 
     def forward(self, x, e0, frames, layer, rope_angles, positions, cross_k, cross_v, attention: SelfAttentionFn):
         # x [S, L, dim]; e0 [S, F, 6, dim] per-frame modulation; cross_k/v [S, T, H, D]
+        e = self.modulation_terms(e0)
+        x = self.self_attention(x, e, frames, layer, rope_angles, positions, attention)
+        x = self.cross_attention(x, cross_k, cross_v)
+        return self.feed_forward(x, e, frames)
+
+    # The three residual branches, separately callable so derived blocks (Matrix-Game's ActionModule between the
+    # cross-attention and the FFN) reuse them unchanged.
+    def modulation_terms(self, e0):
+        return (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)  # each [S, F, 1, dim]
+
+    @staticmethod
+    def _mod(h, shift, scale, frames):
+        return (h.unflatten(1, (frames, h.shape[1] // frames)) * (1 + scale) + shift).flatten(1, 2)
+
+    @staticmethod
+    def _gate(h, g, frames):
+        return (h.unflatten(1, (frames, h.shape[1] // frames)) * g).flatten(1, 2)
+
+    def self_attention(self, x, e, frames, layer, rope_angles, positions, attention: SelfAttentionFn):
         s, l, d = x.shape
         n, hd = self.cfg.num_heads, self.cfg.head_dim
-        e = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)  # each [S, F, 1, dim]
-
-        def mod(h, shift, scale):
-            return (h.unflatten(1, (frames, l // frames)) * (1 + scale) + shift).flatten(1, 2)
-
-        def gate(h, g):
-            return (h.unflatten(1, (frames, l // frames)) * g).flatten(1, 2)
-
-        h = mod(self.norm1(x), e[0], e[1])
+        h = self._mod(self.norm1(x), e[0], e[1], frames)
         sa = self.self_attn
         q = sa.norm_q(sa.q(h)).reshape(s * l, n, hd)
         k = sa.norm_k(sa.k(h)).reshape(s * l, n, hd)
         v = sa.v(h).reshape(s * l, n, hd)
         y = attention(layer, rope_apply(q, rope_angles), rope_apply(k, rope_angles), v, q, positions)
-        x = x + gate(sa.o(y.reshape(s, l, d)), e[2])
+        return x + self._gate(sa.o(y.reshape(s, l, d)), e[2], frames)
 
+    def cross_attention(self, x, cross_k, cross_v):
+        n, hd = self.cfg.num_heads, self.cfg.head_dim
         ca = self.cross_attn
         cq = ca.norm_q(ca.q(self.norm3(x))).unflatten(-1, (n, hd))
         co = F.scaled_dot_product_attention(cq.transpose(1, 2), cross_k.transpose(1, 2), cross_v.transpose(1, 2))
-        x = x + ca.o(co.transpose(1, 2).flatten(2))
-        x = x + gate(self.ffn(mod(self.norm2(x), e[3], e[4])), e[5])
-        return x
+        return x + ca.o(co.transpose(1, 2).flatten(2))
+
+    def feed_forward(self, x, e, frames):
+        return x + self._gate(self.ffn(self._mod(self.norm2(x), e[3], e[4], frames)), e[5], frames)
 
 
 class CausalHead(nn.Module):
