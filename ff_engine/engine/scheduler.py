@@ -7,6 +7,11 @@
 * **Fair round-robin.** Each ``step`` runs one block for up to ``max_batch`` active streams in a single
   transformer forward per denoising step; the batch window rotates so every stream advances equally often.
 * Streams join at any block boundary and leave when done or cancelled; their pages return to the pool at once.
+* **Pause and park.** An interactive stream waiting for its user is ``pause``d (not stepped); paused longer than
+  ``park_after`` seconds (or on ``park``) it is **parked**: its snapshot moves to host memory and its pages
+  return to the pool, so queued streams can be admitted.  ``resume`` puts it back: at once when its reservation
+  fits, else at the head of the queue (it was admitted before everything queued).  A parked stream holds no
+  device page; park then resume is bit-identical (``Engine.snapshot`` / ``restore``).
 * **Nothing is lost silently.** ``submit`` validates the whole request (``Engine.validate``) and returns the
   stream's id; a full queue (``max_queue``) raises ``Overloaded`` with a retry-after estimate; a request that
   fails at admission, or a session that fails while running, comes back from ``step`` as a ``BlockResult``
@@ -34,11 +39,24 @@ class SchedulerStats:
     failed: int = 0
     cancelled: int = 0
     rejected: int = 0
+    parked: int = 0
+    resumed: int = 0
+    resume_seconds: list[float] = field(default_factory=list)  # resume call -> back in the engine
     batch_sizes: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Parked:
+    """A parked stream: its snapshot, when it was parked, and (once resumed) since when it waits."""
+
+    snapshot: object
+    parked_at: float
+    resume_requested: float | None = None
+
+
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int | None = None):
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int | None = None,
+                 park_after: float | None = None, clock=time.monotonic):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
@@ -49,6 +67,11 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._step_seconds = 0.0  # moving average of one step's wall time (for retry-after estimates)
         self._pending: list[BlockResult] = []  # admission failures, reported by the next step
+        if park_after is not None and (isinstance(park_after, bool) or not park_after >= 0):
+            raise ConfigError(f"park_after must be None (never) or seconds >= 0, got {park_after!r}")
+        self.park_after, self.clock = park_after, clock
+        self.paused: dict[str, float] = {}  # active stream id -> when it was paused
+        self.parked: dict[str, _Parked] = {}  # parked (not in the engine) or resumed and queued
 
     def submit(self, cfg: SessionConfig) -> str:
         """Queue a stream and return its id (assigned here when ``cfg.session_id`` is None).  Raises a one-line
@@ -59,7 +82,8 @@ class Scheduler:
         e.pages_that_fit(cfg)
         if cfg.session_id is None:
             cfg = dataclasses.replace(cfg, session_id=new_session_id())
-        elif cfg.session_id in e.sessions or any(w.session_id == cfg.session_id for w in self.waiting):
+        elif (cfg.session_id in e.sessions or cfg.session_id in self.parked
+              or any(w.session_id == cfg.session_id for w in self.waiting)):
             raise ConfigError(f"session_id {cfg.session_id!r} is already queued or active")
         if self.max_queue is not None and len(self.waiting) >= self.max_queue:
             self.stats.rejected += 1
@@ -74,11 +98,77 @@ class Scheduler:
                 del self.waiting[i]  # by position: requests hold tensors, so == is not usable
                 self.stats.cancelled += 1
                 return True
+        if session_id in self.parked:
+            del self.parked[session_id]
+            self.stats.cancelled += 1
+            return True
         if session_id in self.engine.sessions:
+            self.paused.pop(session_id, None)
             self.engine.cancel(session_id)
             self.stats.cancelled += 1
             return True
         return False
+
+    # ---- pause / park / resume ------------------------------------------------------------------------------
+    def pause(self, session_id: str) -> None:
+        """Stop stepping an active stream until ``resume`` (its user is thinking); parked after ``park_after``."""
+        if session_id not in self.engine.sessions:
+            raise ConfigError(f"session_id {session_id!r} is not a running stream")
+        self.paused.setdefault(session_id, self.clock())
+
+    def park(self, session_id: str) -> None:
+        """Move a paused or running stream to host memory now: snapshot, then its pages back to the pool."""
+        if session_id not in self.engine.sessions:
+            raise ConfigError(f"session_id {session_id!r} is not a running stream")
+        snap = self.engine.snapshot(session_id)
+        self.engine.cancel(session_id)
+        self.paused.pop(session_id, None)
+        self.parked[session_id] = _Parked(snap, self.clock())
+        self.stats.parked += 1
+
+    def resume(self, session_id: str) -> bool:
+        """Step the stream again: a paused one at once; a parked one once its pages fit (head of the queue).
+        Returns whether it is running again now."""
+        if self.paused.pop(session_id, None) is not None:
+            return True
+        p = self.parked.get(session_id)
+        if p is None:
+            if session_id in self.engine.sessions:
+                return True
+            raise ConfigError(f"session_id {session_id!r} is neither paused, parked nor running")
+        if p.resume_requested is None:
+            p.resume_requested = self.clock()
+        return self._unpark(session_id)
+
+    def _unpark(self, session_id: str) -> bool:
+        p = self.parked[session_id]
+        e = self.engine
+        if not e.cache.pool.can_reserve(self._snapshot_pages(p)):
+            return False
+        e.restore(p.snapshot, session_id)
+        del self.parked[session_id]
+        self.stats.resumed += 1
+        self.stats.resume_seconds.append(self.clock() - p.resume_requested)
+        return True
+
+    def _snapshot_pages(self, p: _Parked) -> int:
+        from ff_engine.engine.snapshot import session_config
+
+        return self.engine.pages_needed(session_config(p.snapshot, None))
+
+    def _park_idle(self) -> None:
+        if self.park_after is None:
+            return
+        now = self.clock()
+        for sid, since in list(self.paused.items()):
+            if now - since >= self.park_after and sid in self.engine.sessions:
+                self.park(sid)
+
+    def _resume_waiting(self) -> None:
+        """Resumed parked streams go before the queue: they were admitted before any of it."""
+        for sid in [s for s, p in self.parked.items() if p.resume_requested is not None]:
+            if not self._unpark(sid):
+                break
 
     def retry_after(self) -> float:
         """Seconds until the head of the queue may be admitted: the fewest blocks any running stream has left,
@@ -91,9 +181,13 @@ class Scheduler:
         return max(1.0, left * rounds * self._step_seconds)
 
     def admit(self) -> list[str]:
-        """Admit waiting streams, in order, while their reservations fit."""
+        """Resume parked streams that asked to, then admit waiting streams, in order, while their reservations
+        fit (a resumed stream that does not fit yet holds the queue back: it goes first)."""
         admitted = []
         e = self.engine
+        self._resume_waiting()
+        if any(p.resume_requested is not None for p in self.parked.values()):
+            return admitted
         while self.waiting:
             cfg = self.waiting[0]
             if not e.cache.pool.can_reserve(e.pages_needed(cfg)):
@@ -109,13 +203,18 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.engine.sessions and not self._pending
+        """Nothing to do: no queue, no runnable stream, nothing to report (paused and parked streams wait for
+        their users, not for the scheduler)."""
+        runnable = [s for s in self.engine.sessions if s not in self.paused]
+        resuming = any(p.resume_requested is not None for p in self.parked.values())
+        return not self.waiting and not runnable and not self._pending and not resuming
 
     def step(self) -> list[BlockResult]:
         """Admit what fits, then run one block of up to ``max_batch`` active streams (round-robin)."""
+        self._park_idle()
         self.admit()
         results, self._pending = self._pending, []
-        active = list(self.engine.sessions)
+        active = [s for s in self.engine.sessions if s not in self.paused]
         if not active:
             return results
         start = self._rr % len(active)
