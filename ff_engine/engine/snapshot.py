@@ -293,18 +293,16 @@ def _tensor(snap: SessionSnapshot, name: str, dtype: torch.dtype | None, dims: i
     return t
 
 
-def check_snapshot(snap: SessionSnapshot) -> None:
-    """Structural checks that need no engine: format, meta fields and types, tensor names, ranks and dtypes,
-    and the consistency between them.  ``SnapshotError`` on the first problem."""
-    m = snap.meta
+def _check_header(m: object) -> None:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise SnapshotError(f"not an ff-engine session snapshot (meta format must be {FORMAT!r})")
     if m.get("version") not in READABLE_VERSIONS or isinstance(m.get("version"), bool):
         raise SnapshotError(f"snapshot format version {m.get('version')!r} is not supported (this reads "
                             f"{', '.join(map(str, READABLE_VERSIONS))})")
-    for key in ("model", "sampler"):
-        _field(m, key, dict, "")
-    sess, pol, cache = _field(m, "session", dict, ""), _field(m, "policy", dict, ""), _field(m, "cache", dict, "")
+
+
+def _check_session_meta(sess: dict, version: int) -> tuple[int, int, int, int]:
+    """The session fields; returns ``(num_frames, block, step_noise_pos, latents_start_frame)``."""
     _field(sess, "id", str, "session")
     num_frames = _field(sess, "num_frames", int, "session")
     _field(sess, "seed", int, "session")
@@ -312,20 +310,33 @@ def check_snapshot(snap: SessionSnapshot) -> None:
     block = _field(sess, "block", int, "session")
     pos = _field(sess, "step_noise_pos", int, "session")
     start = 0
-    if m["version"] >= 2:
+    if version >= 2:
         retain = _field(sess, "retain_frames", int, "session", optional=True)
         start = _field(sess, "latents_start_frame", int, "session")
         if (retain is not None and retain < 0) or start < 0:
             raise SnapshotError(f"snapshot retain_frames {retain} and latents_start_frame {start} must be >= 0")
+    return num_frames, block, pos, start
+
+
+def _check_policy_meta(pol: dict) -> None:
     _field(pol, "name", str, "policy")
     params, state = _field(pol, "params", dict, "policy"), _field(pol, "state", dict, "policy")
     if any(not isinstance(v, _JSON_SCALARS) for v in params.values()):
         raise SnapshotError("snapshot meta policy.params must hold JSON scalars")
     if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in state.values()):
         raise SnapshotError("snapshot meta policy.state must hold numbers")
+
+
+def _check_cache_meta(cache: dict) -> list[int]:
     tokens = _field(cache, "tokens", list, "cache")
     if not tokens or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in tokens):
         raise SnapshotError("snapshot meta cache.tokens must list a token count >= 0 per layer")
+    return tokens
+
+
+def _check_config_tensors(snap: SessionSnapshot, pos: int) -> tuple[torch.Tensor, int | None]:
+    """Prompt, generator, latents and the optional config tensors; returns ``(latents, frames_per_block)``
+    (``None`` without step noise)."""
     if not isinstance(snap.tensors.get("config.prompt"), torch.Tensor):
         raise SnapshotError("snapshot lacks tensor 'config.prompt'")
     _tensor(snap, "rng.generator", torch.uint8, 1)
@@ -342,12 +353,12 @@ def check_snapshot(snap: SessionSnapshot) -> None:
         _tensor(snap, "config.initial_noise", torch.float32, 4)
     if "config.actions" in snap.tensors:
         _tensor(snap, "config.actions", torch.int64, 1)
-    if num_frames < 1 or block < 0:
-        raise SnapshotError(f"snapshot num_frames {num_frames} must be >= 1 and block {block} >= 0")
-    if fpb is not None and start + latents.shape[0] != block * fpb:
-        raise SnapshotError(f"snapshot latents hold frames [{start}, {start + latents.shape[0]}), block {block} "
-                            f"needs them to end at {block * fpb}")
-    names = {"config.prompt", "rng.generator", "latents", "config.step_noise", "config.initial_noise", "config.actions"}
+    return latents, fpb
+
+
+def _check_cache_tensors(snap: SessionSnapshot, tokens: list[int]) -> set[str]:
+    """Each layer's cache parts against its token count and ``k``; returns the names checked."""
+    names = set()
     for layer, n in enumerate(tokens):
         k = _tensor(snap, f"cache.{layer}.k", None, 3)
         for part, dtype in _CACHE_PARTS.items():
@@ -358,6 +369,28 @@ def check_snapshot(snap: SessionSnapshot) -> None:
                     f"{n} tokens of k {tuple(k.shape)}"
                 )
             names.add(f"cache.{layer}.{part}")
+    return names
+
+
+def check_snapshot(snap: SessionSnapshot) -> None:
+    """Structural checks that need no engine: format, meta fields and types, tensor names, ranks and dtypes,
+    and the consistency between them.  ``SnapshotError`` on the first problem."""
+    m = snap.meta
+    _check_header(m)
+    for key in ("model", "sampler"):
+        _field(m, key, dict, "")
+    sess, pol, cache = _field(m, "session", dict, ""), _field(m, "policy", dict, ""), _field(m, "cache", dict, "")
+    num_frames, block, pos, start = _check_session_meta(sess, m["version"])
+    _check_policy_meta(pol)
+    tokens = _check_cache_meta(cache)
+    latents, fpb = _check_config_tensors(snap, pos)
+    if num_frames < 1 or block < 0:
+        raise SnapshotError(f"snapshot num_frames {num_frames} must be >= 1 and block {block} >= 0")
+    if fpb is not None and start + latents.shape[0] != block * fpb:
+        raise SnapshotError(f"snapshot latents hold frames [{start}, {start + latents.shape[0]}), block {block} "
+                            f"needs them to end at {block * fpb}")
+    names = {"config.prompt", "rng.generator", "latents", "config.step_noise", "config.initial_noise", "config.actions"}
+    names |= _check_cache_tensors(snap, tokens)
     extra = sorted(n for n in snap.tensors if n not in names and not n.startswith(("policy.", "state.", "conditioning.")))
     if extra:
         raise SnapshotError(f"snapshot has unexpected tensors {extra[:4]}")
