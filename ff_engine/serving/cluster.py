@@ -83,6 +83,13 @@ class RayEndpoint:
         ray.kill(self.actor, no_restart=True)
 
 
+def _check_num_workers(num_workers) -> None:
+    if num_workers is not None and (
+        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
+    ):
+        raise ConfigError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+
+
 class RayCluster(RoutedService):
     """``model``: a ``ModelSpec`` or an ``nn.Module``.  ``num_workers``: default one per GPU (one CPU worker when
     there are none).  Engine arguments per worker as ``Engine`` (``num_pages`` is each worker's pool);
@@ -107,33 +114,18 @@ class RayCluster(RoutedService):
         heartbeat_s: float = 0.5,
         ray_init: dict | None = None,
     ):
-        if num_workers is not None and (
-            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1
-        ):
-            raise ConfigError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+        _check_num_workers(num_workers)
         if not ray.is_initialized():
             ray.init(address=address, **(ray_init or {}))
         gpus = int(ray.cluster_resources().get("GPU", 0))
         num_workers = num_workers or max(gpus, 1)
         # Absolute: the driver and every worker process must name the same folder whatever their working directory.
         self.output_dir = os.path.abspath(output_dir or tempfile.mkdtemp(prefix="ff-engine-cluster-"))
-        source = ray.put(model) if isinstance(model, torch.nn.Module) else model
-        resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        self.actors = {
-            f"worker-{i}": RayEngineWorker.options(**resources).remote(
-                f"worker-{i}",
-                source,
-                num_pages=num_pages,
-                page_size=page_size,
-                backend=backend,
-                max_batch=max_batch,
-                snapshot_every=snapshot_every,
-                output_dir=self.output_dir,
-                device="cuda" if gpus else "cpu",
-                torch_threads=None if gpus else 1,
-            )
-            for i in range(num_workers)
-        }
+        self.actors = self._spawn_actors(
+            model, num_workers, gpus,
+            num_pages=num_pages, page_size=page_size, backend=backend, max_batch=max_batch,
+            snapshot_every=snapshot_every,
+        )
         self._endpoints = [RayEndpoint(name, actor) for name, actor in self.actors.items()]
         try:
             self.router = Router(
@@ -149,6 +141,23 @@ class RayCluster(RoutedService):
         except BaseException:
             self.shutdown_workers()
             raise
+
+    def _spawn_actors(self, model, num_workers: int, gpus: int, **engine_kw) -> dict:
+        """One ``RayEngineWorker`` per worker, a GPU each when the cluster has them (one CPU and one thread
+        otherwise), all writing under ``self.output_dir``."""
+        source = ray.put(model) if isinstance(model, torch.nn.Module) else model
+        resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        return {
+            f"worker-{i}": RayEngineWorker.options(**resources).remote(
+                f"worker-{i}",
+                source,
+                **engine_kw,
+                output_dir=self.output_dir,
+                device="cuda" if gpus else "cpu",
+                torch_threads=None if gpus else 1,
+            )
+            for i in range(num_workers)
+        }
 
     def describe(self) -> dict:
         """A live worker's model and pool (``EngineWorker.describe``)."""
