@@ -170,7 +170,7 @@ def plot(out, png):
     fig.savefig(png, dpi=90)
 
 
-def main(argv=None):
+def _parser() -> OneLineParser:
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int_arg(2), default=2, help="N (compared with 1)")
@@ -182,9 +182,11 @@ def main(argv=None):
     ap.add_argument("--snapshot-every", type=int_arg(0), default=8)
     ap.add_argument("--sample-s", type=float, default=0.1)
     ap.add_argument("--out", default=str(RESULTS / "cluster.json"))
-    a = ap.parse_args(argv)
-    if a.quick:
-        a.streams, a.frames = 6, [24, 36]
+    return ap
+
+
+def _run_all(a) -> list[dict]:
+    """One run with 1 worker, one with ``a.workers``, on a local Ray instance shut down after."""
     import ray
 
     ray.init(num_cpus=max(a.workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
@@ -205,7 +207,11 @@ def main(argv=None):
             )
     finally:
         ray.shutdown()
-    out = {
+    return runs
+
+
+def _summary(a, runs: list[dict]) -> dict:
+    return {
         "benchmark": "cluster",
         "quick": a.quick,
         "streams": a.streams,
@@ -222,6 +228,14 @@ def main(argv=None):
         "cpu_efficiency": runs[1]["frames_per_worker_cpu_s"] / runs[0]["frames_per_worker_cpu_s"],
         "snapshot_share": max(r["snapshot_share"] for r in runs),
     }
+
+
+def main(argv=None):
+    a = _parser().parse_args(argv)
+    if a.quick:
+        a.streams, a.frames = 6, [24, 36]
+    runs = _run_all(a)
+    out = _summary(a, runs)
     print(
         f"speedup {out['speedup']:.2f}x with {a.workers} workers; frames per worker CPU-second "
         f"{out['cpu_efficiency']:.2f}x",
