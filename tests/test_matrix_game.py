@@ -324,3 +324,22 @@ def test_cli_generates_with_actions_and_refuses_poisoned_ones(ref, tmp_path, cap
     assert main([*args, "--conditioning", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "b.mp4")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mouse_cond contains NaN" in err[0]
+
+
+def test_fork_and_rollback_carry_the_action_caches(model, ref):
+    """A fork of a Matrix-Game stream copies its adapter state (the K/V pages are shared) and continues exactly as
+    the source; a rollback restores the action caches of the mark."""
+    cond, _ = ref
+    e = Engine(model, num_pages=128, page_size=24, backend="torch", undo_blocks=2)
+    e.add_session(session_cfg(cond, 4, frames=12, session_id="s"))
+    e.step(["s"])
+    f = e.fork("s", "f")
+    assert f.stream_state is not e.sessions["s"].stream_state
+    assert all(torch.equal(f.stream_state[k], e.sessions["s"].stream_state[k]) for k in f.stream_state)
+    first = [r.latents for _ in range(2) for r in e.step(["s"])]
+    fork = [r.latents for _ in range(2) for r in e.step(["f"])]
+    assert all(torch.equal(x, y) for x, y in zip(first, fork, strict=True))
+    e.rollback("s", 2)
+    again = [r.latents for _ in range(2) for r in e.step(["s"])]
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    e.cache.check_invariants()
