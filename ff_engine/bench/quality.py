@@ -138,7 +138,7 @@ def filmstrip(model, seed, prefix, frames, budget, page_size, png, policies=("wi
                figsize=(0.9 * len(idx), 0.75 * len(rows) + 0.4))
 
 
-def main(argv=None):
+def _parser() -> OneLineParser:
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--quick", action="store_true")
@@ -178,17 +178,105 @@ def main(argv=None):
                     choices=list(policy_specs(0)),
                     help="policies shown in the filmstrip picture of the first seed (none: no picture)")
     ap.add_argument("--filmstrip-every", type=int_arg(1), default=6, help="show every n-th frame in the filmstrip")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _quick(a) -> None:
+    """``--quick``: the CI-smoke sizes."""
+    a.seeds, a.frames, a.fractions = 2, 24, [0.25]
+    a.policies = ["window", "sink-window", "expected-attention", "future-forcing"]
+    a.probe_seeds, a.probe_history, a.probe_min_gap = min(a.probe_seeds, 2), 72, 15
+    a.rollout_seeds, a.rollout_frames = min(a.rollout_seeds, 2), M.DRIFT_WINDOW
+    a.rollout_policies = ["window", "expected-attention", "future-forcing"]
+
+
+def _teacher_forced(preds, lat, clip, returning, frames_per_block) -> dict:
+    """Predictions of blocks from ground-truth caches, scored against the ground truth itself."""
+    idx = [f for s0 in sorted(preds) for f in range(s0, s0 + frames_per_block)]
+    pred = torch.cat([preds[s0] for s0 in sorted(preds)])
+    px = decode(pred)
+    return {"tf_prediction_error": M.rollout_error(pred, lat[idx]),
+            "tf_identity_recall": M.identity_recall(px, clip.identity, clip.visible[idx]),
+            "tf_returning_identity_recall": M.identity_recall(px, clip.identity, returning[idx]),
+            "tf_identity_readout": M.identity_readout_accuracy(px, clip.identity, clip.centre[idx],
+                                                               clip.visible[idx])}
+
+
+def _score_seed(model, a, seed, total, budgets, rows) -> None:
+    """One held-out seed: the unbounded cache and every (policy, budget) of ``a``, one row each into ``rows``."""
+    g = model.geometry
+    clip = make_clip(seed, total)
+    lat = encode(clip.frames)
+    ref = rollout(model, lat, a.prefix, a.frames, make_policy("unbounded"), None, seed, a.page_size)
+    ref_att, ref_preds = rollout(model, lat, a.prefix, a.frames, make_policy("unbounded"), None, seed,
+                                 a.page_size, tap=True, teacher=lat, predict_every=a.predict_every)
+    returning = M.returning_pairs(clip.visible)
+    base = {"seed": seed, "prefix": a.prefix, "frames": a.frames}
+
+    def score(name, budget, latents, att, preds):
+        px = decode(latents)
+        cont = px[a.prefix:]
+        row = dict(base, policy=name, budget_frames=budget,
+                   budget_fraction=None if budget is None else budget / total,
+                   identity_consistency=M.identity_consistency(cont, clip.identity),
+                   identity_consistency_in_dist=M.identity_consistency(cont[:TRAIN_CLIP], clip.identity),
+                   returning_recall=M.returning_recall(px[: a.prefix], cont, clip.identity),
+                   subject_consistency=M.subject_consistency(cont),
+                   rollout_error=M.rollout_error(latents[a.prefix:], ref[a.prefix:]),
+                   rollout_error_in_dist=M.rollout_error(latents[a.prefix:a.prefix + TRAIN_CLIP],
+                                                         ref[a.prefix:a.prefix + TRAIN_CLIP]),
+                   attention_error_per_layer=att,
+                   **_teacher_forced(preds, lat, clip, returning, g.frames_per_block))
+        rows.append(row)
+
+    score("unbounded", None, ref, [0.0] * g.num_layers, ref_preds)
+    for budget in budgets:
+        for name, (pname, params) in policy_specs(budget).items():
+            if name not in a.policies:
+                continue
+            pol = make_policy(pname, **params)
+            lats = rollout(model, lat, a.prefix, a.frames, pol, budget, seed, a.page_size)
+            outs, preds = rollout(model, lat, a.prefix, a.frames, make_policy(pname, **params), budget, seed,
+                                  a.page_size, tap=True, teacher=lat, predict_every=a.predict_every)
+            score(name, budget, lats, layer_errors(outs, ref_att, g.num_layers), preds)
+
+
+def _memory_probe(model, a, total, pool, t0) -> list[dict]:
+    """The memory-probe section of ``main``: held-out (or ``--probe-on-training-seeds``) seeds at the probe budgets."""
+    g = model.geometry
+    if a.probe_on_training_seeds:
+        probe_seeds = [TRAIN_SEEDS[20_000 + 613 * i] for i in range(a.probe_seeds)]
+    else:
+        probe_seeds = [EVAL_SEED_BASE + 1000 + i for i in range(a.probe_seeds)]
+    probe_budgets = sorted({to_budget(f, total, g.frames_per_block) for f in a.probe_fractions})
+    probe = memory_probe(model, probe_seeds, probe_budgets, a.policies, a.probe_history, a.probe_min_gap,
+                         a.page_size, pool=pool)
+    print(f"memory probe done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return probe
+
+
+def _print_probe(a, probe, out) -> None:
+    print(f"memory probe ({a.probe_seeds} seeds x {a.probe_history} frames, returns after >= {a.probe_min_gap} "
+          f"frames out of view, {probe[0]['probes']} probes; mean ± seed spread):")
+    print(f"  {'policy':22s} {'budget':>6s} {'denoise-err':>11s} {'readout@500':>11s} {'readout-sampled':>15s} "
+          f"{'tokens-kept':>11s}")
+    for r in sorted(probe, key=lambda r: (r["budget_frames"] or 1e9, r["returning_denoise_error"])):
+        print(f"  {r['policy']:22s} {r['budget_frames']!s:>6s} " + " ".join(
+            f"{r[m]:.3f}±{r[m + '_seed_std']:.3f}".rjust(w) for m, w in zip(PROBE_METRICS, (11, 11, 15, 11))))
+    for key, ref in (("memory_probe_vs_future_forcing", "future-forcing"),
+                     ("memory_probe_vs_expected_attention", "expected-attention")):
+        if out[key]:
+            print_probe_differences(out[key], ref)
+
+
+def main(argv=None):
+    a = _parser().parse_args(argv)
     from model_adapters import registry
 
     model = registry.load(a.model, "world-tiny")
     g = model.geometry
     if a.quick:
-        a.seeds, a.frames, a.fractions = 2, 24, [0.25]
-        a.policies = ["window", "sink-window", "expected-attention", "future-forcing"]
-        a.probe_seeds, a.probe_history, a.probe_min_gap = min(a.probe_seeds, 2), 72, 15
-        a.rollout_seeds, a.rollout_frames = min(a.rollout_seeds, 2), M.DRIFT_WINDOW
-        a.rollout_policies = ["window", "expected-attention", "future-forcing"]
+        _quick(a)
     total = a.prefix + a.frames
     budgets = sorted({to_budget(f, total, g.frames_per_block) for f in a.fractions})
     strip_budget = min(budgets, key=lambda b: abs(b / total - a.filmstrip_fraction))
@@ -201,50 +289,7 @@ def main(argv=None):
            "frames": a.frames, "budgets": budgets, "rows": rows, "summary": [], "partial": True}
     for si in range(a.seeds):
         seed = EVAL_SEED_BASE + si
-        clip = make_clip(seed, total)
-        lat = encode(clip.frames)
-        ref = rollout(model, lat, a.prefix, a.frames, make_policy("unbounded"), None, seed, a.page_size)
-        ref_att, ref_preds = rollout(model, lat, a.prefix, a.frames, make_policy("unbounded"), None, seed,
-                                     a.page_size, tap=True, teacher=lat, predict_every=a.predict_every)
-        returning = M.returning_pairs(clip.visible)
-        base = {"seed": seed, "prefix": a.prefix, "frames": a.frames}
-
-        def teacher_forced(preds):
-            """Predictions of blocks from ground-truth caches, scored against the ground truth itself."""
-            idx = [f for s0 in sorted(preds) for f in range(s0, s0 + g.frames_per_block)]
-            pred = torch.cat([preds[s0] for s0 in sorted(preds)])
-            px = decode(pred)
-            return {"tf_prediction_error": M.rollout_error(pred, lat[idx]),
-                    "tf_identity_recall": M.identity_recall(px, clip.identity, clip.visible[idx]),
-                    "tf_returning_identity_recall": M.identity_recall(px, clip.identity, returning[idx]),
-                    "tf_identity_readout": M.identity_readout_accuracy(px, clip.identity, clip.centre[idx],
-                                                                       clip.visible[idx])}
-
-        def score(name, budget, latents, att, preds):
-            px = decode(latents)
-            cont = px[a.prefix:]
-            row = dict(base, policy=name, budget_frames=budget,
-                       budget_fraction=None if budget is None else budget / total,
-                       identity_consistency=M.identity_consistency(cont, clip.identity),
-                       identity_consistency_in_dist=M.identity_consistency(cont[:TRAIN_CLIP], clip.identity),
-                       returning_recall=M.returning_recall(px[: a.prefix], cont, clip.identity),
-                       subject_consistency=M.subject_consistency(cont),
-                       rollout_error=M.rollout_error(latents[a.prefix:], ref[a.prefix:]),
-                       rollout_error_in_dist=M.rollout_error(latents[a.prefix:a.prefix + TRAIN_CLIP],
-                                                             ref[a.prefix:a.prefix + TRAIN_CLIP]),
-                       attention_error_per_layer=att, **teacher_forced(preds))
-            rows.append(row)
-
-        score("unbounded", None, ref, [0.0] * g.num_layers, ref_preds)
-        for budget in budgets:
-            for name, (pname, params) in policy_specs(budget).items():
-                if name not in a.policies:
-                    continue
-                pol = make_policy(pname, **params)
-                lats = rollout(model, lat, a.prefix, a.frames, pol, budget, seed, a.page_size)
-                outs, preds = rollout(model, lat, a.prefix, a.frames, make_policy(pname, **params), budget, seed,
-                                      a.page_size, tap=True, teacher=lat, predict_every=a.predict_every)
-                score(name, budget, lats, layer_errors(outs, ref_att, g.num_layers), preds)
+        _score_seed(model, a, seed, total, budgets, rows)
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
         out["summary"] = summarise(rows)
         path.write_text(json.dumps(out, indent=1))  # a long run that dies still leaves its finished seeds
@@ -252,16 +297,7 @@ def main(argv=None):
         if a.rollout_seeds:
             free_rollouts(model, a, out, path, pool)
             print(f"free rollouts done ({time.perf_counter() - t0:.0f}s)", flush=True)
-        probe = []
-        if a.probe_seeds:
-            if a.probe_on_training_seeds:
-                probe_seeds = [TRAIN_SEEDS[20_000 + 613 * i] for i in range(a.probe_seeds)]
-            else:
-                probe_seeds = [EVAL_SEED_BASE + 1000 + i for i in range(a.probe_seeds)]
-            probe_budgets = sorted({to_budget(f, total, g.frames_per_block) for f in a.probe_fractions})
-            probe = memory_probe(model, probe_seeds, probe_budgets, a.policies, a.probe_history, a.probe_min_gap,
-                                 a.page_size, pool=pool)
-            print(f"memory probe done ({time.perf_counter() - t0:.0f}s)", flush=True)
+        probe = _memory_probe(model, a, total, pool, t0) if a.probe_seeds else []
     # the comparison issue #17 asks for: video-aware future + merging against kvpress's sequence-order future
     out.update(partial=False, memory_probe=probe, memory_probe_vs_future_forcing=paired_differences(probe),
                memory_probe_vs_expected_attention=paired_differences(probe, "expected-attention"),
@@ -279,17 +315,7 @@ def main(argv=None):
         print_rollouts(out["rollout_summary"], out["rollouts_vs_future_forcing"])
         drift_figure(out, path.with_name(path.stem + "_drift.png"))
     if probe:
-        print(f"memory probe ({a.probe_seeds} seeds x {a.probe_history} frames, returns after >= {a.probe_min_gap} "
-              f"frames out of view, {probe[0]['probes']} probes; mean ± seed spread):")
-        print(f"  {'policy':22s} {'budget':>6s} {'denoise-err':>11s} {'readout@500':>11s} {'readout-sampled':>15s} "
-              f"{'tokens-kept':>11s}")
-        for r in sorted(probe, key=lambda r: (r["budget_frames"] or 1e9, r["returning_denoise_error"])):
-            print(f"  {r['policy']:22s} {r['budget_frames']!s:>6s} " + " ".join(
-                f"{r[m]:.3f}±{r[m + '_seed_std']:.3f}".rjust(w) for m, w in zip(PROBE_METRICS, (11, 11, 15, 11))))
-        for key, ref in (("memory_probe_vs_future_forcing", "future-forcing"),
-                         ("memory_probe_vs_expected_attention", "expected-attention")):
-            if out[key]:
-                print_probe_differences(out[key], ref)
+        _print_probe(a, probe, out)
     print(f"wrote {path}")
 
 
