@@ -81,7 +81,7 @@ def video_fps(model, latent_frames_total, wall):
     return model.geometry.vae_stride[0] * latent_frames_total / wall
 
 
-def main(argv=None):
+def _parser() -> OneLineParser:
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", type=int_arg(1), default=1)
@@ -94,7 +94,11 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", choices=list("ABCD"), default=list("ABCD"),
                     help="run only these experiments; the others are kept from an existing --out file")
     ap.add_argument("--out", default=str(RESULTS / "throughput.json"))
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = _parser().parse_args(argv)
     if a.quick:
         a.frames, a.sweep_frames, a.streams, a.batch_streams, a.max_streams = 30, 12, [1, 4], 4, 4
     torch.manual_seed(0)
@@ -112,11 +116,25 @@ def main(argv=None):
         kept = json.loads(path.read_text())
         out = {**kept, **{k: v for k, v in out.items() if k not in ("quick",)}}
     wname = f"window-{a.budget_frames}"
-
-    # A. latency vs length, one stream per policy
     if "A" in a.only:
-        out["latency_vs_length"] = {}
-    for name, (p, b) in (pol.items() if "A" in a.only else []):
+        latency_vs_length(a, model, pol, out)
+    if "B" in a.only:
+        batching(a, model, pol, out, wname)
+    if "C" in a.only:
+        equal_memory(a, model, pol, out, wname)
+    if "D" in a.only:
+        sweep(a, model, pol, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    plot(out, path.with_suffix(".png"))
+    print(f"wrote {path}")
+
+
+def latency_vs_length(a, model, pol, out):
+    """A. latency vs length, one stream per policy."""
+    g = model.geometry
+    out["latency_vs_length"] = {}
+    for name, (p, b) in pol.items():
         c = cfg_for(model, a.frames, p, b, 0)
         r = run_streams(model, [c], reservation_pages(g, PAGE, c), 1)
         lat = r["step_latency_s"]
@@ -126,27 +144,21 @@ def main(argv=None):
                                           "fps": video_fps(model, a.frames, r["wall_s"])}
         print(name, "latency ratio", round(out["latency_vs_length"][name]["ratio_block80_block8"], 3), flush=True)
 
-    # B. batching vs one after another
-    if "B" in a.only:
-        p, b = pol[wname]
-        cfgs = [cfg_for(model, a.sweep_frames, p, b, i) for i in range(a.batch_streams)]
-        pages = sum(reservation_pages(g, PAGE, c) for c in cfgs)
-        batched = run_streams(model, cfgs, pages, a.batch_streams)
-        seq_wall = sum(run_streams(model, [c], reservation_pages(g, PAGE, c), 1)["wall_s"] for c in cfgs)
-        total = a.sweep_frames * a.batch_streams
-        out["batching"] = {"streams": a.batch_streams, "frames": a.sweep_frames, "policy": wname,
-                           "batched_fps": video_fps(model, total, batched["wall_s"]),
-                           "sequential_fps": video_fps(model, total, seq_wall)}
-        out["batching"]["speedup"] = out["batching"]["batched_fps"] / out["batching"]["sequential_fps"]
-        print("batching speedup", round(out["batching"]["speedup"], 3), flush=True)
-    if "C" in a.only:
-        equal_memory(a, model, pol, out, wname)
-    if "D" in a.only:
-        sweep(a, model, pol, out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    plot(out, path.with_suffix(".png"))
-    print(f"wrote {path}")
+
+def batching(a, model, pol, out, wname):
+    """B. batching vs one after another."""
+    g = model.geometry
+    p, b = pol[wname]
+    cfgs = [cfg_for(model, a.sweep_frames, p, b, i) for i in range(a.batch_streams)]
+    pages = sum(reservation_pages(g, PAGE, c) for c in cfgs)
+    batched = run_streams(model, cfgs, pages, a.batch_streams)
+    seq_wall = sum(run_streams(model, [c], reservation_pages(g, PAGE, c), 1)["wall_s"] for c in cfgs)
+    total = a.sweep_frames * a.batch_streams
+    out["batching"] = {"streams": a.batch_streams, "frames": a.sweep_frames, "policy": wname,
+                       "batched_fps": video_fps(model, total, batched["wall_s"]),
+                       "sequential_fps": video_fps(model, total, seq_wall)}
+    out["batching"]["speedup"] = out["batching"]["batched_fps"] / out["batching"]["sequential_fps"]
+    print("batching speedup", round(out["batching"]["speedup"], 3), flush=True)
 
 
 def equal_memory(a, model, pol, out, wname):
