@@ -211,57 +211,36 @@ def _run_streams(model, device, page_size, num_pages, cfgs, max_batch) -> dict:
     return out
 
 
-def stage_throughput(a) -> int:
-    """The engine at full Wan-1.3B geometry (``--tiny``: wan-tiny on this device).  Experiments in order, the JSON
-    rewritten after each one; one that fails is recorded and the next one runs."""
+def _throughput_record(a, model, cfg, device, frames, budget, t_start) -> dict:
+    """The throughput stage's JSON before its experiments: device, model geometry, sizes, setup time."""
     import torch
 
-    from ff_engine.engine import SessionConfig
-    from ff_engine.engine.engine import reservation_pages
-    from ff_engine.memory import kv_page_bytes
-    from ff_engine.policies import make_policy
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    t_start = time.perf_counter()
-    model, cfg = _model(a.tiny, device)
     g = model.geometry
-    # tiny: 3 blocks under a 1-block budget, so the second and third writes evict
-    frames, budget, streams = (9, 3, min(a.streams, 2)) if a.tiny else (a.frames, a.budget_frames, a.streams)
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "tiny": a.tiny,
-           "model": {"layers": cfg.num_layers, "dim": cfg.dim, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
-                     "latent_hw": list(cfg.latent_hw), "tokens_per_frame": g.tokens_per_frame,
-                     "frames_per_block": g.frames_per_block, "dtype": str(next(model.parameters()).dtype)},
-           "frames": frames, "budget_frames": budget, "page_size": a.page_size,
-           "setup_s": time.perf_counter() - t_start, "experiments": {}}
-    path = Path(a.out)
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "tiny": a.tiny,
+            "model": {"layers": cfg.num_layers, "dim": cfg.dim, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
+                      "latent_hw": list(cfg.latent_hw), "tokens_per_frame": g.tokens_per_frame,
+                      "frames_per_block": g.frames_per_block, "dtype": str(next(model.parameters()).dtype)},
+            "frames": frames, "budget_frames": budget, "page_size": a.page_size,
+            "setup_s": time.perf_counter() - t_start, "experiments": {}}
 
-    def prompt(seed):
-        return torch.randn(16, cfg.text_dim, generator=torch.Generator().manual_seed(seed))
 
-    def session(policy, b, seed):
-        return SessionConfig(prompt=prompt(seed), num_frames=frames, seed=seed, policy=make_policy(policy),
-                             budget_frames=b)
+def _pool_pages(a, device, g, streams, unbounded_pages) -> int:
+    """The pool: what the card holds after the weights, minus a working margin (no card: ``streams`` unbounded
+    streams of ``unbounded_pages`` each)."""
+    import torch
 
-    def pages(c):
-        return reservation_pages(g, a.page_size, c)
+    from ff_engine.memory import kv_page_bytes
 
-    # the pool: what the card holds after the weights, minus a working margin
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         bytes_per_page = kv_page_bytes(a.page_size, g.num_kv_heads, g.head_dim, 2)  # bf16
-        pool = int(free * a.kv_share) // bytes_per_page
-    else:
-        pool = streams * pages(session("unbounded", None, 0))
-    n_unbounded = max(1, min(streams, pool // pages(session("unbounded", None, 0))))
-    n_bounded = max(1, min(streams, pool // pages(session("window", budget, 0))))
-    out.update(pool_pages=pool, streams_unbounded=n_unbounded, streams_bounded=n_bounded)
-    plan = [
-        ("window_1", "window", budget, 1),
-        ("unbounded_1", "unbounded", None, 1),
-        ("window_batch", "window", budget, n_bounded),
-        ("unbounded_batch", "unbounded", None, n_unbounded),
-        ("future-forcing_1", "future-forcing", budget, 1),
-    ]
+        return int(free * a.kv_share) // bytes_per_page
+    return streams * unbounded_pages
+
+
+def _run_plan(a, model, device, pool, plan, session, out, path, t_start) -> None:
+    """Each ``(name, policy, budget, streams)`` of ``plan`` into ``out["experiments"]``, the JSON rewritten after
+    each; past ``--deadline-s`` the rest are skipped, one that fails is recorded and the next one runs."""
     for name, policy, b, n in plan:
         if time.perf_counter() - t_start > a.deadline_s:
             out["experiments"][name] = {"skipped": "time budget"}
@@ -276,6 +255,10 @@ def stage_throughput(a) -> int:
                          default=str), flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1, default=str))
+
+
+def _throughput_ratios(out) -> None:
+    """Bounded over unbounded aggregate frames/s, and each single stream's last block over its second."""
     ex = out["experiments"]
     fps = {k: v.get("steady_frames_per_s", v.get("frames_per_s")) for k, v in ex.items()}
     if fps.get("window_batch") and fps.get("unbounded_batch"):
@@ -284,13 +267,57 @@ def stage_throughput(a) -> int:
         lat = ex.get(key, {}).get("step_latency_s")
         if lat and len(lat) >= 3:
             out[f"{key}_last_over_second_block"] = lat[-1] / lat[1]
+
+
+def stage_throughput(a) -> int:
+    """The engine at full Wan-1.3B geometry (``--tiny``: wan-tiny on this device).  Experiments in order, the JSON
+    rewritten after each one; one that fails is recorded and the next one runs."""
+    import torch
+
+    from ff_engine.engine import SessionConfig
+    from ff_engine.engine.engine import reservation_pages
+    from ff_engine.policies import make_policy
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t_start = time.perf_counter()
+    model, cfg = _model(a.tiny, device)
+    g = model.geometry
+    # tiny: 3 blocks under a 1-block budget, so the second and third writes evict
+    frames, budget, streams = (9, 3, min(a.streams, 2)) if a.tiny else (a.frames, a.budget_frames, a.streams)
+    out = _throughput_record(a, model, cfg, device, frames, budget, t_start)
+    path = Path(a.out)
+
+    def prompt(seed):
+        return torch.randn(16, cfg.text_dim, generator=torch.Generator().manual_seed(seed))
+
+    def session(policy, b, seed):
+        return SessionConfig(prompt=prompt(seed), num_frames=frames, seed=seed, policy=make_policy(policy),
+                             budget_frames=b)
+
+    def pages(c):
+        return reservation_pages(g, a.page_size, c)
+
+    unbounded_pages = pages(session("unbounded", None, 0))
+    pool = _pool_pages(a, device, g, streams, unbounded_pages)
+    n_unbounded = max(1, min(streams, pool // unbounded_pages))
+    n_bounded = max(1, min(streams, pool // pages(session("window", budget, 0))))
+    out.update(pool_pages=pool, streams_unbounded=n_unbounded, streams_bounded=n_bounded)
+    plan = [
+        ("window_1", "window", budget, 1),
+        ("unbounded_1", "unbounded", None, 1),
+        ("window_batch", "window", budget, n_bounded),
+        ("unbounded_batch", "unbounded", None, n_unbounded),
+        ("future-forcing_1", "future-forcing", budget, 1),
+    ]
+    _run_plan(a, model, device, pool, plan, session, out, path, t_start)
+    _throughput_ratios(out)
     path.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {path}")
     return 0
 
 
 # ---- the command ----------------------------------------------------------------------------------------
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/device_check_<card>.json)")
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on this machine (the CI rehearsal)")
@@ -307,6 +334,39 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", type=int, default=4, help="most streams in one batch")
     ap.add_argument("--page-size", type=int, default=32)
     ap.add_argument("--kv-share", type=float, default=0.6, help="share of free GPU memory given to the page pool")
+    return ap
+
+
+def _run_stages(a, env, result, left, save) -> None:
+    """The stages not in ``--skip``, each into ``result["stages"]`` and saved as it ends; ``left()`` is the time
+    still in ``--budget-s``."""
+    tiny = ["--tiny"] if a.dry_run else []
+    with tempfile.TemporaryDirectory() as tmp:
+        if "tests" not in a.skip:
+            result["stages"]["tests"] = run_tests(env, min(150.0, left() * 0.35), a.dry_run)
+            print(f"tests: {result['stages']['tests'].get('summary', result['stages']['tests'].get('why'))}",
+                  flush=True)
+            save()
+        if "kernels" not in a.skip:
+            r = run_json_stage([sys.executable, "benchmarks/kernel_bench.py", *tiny], env, min(180.0, left() * 0.5),
+                               Path(tmp) / "kernels.json")
+            result["stages"]["kernels"] = r
+            print(f"kernels: rc {r['rc']} in {r['wall_s']} s", flush=True)
+            save()
+        if "throughput" not in a.skip:
+            limit = left() - 5.0
+            cmd = [sys.executable, "benchmarks/device_check.py", "--stage", "throughput", *tiny,
+                   "--deadline-s", str(max(0.0, limit - 60.0)), "--frames", str(a.frames),
+                   "--budget-frames", str(a.budget_frames), "--streams", str(a.streams), "--page-size",
+                   str(a.page_size), "--kv-share", str(a.kv_share)]
+            r = run_json_stage(cmd, env, limit, Path(tmp) / "throughput.json")
+            result["stages"]["throughput"] = r
+            print(f"throughput: rc {r['rc']} in {r['wall_s']} s", flush=True)
+            save()
+
+
+def main(argv=None) -> int:
+    ap = _parser()
     a = ap.parse_args(argv)
     if a.stage_pytest:
         return stage_pytest(Path(a.stage_pytest))
@@ -333,29 +393,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1, default=str))
 
-    tiny = ["--tiny"] if a.dry_run else []
-    with tempfile.TemporaryDirectory() as tmp:
-        if "tests" not in a.skip:
-            result["stages"]["tests"] = run_tests(env, min(150.0, left() * 0.35), a.dry_run)
-            print(f"tests: {result['stages']['tests'].get('summary', result['stages']['tests'].get('why'))}",
-                  flush=True)
-            save()
-        if "kernels" not in a.skip:
-            r = run_json_stage([sys.executable, "benchmarks/kernel_bench.py", *tiny], env, min(180.0, left() * 0.5),
-                               Path(tmp) / "kernels.json")
-            result["stages"]["kernels"] = r
-            print(f"kernels: rc {r['rc']} in {r['wall_s']} s", flush=True)
-            save()
-        if "throughput" not in a.skip:
-            limit = left() - 5.0
-            cmd = [sys.executable, "benchmarks/device_check.py", "--stage", "throughput", *tiny,
-                   "--deadline-s", str(max(0.0, limit - 60.0)), "--frames", str(a.frames),
-                   "--budget-frames", str(a.budget_frames), "--streams", str(a.streams), "--page-size",
-                   str(a.page_size), "--kv-share", str(a.kv_share)]
-            r = run_json_stage(cmd, env, limit, Path(tmp) / "throughput.json")
-            result["stages"]["throughput"] = r
-            print(f"throughput: rc {r['rc']} in {r['wall_s']} s", flush=True)
-            save()
+    _run_stages(a, env, result, left, save)
     save()
     print(f"wrote {out} ({result['wall_s']} s)")
     ok = all(s.get("rc") == 0 for s in result["stages"].values() if "rc" in s)
