@@ -66,7 +66,7 @@ def build(frames, tpf, heads, hd, ps, dtype, scatter, seed=0):
     return cache, k, v, contiguous_ids
 
 
-def main(argv=None):
+def _parser() -> OneLineParser:
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--frames", type=int_arg(1), nargs="+", default=[3, 9, 21])
@@ -74,54 +74,39 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int_arg(1), default=3)
     ap.add_argument("--out", default=str(RESULTS / "attention.json"))
-    a = ap.parse_args(argv)
-    dtype = getattr(torch, a.dtype)
-    heads, hd = 12, 128
-    tpf = 156 if a.quick else 1560
-    block = 3 * tpf
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(block, heads, hd, generator=g).to(dtype)
-    bk = torch.randn(block, heads, hd, generator=g).to(dtype)
-    bv = torch.randn(block, heads, hd, generator=g).to(dtype)
-    cu = torch.tensor([0, block], dtype=torch.int32)
-    scale = 1 / math.sqrt(hd)
-    rows = []
-    for frames in a.frames:
-        row = {"cache_frames": frames, "cache_tokens": frames * tpf}
-        for scatter in (False, True):
-            cache, k, v, contiguous_ids = build(frames, tpf, heads, hd, a.page_size, dtype, scatter)
-            assert contiguous_ids != scatter
-            batch = AttentionBatch(q, bk, bv, cu, cache.view(["s"], 0), scale)
-            tag = "paged" if scatter else "contiguous"
-            vb = VllmCpuBackend()
-            row[f"vllm_{tag}_s"] = timeit(lambda: vb.forward(batch), a.repeats)
-            if scatter:
-                row["torch_paged_s"] = timeit(lambda: TorchReferenceBackend().forward(batch), a.repeats)
-                mirror = vb.mirror(cache.storage)
-                slots = cache.slots("s", 0)
-                row["mirror_repack_s"] = timeit(lambda: mirror.on_write(cache.storage, slots), a.repeats)
-                out_ref = TorchReferenceBackend().forward(batch)
-                row["vllm_vs_torch_max_abs_err"] = float((vb.forward(batch) - out_ref).abs().max())
-            else:
-                kk, vv = torch.cat([k, bk]), torch.cat([v, bv])
-                row["torch_contiguous_s"] = timeit(lambda: sdpa(q, kk, vv, scale, None), a.repeats)
-            row["page_utilisation"] = cache.num_tokens("s", 0) / (len(cache.table("s", 0).pages) * a.page_size)
-            cache = None  # free this cache before the next one is built
-        row["torch_paged_over_contiguous"] = row["torch_paged_s"] / row["torch_contiguous_s"]
-        row["vllm_paged_over_contiguous"] = row["vllm_paged_s"] / row["vllm_contiguous_s"]
-        row["vllm_over_torch_sdpa"] = row["vllm_paged_s"] / row["torch_contiguous_s"]
-        row["mirror_repack_over_attention"] = row["mirror_repack_s"] / row["vllm_paged_s"]
-        rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    result = {
-        "benchmark": "attention", "quick": a.quick, "dtype": a.dtype, "page_size": a.page_size,
-        "heads": heads, "head_dim": hd, "tokens_per_frame": tpf, "block_tokens": block,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "torch": torch.__version__, "rows": rows,
-    }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    return ap
+
+
+def _measure(a, frames, tpf, heads, hd, dtype, q, bk, bv, cu, scale) -> dict:
+    """One ``--frames`` row: the cache with sequential and with scattered pages, every backend timed on each."""
+    row = {"cache_frames": frames, "cache_tokens": frames * tpf}
+    for scatter in (False, True):
+        cache, k, v, contiguous_ids = build(frames, tpf, heads, hd, a.page_size, dtype, scatter)
+        assert contiguous_ids != scatter
+        batch = AttentionBatch(q, bk, bv, cu, cache.view(["s"], 0), scale)
+        tag = "paged" if scatter else "contiguous"
+        vb = VllmCpuBackend()
+        row[f"vllm_{tag}_s"] = timeit(lambda: vb.forward(batch), a.repeats)
+        if scatter:
+            row["torch_paged_s"] = timeit(lambda: TorchReferenceBackend().forward(batch), a.repeats)
+            mirror = vb.mirror(cache.storage)
+            slots = cache.slots("s", 0)
+            row["mirror_repack_s"] = timeit(lambda: mirror.on_write(cache.storage, slots), a.repeats)
+            out_ref = TorchReferenceBackend().forward(batch)
+            row["vllm_vs_torch_max_abs_err"] = float((vb.forward(batch) - out_ref).abs().max())
+        else:
+            kk, vv = torch.cat([k, bk]), torch.cat([v, bv])
+            row["torch_contiguous_s"] = timeit(lambda: sdpa(q, kk, vv, scale, None), a.repeats)
+        row["page_utilisation"] = cache.num_tokens("s", 0) / (len(cache.table("s", 0).pages) * a.page_size)
+        cache = None  # free this cache before the next one is built
+    row["torch_paged_over_contiguous"] = row["torch_paged_s"] / row["torch_contiguous_s"]
+    row["vllm_paged_over_contiguous"] = row["vllm_paged_s"] / row["vllm_contiguous_s"]
+    row["vllm_over_torch_sdpa"] = row["vllm_paged_s"] / row["torch_contiguous_s"]
+    row["mirror_repack_over_attention"] = row["mirror_repack_s"] / row["vllm_paged_s"]
+    return row
+
+
+def _plot(rows, png, heads, hd, tpf, a) -> None:
     try:
         import matplotlib
 
@@ -138,9 +123,38 @@ def main(argv=None):
         ax.set_title(f"{heads}x{hd} heads, {tpf} tok/frame, {a.dtype}, page {a.page_size}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=100)
+        fig.savefig(png, dpi=100)
     except Exception as exc:  # noqa: BLE001 -- plotting is a convenience; the JSON is the result
         print(f"(no plot: {exc})")
+
+
+def main(argv=None):
+    a = _parser().parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    heads, hd = 12, 128
+    tpf = 156 if a.quick else 1560
+    block = 3 * tpf
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(block, heads, hd, generator=g).to(dtype)
+    bk = torch.randn(block, heads, hd, generator=g).to(dtype)
+    bv = torch.randn(block, heads, hd, generator=g).to(dtype)
+    cu = torch.tensor([0, block], dtype=torch.int32)
+    scale = 1 / math.sqrt(hd)
+    rows = []
+    for frames in a.frames:
+        row = _measure(a, frames, tpf, heads, hd, dtype, q, bk, bv, cu, scale)
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    result = {
+        "benchmark": "attention", "quick": a.quick, "dtype": a.dtype, "page_size": a.page_size,
+        "heads": heads, "head_dim": hd, "tokens_per_frame": tpf, "block_tokens": block,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "torch": torch.__version__, "rows": rows,
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    _plot(rows, out.with_suffix(".png"), heads, hd, tpf, a)
     print(f"wrote {out}")
 
 
