@@ -347,7 +347,7 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI mode: ~12 s of load, fewer clients")
     ap.add_argument("--duration", type=float, default=150.0, help="seconds of load (then the drain)")
@@ -361,12 +361,11 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "load.json"))
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.duration, args.drain, args.rest, args.ws, args.burst = 12.0, 45.0, 2, 2, 20
-        args.backend = "torch"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return ap
+
+
+def _serve_and_load(args):
+    """Start the server, run the load against it, stop it; ``(stats, extra, rss_start, rss_end, server_log)``."""
     with tempfile.TemporaryDirectory(prefix="ff-load-") as tmp:
         server, url = start_server(args, tmp)
         try:
@@ -381,8 +380,12 @@ def main(argv=None) -> int:
                 server.wait(15)
             except subprocess.TimeoutExpired:
                 server.kill()
+    return st, extra, rss_start, rss_end, server_log
+
+
+def _result(args, st, extra, rss_start, rss_end, server_log) -> dict:
     m = extra["final_metrics"]
-    result = {
+    return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), server: 1 torch thread",
         "config": {
             k: getattr(args, k)
@@ -419,6 +422,17 @@ def main(argv=None) -> int:
         "server_log_tail": [ln for ln in server_log.splitlines() if "Triton" not in ln][-30:] if st.errors else [],
         "timeline": st.timeline,
     }
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.duration, args.drain, args.rest, args.ws, args.burst = 12.0, 45.0, 2, 2, 20
+        args.backend = "torch"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    st, extra, rss_start, rss_end, server_log = _serve_and_load(args)
+    result = _result(args, st, extra, rss_start, rss_end, server_log)
     out.write_text(json.dumps(result, indent=1))
     result.update(_ttff=st.ttff, _block=st.block_latency)
     plot(result, out.with_suffix(".png"))
