@@ -568,11 +568,7 @@ def _model_args(seconds: float, page_size: int) -> argparse.ArgumentParser:
     return model_args
 
 
-def make_parser() -> argparse.ArgumentParser:
-    from model_adapters import registry
-
-    ap = _Parser(prog="ff-engine", description="Long AR video generation under a bounded paged KV cache")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate one video to an MP4", parents=[_model_args(5.0, 32)])
     g.add_argument("--policy", default="window")
     g.add_argument("--sink-frames", type=int_arg(0), default=None)
@@ -597,17 +593,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "prefix and actions) into one side-by-side MP4 of labelled tiles, with the truth for a world model")
     g.add_argument("--out", default="out/video.mp4", help="the MP4 (written under a temporary name until complete)")
     g.add_argument("--quiet", action="store_true")
-    from ff_engine.bench import BENCHMARKS
 
-    b = sub.add_parser("bench", help="run a benchmark (ff_engine/bench/NAME.py; extra args pass through)")
-    b.add_argument("which", choices=sorted(BENCHMARKS))
-    an = sub.add_parser("analyze", help="analyze queries: pre- vs post-RoPE query drift across blocks",
-                        parents=[_model_args(10.0, 16)])
-    an.add_argument("what", choices=["queries"])
-    an.add_argument("--out-dir", default="out/analysis")
-    sub.add_parser("train-world", help="train an in-repo world model: --world procedural (v2/v3, "
-                   "model_adapters/world/train.py) or scroll (v4, model_adapters/world/train_scroll.py)")
-    sub.add_parser("serve", help="serve streams over HTTP / WebSocket / a live viewer (serve --help)")
+
+def _add_plan(sub, registry) -> None:
     pl = sub.add_parser("plan", help="KV bytes and streams per GPU, bounded vs unbounded")
     pl.add_argument("--preset", default="wan-1.3b", choices=registry.preset_names())
     pl.add_argument("--gpu-mem", default="80GiB")
@@ -621,6 +609,9 @@ def make_parser() -> argparse.ArgumentParser:
                     "roofline time, fps and real-time streams per GPU): arithmetic from data-sheet figures")
     pl.add_argument("--gpu", default="H100,H200", help="GPUs for --limits (data-sheet figures): H100, H200")
     pl.add_argument("--budgets", default="6,12,21,unbounded", help="cache budgets (latent frames) for --limits")
+
+
+def _add_convert(sub, registry) -> None:
     cv = sub.add_parser("convert", help="write any supported checkpoint layout as one clean safetensors file")
     cv.add_argument("input", help="checkpoint file or diffusers folder (Self-Forcing, CausVid, LongLive, Wan, "
                                   "SkyReels-V2...)")
@@ -629,6 +620,27 @@ def make_parser() -> argparse.ArgumentParser:
                     help="what the tensors cannot tell (heads, text length, grid); default: the architecture's")
     cv.add_argument("--lora", default=None, help="a separate PEFT LoRA file to merge (LongLive's lora.pt)")
     cv.add_argument("--lora-scale", type=float, default=1.0, help="lora_alpha / rank (LongLive: 256 / 256 = 1)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from model_adapters import registry
+
+    ap = _Parser(prog="ff-engine", description="Long AR video generation under a bounded paged KV cache")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    _add_generate(sub)
+    from ff_engine.bench import BENCHMARKS
+
+    b = sub.add_parser("bench", help="run a benchmark (ff_engine/bench/NAME.py; extra args pass through)")
+    b.add_argument("which", choices=sorted(BENCHMARKS))
+    an = sub.add_parser("analyze", help="analyze queries: pre- vs post-RoPE query drift across blocks",
+                        parents=[_model_args(10.0, 16)])
+    an.add_argument("what", choices=["queries"])
+    an.add_argument("--out-dir", default="out/analysis")
+    sub.add_parser("train-world", help="train an in-repo world model: --world procedural (v2/v3, "
+                   "model_adapters/world/train.py) or scroll (v4, model_adapters/world/train_scroll.py)")
+    sub.add_parser("serve", help="serve streams over HTTP / WebSocket / a live viewer (serve --help)")
+    _add_plan(sub, registry)
+    _add_convert(sub, registry)
     return ap
 
 
