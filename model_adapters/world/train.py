@@ -261,6 +261,68 @@ def sample_sigma(rng: torch.Generator, shape, shift: float) -> torch.Tensor:
     return shifted_sigma(torch.rand(shape, generator=rng), shift)
 
 
+def _prepare_model(init: str | None, preset: str, device: str, clip_frames: int):
+    """The model to train (``init``'s checkpoint, else a fresh ``preset``) on ``device`` in train mode;
+    ``(model, cfg, device, frames_per_block, n_blocks)``."""
+    if init:
+        from model_adapters.causal_wan import load_causal_wan
+
+        model = load_causal_wan(init, preset=preset)
+        cfg = model.cfg
+    else:
+        cfg = PRESETS[preset]
+        model = CausalWanModel(cfg)
+    dev = torch.device(device)
+    model.to(dev).train()
+    fpb = model.geometry.frames_per_block
+    if clip_frames % fpb:
+        raise ValueError(f"clip_frames must be a multiple of {fpb}")
+    return model, cfg, dev, fpb, clip_frames // fpb
+
+
+def _context_source(model, x0, times, rng, fpb, p_rollout, rollout_max_prefix, rollout_sigmas, rollout_write_t):
+    """What the context pass sees: the ground truth, or (a ``p_rollout`` share of batches) the model's own
+    continuation of a 1..``rollout_max_prefix``-block prefix of it."""
+    src = x0
+    if p_rollout and float(torch.rand(1, generator=rng)) < p_rollout:
+        prefix = int(torch.randint(1, rollout_max_prefix + 1, (1,), generator=rng))
+        model.eval()
+        src = rollout_context(model, x0, times, prefix, fpb, rollout_sigmas, rollout_write_t / 1000, rng)
+        model.train()
+    return src
+
+
+def _flow_loss(model, x0, src, times, rng, prompt, block_weight, *, batch, clip_frames, n_blocks, fpb, dev, shift,
+               context_noise, p_context_noise):
+    """The teacher-forced flow-matching loss of one batch: a clean pass over the (lightly noised) context ``src``
+    fills the cache, then the noisy pass predicts the flow of every block, weighted per block."""
+    attn = _TeacherForcingAttention(batch, clip_frames, model.geometry.tokens_per_frame, fpb, dev)
+    prompts = [model.encode_prompt(prompt)] * batch
+    # clean pass: the context as the cache holds it, lightly noised on half the blocks (robustness to
+    # the model's own imperfect frames at inference, where the context is its own output)
+    sig_c = sample_sigma(rng, (batch, n_blocks), 1.0) * context_noise
+    sig_c = sig_c * (torch.rand(batch, n_blocks, generator=rng) < p_context_noise)
+    sig_c = sig_c.repeat_interleave(fpb, dim=1)[..., None, None, None].to(dev)
+    ctx = (1 - sig_c) * src + sig_c * torch.randn(x0.shape, generator=rng).to(dev)
+    model.forward(ctx, sig_c[..., 0, 0, 0] * 1000, prompts, list(times), attn)  # fills attn.clean_kv
+    sig = sample_sigma(rng, (batch, n_blocks), shift).repeat_interleave(fpb, dim=1).to(dev)  # per block
+    eps = torch.randn(x0.shape, generator=rng).to(dev)
+    xt = (1 - sig[..., None, None, None]) * x0 + sig[..., None, None, None] * eps
+    attn.noisy = True
+    flow = model.forward(xt, sig * 1000, prompts, list(times), attn)
+    per_block = (flow - (eps - x0)).pow(2).mean((2, 3, 4)).reshape(batch, n_blocks, fpb).mean(2)  # [B, blocks]
+    return (per_block * block_weight).sum(1).mean() / block_weight.sum()
+
+
+def _optimizer_step(model, opt, loss, lr: float, factor: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr * factor * group["lr_mult"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, seed: int = 0, shift: float = 2.0,
           p_sparse: float = 0.5, max_gap: int = 48, context_noise: float = 0.1, log_every: int = 50,
           progress: bool = True, checkpoint=None, checkpoint_every: int = 0, init: str | None = None,
@@ -284,21 +346,7 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    if init:
-        from model_adapters.causal_wan import load_causal_wan
-
-        model = load_causal_wan(init, preset=preset)
-        cfg = model.cfg
-    else:
-        cfg = PRESETS[preset]
-        model = CausalWanModel(cfg)
-    dev = torch.device(device)
-    model.to(dev).train()
-    g = model.geometry
-    fpb = g.frames_per_block
-    if clip_frames % fpb:
-        raise ValueError(f"clip_frames must be a multiple of {fpb}")
-    n_blocks = clip_frames // fpb
+    model, cfg, dev, fpb, n_blocks = _prepare_model(init, preset, device, clip_frames)
     opt = torch.optim.AdamW(param_groups(model, qk_gain_lr), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
     rng = torch.Generator().manual_seed(seed + 1)
@@ -319,34 +367,12 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
                               "seconds": time.perf_counter() - t0, "stopped": "time"})
                 break
             x0 = x0.to(dev)
-            src = x0  # what the context pass sees: the ground truth, or the model's own continuation of it
-            if p_rollout and float(torch.rand(1, generator=rng)) < p_rollout:
-                prefix = int(torch.randint(1, rollout_max_prefix + 1, (1,), generator=rng))
-                model.eval()
-                src = rollout_context(model, x0, times, prefix, fpb, rollout_sigmas, rollout_write_t / 1000, rng)
-                model.train()
-            attn = _TeacherForcingAttention(batch, clip_frames, g.tokens_per_frame, fpb, dev)
-            prompts = [model.encode_prompt(prompt)] * batch
-            # clean pass: the context as the cache holds it, lightly noised on half the blocks (robustness to
-            # the model's own imperfect frames at inference, where the context is its own output)
-            sig_c = sample_sigma(rng, (batch, n_blocks), 1.0) * context_noise
-            sig_c = sig_c * (torch.rand(batch, n_blocks, generator=rng) < p_context_noise)
-            sig_c = sig_c.repeat_interleave(fpb, dim=1)[..., None, None, None].to(dev)
-            ctx = (1 - sig_c) * src + sig_c * torch.randn(x0.shape, generator=rng).to(dev)
-            model.forward(ctx, sig_c[..., 0, 0, 0] * 1000, prompts, list(times), attn)  # fills attn.clean_kv
-            sig = sample_sigma(rng, (batch, n_blocks), shift).repeat_interleave(fpb, dim=1).to(dev)  # per block
-            eps = torch.randn(x0.shape, generator=rng).to(dev)
-            xt = (1 - sig[..., None, None, None]) * x0 + sig[..., None, None, None] * eps
-            attn.noisy = True
-            flow = model.forward(xt, sig * 1000, prompts, list(times), attn)
-            per_block = (flow - (eps - x0)).pow(2).mean((2, 3, 4)).reshape(batch, n_blocks, fpb).mean(2)  # [B, blocks]
-            loss = (per_block * block_weight).sum(1).mean() / block_weight.sum()
-            for group in opt.param_groups:
-                group["lr"] = lr * lr_factor(done, i, warm) * group["lr_mult"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            src = _context_source(model, x0, times, rng, fpb, p_rollout, rollout_max_prefix, rollout_sigmas,
+                                  rollout_write_t)
+            loss = _flow_loss(model, x0, src, times, rng, prompt, block_weight, batch=batch, clip_frames=clip_frames,
+                              n_blocks=n_blocks, fpb=fpb, dev=dev, shift=shift, context_noise=context_noise,
+                              p_context_noise=p_context_noise)
+            _optimizer_step(model, opt, loss, lr, lr_factor(done, i, warm))
             if i % log_every == 0 or i == steps - 1:
                 curve.append({"step": i, "loss": loss.item(), "seconds": time.perf_counter() - t0})
                 bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
@@ -358,7 +384,7 @@ def train(steps: int, batch: int = 4, clip_frames: int = 24, lr: float = 1e-3, s
     return model.eval(), curve
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ff-engine train-world", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=4)
@@ -391,9 +417,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=250, help="write the checkpoint every N steps")
     ap.add_argument("--out", default=str(ASSETS / "world_model.safetensors"))
-    a = ap.parse_args(argv)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return ap
+
+
+def _command(a) -> str:
+    """The command line recorded in the checkpoint's train.json: the recipe's flags, the optional ones
+    only where they were given."""
     command = (f"ff-engine train-world --steps {a.steps} --batch {a.batch} --clip-frames {a.clip_frames} "
                f"--lr {a.lr} --shift {a.shift} --p-sparse {a.p_sparse} --max-gap {a.max_gap} "
                f"--context-noise {a.context_noise} --seed {a.seed}")
@@ -414,6 +443,30 @@ def main(argv=None) -> int:
         command += f" --max-minutes {a.max_minutes}"
     if a.init:
         command += f" --init {a.init}"
+    return command
+
+
+def _plot_loss(curve, png) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([c["step"] for c in curve], [c["loss"] for c in curve])
+        ax.set(xlabel="step", ylabel="flow-matching MSE", yscale="log", title="world model training loss")
+        fig.tight_layout()
+        fig.savefig(png, dpi=90)
+    except Exception as exc:  # noqa: BLE001 -- the curve is in the JSON either way
+        print(f"(no plot: {exc})")
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = _command(a)
     init_meta = None
     if a.init and Path(a.init).with_suffix(".train.json").exists():
         init_meta = json.loads(Path(a.init).with_suffix(".train.json").read_text())
@@ -436,19 +489,7 @@ def main(argv=None) -> int:
                          rollout_write_t=a.rollout_write_t, device=a.device, preset=a.preset,
                          qk_gain_lr=a.qk_gain_lr, workers=a.workers, max_minutes=a.max_minutes)
     write(model, curve, curve[-1]["step"] if curve[-1].get("stopped") else a.steps)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot([c["step"] for c in curve], [c["loss"] for c in curve])
-        ax.set(xlabel="step", ylabel="flow-matching MSE", yscale="log", title="world model training loss")
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".loss.png"), dpi=90)
-    except Exception as exc:  # noqa: BLE001 -- the curve is in the JSON either way
-        print(f"(no plot: {exc})")
+    _plot_loss(curve, out.with_suffix(".loss.png"))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB), loss {curve[0]['loss']:.4f} -> {curve[-1]['loss']:.4f}")
     return 0
 
