@@ -16,7 +16,13 @@ Invariants: a client event with an ``event_id`` already seen is not applied agai
 again, marked ``duplicate``).  Outgoing messages go through one bounded queue (``ws_queue_blocks`` items); when it
 is full a ``wait`` session stops reading blocks from the service (the service keeps them; nothing is lost) and a
 ``drop`` session skips the block's frames and counts them in ``dropped_frames``.  A bad message gets an ``error``
-naming the field and the connection stays usable; leaving the connection cancels its running stream.
+naming the field and the connection stays usable; leaving the connection cancels its running stream.  The
+first ``session.start`` or ``session.resume`` must arrive within ``ws_start_timeout`` (10 s), else an ``error``
+(``code: "start_timeout"``) and the connection closes.
+
+The same path speaks vLLM-Omni's streaming video protocol (``omni.py``): a connection that did not offer the
+``ff-engine`` subprotocol and whose first ``session.start`` is vLLM-Omni's (``omni.is_omni_start``: a field only
+vLLM-Omni's has, such as ``format`` or ``num_frames``, or a text prompt) is handed to ``omni.OmniSession``.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class RealtimeSession:
         self.producer: asyncio.Task | None = None
         self.start_model = request_model(state.runtime.limits, SessionStart)
         self.slow_client, self.delivered, self.done_sent, self.close_code = "wait", 0, False, None
+        self.omni_start: dict | None = None  # a vLLM-Omni session.start: the connection is handed to omni.py
 
     # ---- connection ---------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -73,6 +80,10 @@ class RealtimeSession:
                 if t is not None:
                     t.cancel()
             await asyncio.gather(*(t for t in (receiver, self.producer, sender) if t), return_exceptions=True)
+        if self.omni_start is not None:  # from here on the connection speaks vLLM-Omni's protocol
+            from ff_engine.server.omni import OmniSession
+
+            await OmniSession(self.ws, self.state, self.owner).run(self.omni_start)
 
     async def _leave(self) -> None:
         """Leaving cancels the running stream (pages return at once), except a ``wait`` session whose client
@@ -101,6 +112,7 @@ class RealtimeSession:
             self.seq += 1
             for b in binaries:
                 await self.ws.send_bytes(b)
+            self.out.task_done()
             if event["type"] == "video.block":
                 self.delivered = event["block"] + 1  # the next block this connection has not handed to TCP
             elif event["type"] == "session.done":
@@ -122,8 +134,12 @@ class RealtimeSession:
     # ---- client events ------------------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
         limit = self.settings.max_body_bytes
+        deadline = asyncio.get_running_loop().time() + self.settings.ws_start_timeout
         while True:
-            msg = await self.ws.receive()
+            try:
+                msg = await self._receive(deadline)
+            except TimeoutError:
+                return await self._start_timeout()
             if msg["type"] == "websocket.disconnect":
                 self.close_code = msg.get("code")
                 return
@@ -147,6 +163,24 @@ class RealtimeSession:
                 log.exception("realtime: event %r failed", text[:120])
                 await self.error(500, "message: internal error handling this event; see the server log",
                                  "message", "internal_error")
+            if self.omni_start is not None:
+                await self.out.join()  # this protocol's answers so far go out first
+                return
+
+    async def _receive(self, deadline: float) -> dict:
+        """The next message; until a first session starts, ``TimeoutError`` past ``deadline``."""
+        if self.rec is not None:
+            return await self.ws.receive()
+        return await asyncio.wait_for(self.ws.receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+
+    async def _start_timeout(self) -> None:
+        """No session within ``ws_start_timeout``: one ``error`` (vLLM-Omni's message), then the connection closes."""
+        t = self.settings.ws_start_timeout
+        await self.error(408, f"type: Timeout waiting for session.start (none within {t:g} s, --ws-start-timeout)",
+                         "type", "start_timeout")
+        await self.out.join()
+        self.close_code = 1000
+        await self.ws.close(1000)
 
     async def _handle(self, text: str) -> None:
         try:
@@ -163,6 +197,12 @@ class RealtimeSession:
                 "type",
                 "unknown_event",
             )
+        if typ == "session.start" and self.rec is None and SUBPROTOCOL not in self.ws.scope.get("subprotocols", []):
+            from ff_engine.server.omni import is_omni_start
+
+            if is_omni_start(data):
+                self.omni_start = data
+                return None
         model = self.start_model if typ == "session.start" else CLIENT_EVENTS[typ]
         eid = data.get("event_id") if isinstance(data.get("event_id"), str) else None
         try:

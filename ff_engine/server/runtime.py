@@ -7,6 +7,7 @@ geometry and to decode latents to pixels with the model's own decoder.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -106,6 +107,14 @@ class Runtime:
 
     def decoder(self):
         return models.make_decoder(self.model)
+
+    @functools.cached_property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the model's decoded video frames: one block of zero latents decoded once."""
+        g = self.geometry
+        with torch.no_grad():
+            px = self.decoder().decode(torch.zeros(g.frames_per_block, g.latent_channels, *g.latent_hw))
+        return int(px.shape[1]), int(px.shape[2])
 
     def session_config(self, req: VideoRequest, session_id: str | None = None):
         """A ``SessionConfig`` for a validated request; ``ConfigError`` naming the field on what only the model

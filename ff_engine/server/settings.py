@@ -45,6 +45,8 @@ class ServerSettings:
     ws_ping_interval: float = 20.0  # seconds between the server's WebSocket pings
     ws_ping_timeout: float = 120.0  # a client that answers no ping this long is closed (1011): wait's bound
     ws_resume_seconds: float = 60.0  # a wait session's stream outlives a lost connection this long (resume by id)
+    ws_start_timeout: float = 10.0  # a WebSocket's first session must start within this (vLLM-Omni's default)
+    ws_stall_timeout: float = 60.0  # vLLM-Omni sessions: no generation progress and no ping this long -> error
     header_timeout: float = 10.0  # seconds to send a request's headers (slowloris)
     body_timeout: float = 10.0  # seconds to send a request's body
     max_connections_per_client: int = 32  # open connections per client address
@@ -70,6 +72,8 @@ class ServerSettings:
             "ws_ping_interval": (0.05, 3600),
             "ws_ping_timeout": (0.05, 3600),
             "ws_resume_seconds": (0, 3600),
+            "ws_start_timeout": (0.05, 3600),
+            "ws_stall_timeout": (0.05, 86400),
             "header_timeout": (0.05, 600),
             "body_timeout": (0.05, 600),
             "max_connections_per_client": (1, 1 << 16),
@@ -109,6 +113,8 @@ _HELP = {
     "max_request_cost": "policy work units a request may cost (blocks x units per block)",
     "ws_ping_timeout": "a WebSocket client that answers no ping this long is closed; a 'wait' client may pause this long",
     "ws_resume_seconds": "a 'wait' session's stream outlives a lost connection this long (session.resume by id)",
+    "ws_start_timeout": "a WebSocket connection's first session.start (or session.resume) must arrive this soon",
+    "ws_stall_timeout": "a vLLM-Omni session with no generation progress and no session.ping this long is stopped",
     "header_timeout": "seconds a client has to send a request's headers",
     "body_timeout": "seconds a client has to send a request's body",
     "max_connections_per_client": "open connections per client address; more are closed at once",
