@@ -201,8 +201,8 @@ def test_garbage_on_an_omni_session_is_an_error_and_the_session_goes_on(server):
         if ev["type"] == "video.start":
             for text in ("{not json", "[1]", '{"type": "session.explode"}', '{"type": ["session.stop"]}',
                          '{"type": "session.interaction"}',
-                         '{"type": "session.interaction", "interaction": {"event": {"prompt": "x"}, '
-                         '"transition_chunks": 2}}'):
+                         ('{"type": "session.interaction", "interaction": {"event": {"prompt": "x"}, '
+                          '"transition_chunks": 2}}')):
                 ws.send(text)
             ws.send(b"\x00binary")
 
