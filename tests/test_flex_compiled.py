@@ -2,12 +2,12 @@
 
 On CUDA the flex backend compiles ``flex_attention`` to Triton and combines a cache part and a block part by their
 LSE.  Inductor's CPU template cannot return the LSE (PyTorch 2.13), so compiled off CUDA the backend makes one
-call over [pool slots ; block rows] (``FlexAttentionBackend.fused``).  What this file shows on CPU: the block
+call per sequence over [its own pages ; its own block rows] (``FlexAttentionBackend.fused``).  What this file shows on CPU: the block
 mask of that layout is exact and lists one sequence per query block; the compiled kernel matches the dense
 reference and the eager path, with merged tokens (log-mass bias) and several sequences of different lengths; the
 engine under every policy gives what the torch reference gives; dynamo really compiled (and reuses the kernel per
-shape).  NaN isolation runs in ``tests/test_isolation.py`` (``flex-compiled`` is a CPU backend there).
-Forked, shared pages do not exist yet (copy-on-write fork is an open issue); when they do, they belong here.
+shape); a fork and its source, batched together over shared (copy-on-write) pages, give what the torch
+reference gives.  NaN isolation runs in ``tests/test_isolation.py`` (``flex-compiled`` is a CPU backend there).
 """
 
 import math
@@ -124,3 +124,25 @@ def test_engine_under_every_policy_matches_the_torch_reference(model, name):
 
 def test_flex_compiled_is_a_cpu_backend():
     assert isinstance(get_backend("flex-compiled"), CompiledFlexAttentionBackend)
+
+
+def test_forked_streams_on_shared_pages_match_the_torch_reference(model):
+    """A fork shares its source's pages; both, batched in one call, through the compiled kernel and the reference."""
+    fpb = model.geometry.frames_per_block
+    init, steps = noises(model, 6 * fpb, seed=7)
+    outs = {}
+    for backend in ("torch", "flex-compiled"):
+        e = Engine(model, num_pages=64, page_size=16, backend=backend)
+        a = e.add_session(SessionConfig(prompt=torch.randn(4, model.cfg.text_dim, generator=torch.Generator().manual_seed(3)),
+                                        num_frames=6 * fpb, policy=make_policy("future-forcing"), budget_frames=3 * fpb,
+                                        initial_noise=init, step_noise=steps))
+        for _ in range(3):
+            e.step([a.id])
+        b = e.fork(a.id)
+        assert e.cache.shared_pages(b.id) > 0
+        blocks = []
+        while e.sessions:
+            blocks += [r.latents for r in e.step([a.id, b.id])]
+        outs[backend] = torch.cat(blocks)
+        e.cache.check_invariants()
+    assert rel_err(outs["flex-compiled"], outs["torch"]) <= 1e-4

@@ -365,38 +365,58 @@ class FlexAttentionBackend(AttentionBackend):
         """(out [N, H, D], lse [N, H]) of the batch's queries over their cached pages only."""
         q, view = batch.q, batch.cache
         compiled = self._compile(q.device) if compiled is None else compiled
-        if len(set(view.session_ids)) != len(view.session_ids):
-            raise ConfigError(f"a batch holds a session twice: {view.session_ids} (session_ids)")
-        if not self.bias and view.has_bias():
-            raise ConfigError("bias=False but the cache holds merged tokens (log-mass != 0)")
+        self._check_view(view)
         if self._padded(compiled, padded):
             return self._cache_padded(batch, compiled)
         seqs = [i for i in range(batch.num_seqs) if batch.seq(i).stop > batch.seq(i).start]
         return _cat_rows([self._cache_one(batch, i, compiled) for i in seqs], q)
 
     def fused(self, batch: AttentionBatch, compiled: bool = True) -> torch.Tensor:
-        """The one-call layout: queries in the padded layout, bucketed to a power of two of ``QUERY_BLOCK`` rows,
-        against one KV sequence = the pool's slots followed by the block's own K/V rows (same padding), so the
-        cache part and the block part are one softmax and no LSE is needed (``lse_when_compiled``).  Isolation as
-        in the padded layout (``fused_block_mask``: a query block lists only its own sequence's pages and rows).
-        Cost: one copy of the pool per call (``torch.cat``), which is why CUDA keeps the two-call layout."""
-        q, view = batch.q, batch.cache
+        """The one-call layout, one call per sequence: its query rows padded and bucketed to a power of two of
+        ``QUERY_BLOCK`` rows, against one KV sequence = a compact copy of *its own* pages (bucketed to a power of
+        two) followed by its own block K/V rows, so the cache part and the block part are one softmax and no LSE
+        is needed (``lse_when_compiled``).  The kernel is never shown another stream's slot -- the isolation
+        rule, by construction, as in the eager layout: a whole-pool KV sequence relying on the block mask alone
+        let a NaN neighbour reach a batched stream once a compiled graph was reused (measured: ``tests/
+        test_isolation.py`` run after ``tests/test_flex_compiled.py`` in one process).  Cost: a copy of the
+        sequence's pages per call, which is why CUDA keeps the two-call, no-copy layout."""
+        q = batch.q
+        self._check_view(batch.cache)
+        outs = [self._fused_one(batch, i, compiled) for i in range(batch.num_seqs)]
+        return torch.cat(outs).to(q.dtype) if outs else q.new_zeros(q.shape)
+
+    def _fused_one(self, batch: AttentionBatch, i: int, compiled: bool) -> torch.Tensor:
+        view, s = batch.cache, batch.seq(i)
+        q, k, v = batch.q[s], batch.k[s], batch.v[s]
+        n = s.stop - s.start
+        if n == 0:
+            return q
+        ps, hkv, d = view.page_size, view.key_cache.shape[2], view.key_cache.shape[3]
+        seq_len = view.seq_lens[i : i + 1].to(q.device)
+        n_pages = (int(seq_len) + ps - 1) // ps
+        width = 1 << max(0, n_pages - 1).bit_length()  # powers of two: few shapes to compile
+        pages = view.block_table[i, :n_pages].to(q.device).long()
+        parts = []
+        for storage in (view.key_cache, view.value_cache, view.log_mass):
+            own = storage.new_zeros((width, *storage.shape[1:]))
+            own[:n_pages] = storage.index_select(0, pages)
+            parts.append(own)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+        cu_p, rows = padded_rows(cu)
+        n_rows = QUERY_BLOCK * (1 << (-(-int(cu_p[-1]) // QUERY_BLOCK) - 1).bit_length())
+        table = torch.arange(width, dtype=torch.int32, device=q.device)[None]
+        bm, _ = fused_block_mask(table, seq_len, cu_p, cu[1:], ps, width * ps, n_rows)
+        kv = [torch.cat([c.view(-1, hkv, d).transpose(0, 1)[None], _pad(x.to(c.dtype), rows, n_rows)], dim=2)
+              for c, x in ((parts[0], k), (parts[1], v))]  # [own pages ; own block rows]
+        log_mass = torch.cat([parts[2].view(-1), parts[2].new_zeros(n_rows)])
+        out = flex_out(_pad(q, rows, n_rows), *kv, bm, batch.scale, self._score_mod(log_mass), compiled)
+        return out[0].transpose(0, 1)[rows]
+
+    def _check_view(self, view) -> None:
         if len(set(view.session_ids)) != len(view.session_ids):
             raise ConfigError(f"a batch holds a session twice: {view.session_ids} (session_ids)")
         if not self.bias and view.has_bias():
             raise ConfigError("bias=False but the cache holds merged tokens (log-mass != 0)")
-        ps, hkv, d = view.page_size, view.key_cache.shape[2], view.key_cache.shape[3]
-        cu = batch.cu_seqlens.to(q.device)
-        cu_p, rows = padded_rows(cu)
-        blocks = max(1, -(-int(cu_p[-1]) // QUERY_BLOCK))
-        n_rows = QUERY_BLOCK * (1 << (blocks - 1).bit_length())
-        bm, _ = fused_block_mask(view.block_table.to(q.device), view.seq_lens.to(q.device), cu_p, cu[1:] - cu[:-1],
-                                 ps, view.key_cache.shape[0] * ps, n_rows)
-        kv = [torch.cat([c.view(-1, hkv, d), x.to(c.dtype).new_zeros((n_rows, hkv, d)).index_copy(0, rows, x.to(c.dtype))])
-              .transpose(0, 1)[None] for c, x in ((view.key_cache, batch.k), (view.value_cache, batch.v))]
-        log_mass = torch.cat([view.log_mass.view(-1), view.log_mass.new_zeros(n_rows)])
-        out = flex_out(_pad(q, rows, n_rows), *kv, bm, batch.scale, self._score_mod(log_mass), compiled)
-        return out[0].transpose(0, 1)[rows].to(q.dtype)
 
     def _score_mod(self, log_mass: torch.Tensor):
         if not self.bias:
