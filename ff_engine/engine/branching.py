@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ff_engine.engine.session import Session, new_session_id
-from ff_engine.engine.snapshot import load_state, session_config, snapshot_session
+from ff_engine.engine.snapshot import load_state, restore_session, session_config, snapshot_session
 from ff_engine.errors import ConfigError
 
 
@@ -81,8 +81,6 @@ class UndoHistory:
         mark = marks[-blocks]
         kept = marks[:-blocks]
         if mark.with_cache:
-            from ff_engine.engine.snapshot import restore_session
-
             engine.cancel(session_id)  # its pages return; the same reservation is taken again at once
             session = restore_session(engine, mark.snap, session_id)
         else:

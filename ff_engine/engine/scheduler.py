@@ -51,6 +51,7 @@ class _Parked:
 
     snapshot: object
     parked_at: float
+    pages: int  # its reservation when it was parked: what restoring it takes again
     resume_requested: float | None = None
 
 
@@ -121,9 +122,10 @@ class Scheduler:
         if session_id not in self.engine.sessions:
             raise ConfigError(f"session_id {session_id!r} is not a running stream")
         snap = self.engine.snapshot(session_id)
+        pages = self.engine.cache.pool.reserved(session_id)
         self.engine.cancel(session_id)
         self.paused.pop(session_id, None)
-        self.parked[session_id] = _Parked(snap, self.clock())
+        self.parked[session_id] = _Parked(snap, self.clock(), pages)
         self.stats.parked += 1
 
     def resume(self, session_id: str) -> bool:
@@ -143,18 +145,13 @@ class Scheduler:
     def _unpark(self, session_id: str) -> bool:
         p = self.parked[session_id]
         e = self.engine
-        if not e.cache.pool.can_reserve(self._snapshot_pages(p)):
+        if not e.cache.pool.can_reserve(p.pages):
             return False
         e.restore(p.snapshot, session_id)
         del self.parked[session_id]
         self.stats.resumed += 1
         self.stats.resume_seconds.append(self.clock() - p.resume_requested)
         return True
-
-    def _snapshot_pages(self, p: _Parked) -> int:
-        from ff_engine.engine.snapshot import session_config
-
-        return self.engine.pages_needed(session_config(p.snapshot, None))
 
     def _park_idle(self) -> None:
         if self.park_after is None:

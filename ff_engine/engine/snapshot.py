@@ -93,7 +93,8 @@ class SessionSnapshot:
             raise SnapshotError(
                 f"not an ff-engine session snapshot (safetensors + {META_KEY} metadata): {type(exc).__name__}: {exc}"
             ) from None
-        if digest is not None or not isinstance(meta, dict) or meta.get("version", FORMAT_VERSION) >= 3:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        if digest is not None or not (isinstance(version, int) and version < 3):
             try:  # version 3 on: every byte of meta and tensors is checked (safetensors checks only structure)
                 checksum.verify(tensors, digest, "snapshot", meta_json)
             except ValueError as exc:

@@ -156,6 +156,23 @@ def rope_cos_sin(angles: torch.Tensor, device=None, dtype=torch.float64) -> tupl
     return torch.cos(angles)[:, None].to(device, dtype), torch.sin(angles)[:, None].to(device, dtype)
 
 
+def grid_positions(times: torch.Tensor, token_grid: tuple[int, int]) -> torch.Tensor:
+    """RoPE positions (frame, row, col) int32 [len(times) * gh * gw] of every token of frames ``times``."""
+    gh, gw = token_grid
+    f, h, w = torch.meshgrid(times, torch.arange(gh), torch.arange(gw), indexing="ij")
+    return torch.stack([f, h, w], dim=-1).reshape(-1, 3).to(torch.int32)
+
+
+def unpatchify(x: torch.Tensor, frames: int, token_grid: tuple[int, int], patch_size, out_dim: int) -> torch.Tensor:
+    """Head output [S, frames * gh * gw, pt * ph * pw * out_dim] -> latents [S, frames * pt, out_dim, H, W]."""
+    gh, gw = token_grid
+    pt, ph, pw = patch_size
+    s = x.shape[0]
+    x = x.reshape(s, frames, gh, gw, pt, ph, pw, out_dim)
+    x = torch.einsum("sfhwpqrc->sfpchqwr", x)
+    return x.reshape(s, frames * pt, out_dim, gh * ph, gw * pw)
+
+
 class Rope3D:
     """Wan's 3D RoPE on adjacent (interleaved) pairs: head_dim/2 pairs split [t, h, w] = [c - 2(c//3), c//3, c//3]
     (22/21/21 for head_dim 128), temporal index absolute.
@@ -344,15 +361,13 @@ class CausalWanModel(nn.Module):
     def token_positions(self, start_frame, frames: int) -> torch.Tensor:
         """RoPE positions (frame, row, col) of ``frames`` frames starting at ``start_frame``; training may pass a
         sequence of ``frames`` frame indices instead (sparse clips: distant past + recent frames)."""
-        gh, gw = self.geometry.token_grid
         if isinstance(start_frame, int):
             times = torch.arange(start_frame, start_frame + frames)
         else:
             times = torch.as_tensor(start_frame, dtype=torch.long).reshape(-1)
             if times.numel() != frames:
                 raise ConfigError(f"need one frame index per frame ({frames}), got {times.numel()}")
-        f, h, w = torch.meshgrid(times, torch.arange(gh), torch.arange(gw), indexing="ij")
-        return torch.stack([f, h, w], dim=-1).reshape(-1, 3).to(torch.int32)
+        return grid_positions(times, self.geometry.token_grid)
 
     def action_ids(self, actions, s: int, frames: int, device) -> torch.Tensor | None:
         """Per-frame action indices [S * F] (None for a model without actions); ``actions`` [S, F] integers in
@@ -401,12 +416,6 @@ class CausalWanModel(nn.Module):
         return self.unpatchify(x, frames)
 
     def unpatchify(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        cfg = self.cfg
-        gh, gw = self.geometry.token_grid
-        pt, ph, pw = cfg.patch_size
-        s = x.shape[0]
-        x = x.reshape(s, frames, gh, gw, pt, ph, pw, cfg.out_dim)
-        x = torch.einsum("sfhwpqrc->sfpchqwr", x)
-        return x.reshape(s, frames * pt, cfg.out_dim, gh * ph, gw * pw)
+        return unpatchify(x, frames, self.geometry.token_grid, self.cfg.patch_size, self.cfg.out_dim)
 
 

@@ -36,9 +36,11 @@ from model_adapters.causal_wan.model import (
     CausalWanBlock,
     PromptState,
     Rope3D,
+    grid_positions,
     rope_apply,
     rope_cos_sin,
     sinusoidal_embedding,
+    unpatchify,
 )
 from model_adapters.matrix_game.config import MatrixGameConfig
 
@@ -329,10 +331,7 @@ class MatrixGameModel(nn.Module):
         return state
 
     def token_positions(self, start_frame: int, frames: int) -> torch.Tensor:
-        gh, gw = self.geometry.token_grid
-        f, h, w = torch.meshgrid(torch.arange(start_frame, start_frame + frames), torch.arange(gh), torch.arange(gw),
-                                 indexing="ij")
-        return torch.stack([f, h, w], dim=-1).reshape(-1, 3).to(torch.int32)
+        return grid_positions(torch.arange(start_frame, start_frame + frames), self.geometry.token_grid)
 
     def forward(self, latents, timesteps, prompts, start_frames, attention: SelfAttentionFn, conditioning=None,
                 stream_state: StreamStates | None = None):
@@ -388,10 +387,4 @@ class MatrixGameModel(nn.Module):
         return self.unpatchify(x, frames)
 
     def unpatchify(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        cfg = self.cfg
-        gh, gw = self.geometry.token_grid
-        pt, ph, pw = cfg.patch_size
-        s = x.shape[0]
-        x = x.reshape(s, frames, gh, gw, pt, ph, pw, cfg.out_dim)
-        x = torch.einsum("sfhwpqrc->sfpchqwr", x)
-        return x.reshape(s, frames * pt, cfg.out_dim, gh * ph, gw * pw)
+        return unpatchify(x, frames, self.geometry.token_grid, self.cfg.patch_size, self.cfg.out_dim)
