@@ -75,7 +75,7 @@ class ForcingKV(CachePolicy):
 
     name = "forcing-kv"
     sink_frames: int = param(1, ge=0, doc="latent frames at the start of the video that are never evicted (sink_size)")
-    recent_frames: int = param(1, ge=1, doc="newest frames kept whole (temporal_context_length)")
+    recent_frames: int = param(1, ge=1, le=65536, doc="newest frames kept whole (temporal_context_length)")
     num_frame_patch: int = param(6, ge=1, le=4096, doc="segments per frame, consecutive tokens in raster order")
     score_layer: int = param(1, ge=-1, le=4096,
                              doc="layer whose keys score the segments of every layer (-1: each layer its own)")
