@@ -82,7 +82,7 @@ def test_device_check_dry_run_on_a_bare_machine(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["env"]["vllm"] is False and r["env"]["block_pool"] == "fallback"
-    assert set(r["stages"]) == {"tests", "kernels", "throughput"}
+    assert set(r["stages"]) == {"tests", "kernels", "features", "throughput"}
     assert all(s["rc"] == 0 and not s["timed_out"] for s in r["stages"].values())
     kernels = r["stages"]["kernels"]["result"]
     assert kernels["attention"][0]["max_abs_err_vs_sdpa_fp32"] < 1e-4
@@ -90,6 +90,13 @@ def test_device_check_dry_run_on_a_bare_machine(tmp_path):
     exps = r["stages"]["throughput"]["result"]["experiments"]
     assert set(exps) == {"window_1", "unbounded_1", "window_batch", "unbounded_batch", "future-forcing_1"}
     assert all(e["failed"] == 0 and e["latent_frames"] == 9 * e["streams"] for e in exps.values())
+    feats = r["stages"]["features"]["result"]["checks"]
+    fork = feats["fork"]
+    assert "error" not in fork, fork
+    assert fork["finite"] and fork["shared_pages_at_fork"] > 0 and fork["free_pages_after"] == fork["pool_pages"]
+    assert fork["source_vs_solo_max_abs_diff"] < 1e-4 and fork["weights"].startswith("random")  # bare: no safetensors
+    assert feats["rollback"]["regenerated_vs_first_max_abs_diff"] == 0.0
+    assert feats["isolation"]["victim_finite"] and feats["isolation"]["victim_vs_alone_max_abs_diff"] == 0.0
 
 
 # ---- device placement through a fake accelerator ----------------------------------------------------------

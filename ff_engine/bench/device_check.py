@@ -10,9 +10,12 @@ down, and the whole run stays within ``--budget-s``, default 420 s = 7 minutes):
      (``-k "cuda or triton"``: FlexAttention compiled, the Triton kernels at small and real sizes);
   2. kernels: ``benchmarks/kernel_bench.py`` (``ff-engine bench kernels``) -- paged vs contiguous FlexAttention,
      biased vs unbiased, scoring throughput as a share of the card's bandwidth;
-  3. throughput: the engine at full Wan-1.3B geometry (30 layers, dim 1536, 12 x 128 heads, 480 x 832 =
+  3. features (``device_features``, at most 2 minutes): the embedded world model v4 on the device, a fork that
+     shares pages and steers elsewhere, a rollback regenerated, the NaN-neighbour isolation call on ``flex``;
+  4. throughput: the engine at full Wan-1.3B geometry (30 layers, dim 1536, 12 x 128 heads, 480 x 832 =
      1560 tokens per latent frame, random bf16 weights, ``flex`` attention): one stream and ``--streams``
-     streams under a 21-frame budget against unbounded streams in the same page pool (``stage_throughput``).
+     streams under a 21-frame budget against unbounded streams in the same page pool (``stage_throughput``), and
+     each experiment's block time as a multiple of the arithmetic lower bound (``ff_engine.limits``).
 Everything lands in one JSON with the device name, written after every stage (a cut-short run keeps what it has).
 
 What a bare machine lacks, and what this command does about it:
@@ -43,12 +46,13 @@ import time
 from pathlib import Path
 
 from ff_engine.bench import REPO  # the device check runs the tests of the checkout it belongs to
+from ff_engine.bench.device_features import limit_fractions, run_features
 
 CARRY_SITE = REPO / ".device_carry" / "site"
 TEST_FILES = ["tests/test_attention.py", "tests/test_flex.py", "tests/test_kernels.py"]
 PYTEST_PACKAGES = ["pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py.py", "exceptiongroup",
                    "tomli"]
-STAGES = ("tests", "kernels", "throughput")
+STAGES = ("tests", "kernels", "throughput", "features")
 
 
 # ---- environment ----------------------------------------------------------------------------------------
@@ -160,8 +164,15 @@ class OnDevice:
     def encode_prompt(self, text):
         return self.model.encode_prompt(text.to(self.device))
 
-    def forward(self, latents, timesteps, prompts, start_frames, attention):
-        flow = self.model.forward(latents.to(self.device), timesteps.to(self.device), prompts, start_frames, attention)
+    def forward(self, latents, timesteps, prompts, start_frames, attention, **inputs):
+        """``inputs``: what an adapter declares beyond the common five (actions, conditioning, stream state),
+        its tensors moved to the device as the latents are."""
+        import torch
+        from torch.utils._pytree import tree_map
+
+        inputs = tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, inputs)
+        flow = self.model.forward(latents.to(self.device), timesteps.to(self.device), prompts, start_frames, attention,
+                                  **inputs)
         return flow.cpu()
 
 
@@ -311,8 +322,21 @@ def stage_throughput(a) -> int:
     ]
     _run_plan(a, model, device, pool, plan, session, out, path, t_start)
     _throughput_ratios(out)
+    out["limit_fractions"] = limit_fractions(out, model, cfg, out["device"], a.page_size)
     path.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {path}")
+    return 0
+
+
+def stage_features(a) -> int:
+    """Fork, rollback and isolation on the device (``device_features``); the JSON written once at the end."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "checks": run_features(device, frames=9 if a.tiny else 18)}
+    Path(a.out).write_text(json.dumps(out, indent=1, default=str))
+    print(json.dumps(out, default=str), flush=True)
     return 0
 
 
@@ -326,7 +350,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--stage-pytest", metavar="DIR", nargs="?", const=str(CARRY_SITE), default=None,
                     help="copy pytest into DIR for carrying to a bare machine, then exit")
     # the throughput stage (run as its own process by the command above)
-    ap.add_argument("--stage", choices=["throughput"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--stage", choices=["throughput", "features"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-s", type=float, default=1e9, help=argparse.SUPPRESS)
     ap.add_argument("--frames", type=int, default=36, help="latent frames per stream in the throughput stage")
@@ -353,6 +377,12 @@ def _run_stages(a, env, result, left, save) -> None:
             result["stages"]["kernels"] = r
             print(f"kernels: rc {r['rc']} in {r['wall_s']} s", flush=True)
             save()
+        if "features" not in a.skip:
+            cmd = [sys.executable, "benchmarks/device_check.py", "--stage", "features", *tiny]
+            r = run_json_stage(cmd, env, min(120.0, left() * 0.3), Path(tmp) / "features.json")
+            result["stages"]["features"] = r
+            print(f"features: rc {r['rc']} in {r['wall_s']} s", flush=True)
+            save()
         if "throughput" not in a.skip:
             limit = left() - 5.0
             cmd = [sys.executable, "benchmarks/device_check.py", "--stage", "throughput", *tiny,
@@ -370,10 +400,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.stage_pytest:
         return stage_pytest(Path(a.stage_pytest))
+    if a.stage is not None and a.out is None:
+        ap.error(f"--stage {a.stage} needs --out")
     if a.stage == "throughput":
-        if a.out is None:
-            ap.error("--stage throughput needs --out")
         return stage_throughput(a)
+    if a.stage == "features":
+        return stage_features(a)
 
     t0 = time.perf_counter()
     env = environment()
