@@ -222,12 +222,18 @@ def _run_streams(model, device, page_size, num_pages, cfgs, max_batch) -> dict:
     return out
 
 
-def _throughput_record(a, model, cfg, device, frames, budget, t_start) -> dict:
-    """The throughput stage's JSON before its experiments: device, model geometry, sizes, setup time."""
+def this_device():
+    """``(device, name)``: the first CUDA device and its card's name, else the CPU."""
     import torch
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _throughput_record(a, model, cfg, device, frames, budget, t_start) -> dict:
+    """The throughput stage's JSON before its experiments: device, model geometry, sizes, setup time."""
     g = model.geometry
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "tiny": a.tiny,
+    return {"device": this_device()[1], "tiny": a.tiny,
             "model": {"layers": cfg.num_layers, "dim": cfg.dim, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
                       "latent_hw": list(cfg.latent_hw), "tokens_per_frame": g.tokens_per_frame,
                       "frames_per_block": g.frames_per_block, "dtype": str(next(model.parameters()).dtype)},
@@ -330,11 +336,8 @@ def stage_throughput(a) -> int:
 
 def stage_features(a) -> int:
     """Fork, rollback and isolation on the device (``device_features``); the JSON written once at the end."""
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "checks": run_features(device, frames=9 if a.tiny else 18)}
+    device, name = this_device()
+    out = {"device": name, "checks": run_features(device, frames=9 if a.tiny else 18)}
     Path(a.out).write_text(json.dumps(out, indent=1, default=str))
     print(json.dumps(out, default=str), flush=True)
     return 0

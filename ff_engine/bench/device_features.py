@@ -2,13 +2,13 @@
 
 Each check records figures, never asserts (a GPU figure is what it is; the JSON says what differed):
 
-* ``fork``: the embedded world model v4 (action-conditioned causal Wan) on the device; a stream forks after two
-  blocks (pages shared copy-on-write through the block pool's reference counts), the fork steers ``left``; the
+* ``fork``: the embedded world model v4 (action-conditioned causal Wan) on the device; a stream forks after a
+  third of its blocks (pages shared copy-on-write through the block pool's reference counts), the fork steers ``left``; the
   source's blocks after the fork against a solo run of the same stream (bit-identical on CPU; on a GPU batched
   shapes may round differently, so the largest difference is recorded), the pages shared at the fork, and the
   pages left in the pool after both finish (must be the pool's size);
-* ``rollback``: the same model with an undo history; two blocks rolled back and regenerated under the same
-  actions against the first time (largest difference);
+* ``rollback``: the same model with an undo history; the last half of the blocks stepped rolled back and
+  regenerated under the same actions against the first time (largest difference);
 * ``isolation``: the ``flex`` backend's compiled path on the device with a NaN neighbour batched beside a victim
   (``tests/test_isolation.py``'s scenario): the victim's rows must be finite and equal its solo call;
 * ``limits`` (in the throughput stage, ``limit_fractions``): each full-size experiment's steady block time as a
@@ -21,14 +21,14 @@ import math
 import time
 
 
-def _world_engine(device, **engine_kw):
+def _world_engine(device, model=None, **engine_kw):
     import torch
 
     from ff_engine.engine import Engine
 
     from .device_check import OnDevice
 
-    model = world_model()
+    model = model or world_model()
     dtype = torch.float32  # the world model is small; float32 keeps its figures comparable with the CPU's
     return Engine(OnDevice(model.to(device, dtype), device), num_pages=256, page_size=16, backend="flex",
                   device=str(device), **engine_kw)
@@ -83,7 +83,8 @@ def check_fork(device, frames: int) -> dict:
     ref = _run(solo, ["a"])["a"]
     e = _world_engine(device)
     e.add_session(_session(e, "a", right, frames))
-    first = [e.step(["a"])[0].latents for _ in range(frames // 9)]
+    blocks = frames // e.geometry.frames_per_block
+    first = [e.step(["a"])[0].latents for _ in range(max(1, blocks // 3))]
     t0 = time.perf_counter()
     e.fork("a", "b")
     fork_s = time.perf_counter() - t0
@@ -98,8 +99,9 @@ def check_fork(device, frames: int) -> dict:
 
 
 def check_rollback(device, frames: int) -> dict:
-    n = frames // 3
-    e = _world_engine(device, undo_blocks=n // 2)
+    model = world_model()
+    n = frames // model.geometry.frames_per_block  # blocks stepped; the last n // 2 are undone and regenerated
+    e = _world_engine(device, model, undo_blocks=n // 2)
     e.add_session(_session(e, "a", [2] * (2 * frames), 2 * frames))  # longer than the blocks stepped: still live
     blocks = [e.step(["a"])[0].latents for _ in range(n)]
     e.rollback("a", blocks=n // 2)
@@ -145,7 +147,7 @@ def check_isolation(device, frames: int) -> dict:
 
 
 def run_features(device, frames: int = 18) -> dict:
-    """Every check (streams of ``frames`` latent frames, a multiple of 9), each recorded (or its error) without
+    """Every check (streams of ``frames`` latent frames, whole blocks), each recorded (or its error) without
     stopping the others."""
     out = {}
     for name, fn in (("fork", check_fork), ("rollback", check_rollback), ("isolation", check_isolation)):
@@ -160,7 +162,9 @@ def run_features(device, frames: int = 18) -> dict:
 
 def limit_fractions(out: dict, model, cfg, device_name: str, page_size: int) -> dict:
     """Each experiment's steady seconds per block over the arithmetic lower bound for ``device_name``'s card
-    (``ff_engine.limits``); empty where the card is neither an H100 nor an H200."""
+    (``ff_engine.limits``); empty where the card is neither an H100 nor an H200.  A bounded experiment's bound is
+    at its budget; an unbounded one's at its final length (``cache_frames``), the largest cache it read, so its
+    fraction is on the low side."""
     from ff_engine.limits import GPUS, block_cost, stream_limits
     from model_adapters import registry
 
@@ -168,16 +172,18 @@ def limit_fractions(out: dict, model, cfg, device_name: str, page_size: int) -> 
     if card is None:
         return {}
     g = model.geometry
+    flops = registry.forward_flops(cfg)
     fractions = {}
     for name, ex in out["experiments"].items():
         lat = ex.get("step_latency_s") or []
         if len(lat) <= 3:
             continue
         steady = sum(lat[2:]) / len(lat[2:])
-        budget = ex.get("budget_frames") or out["frames"]
-        cost = block_cost(cfg, g, registry.forward_flops(cfg), budget * g.tokens_per_frame, page_size)
+        cache_frames = ex.get("budget_frames") or out["frames"]
+        cost = block_cost(cfg, g, flops, cache_frames * g.tokens_per_frame, page_size)
         bound = stream_limits(cost, GPUS[card], g.frames_per_block * g.vae_stride[0], g.fps)["block_seconds_min"]
-        fractions[name] = {"steady_block_s": steady, "streams": ex.get("streams"), "bound_s_one_stream": bound,
+        fractions[name] = {"steady_block_s": steady, "streams": ex.get("streams"), "cache_frames": cache_frames,
+                           "bound_s_one_stream": bound,
                            "times_the_bound_per_stream": steady / (bound * max(1, ex.get("streams") or 1))}
     return {"card": card, "kind": "measured block time over the arithmetic lower bound (ff_engine.limits)",
             "experiments": fractions}
