@@ -113,6 +113,8 @@ class RayCluster(RoutedService):
         max_terminal: int = 1024,
         heartbeat_s: float = 0.5,
         ray_init: dict | None = None,
+        undo_blocks: int = 0,
+        park_after: float | None = None,
     ):
         _check_num_workers(num_workers)
         if not ray.is_initialized():
@@ -124,7 +126,7 @@ class RayCluster(RoutedService):
         self.actors = self._spawn_actors(
             model, num_workers, gpus,
             num_pages=num_pages, page_size=page_size, backend=backend, max_batch=max_batch,
-            snapshot_every=snapshot_every,
+            snapshot_every=snapshot_every, undo_blocks=undo_blocks,
         )
         self._endpoints = [RayEndpoint(name, actor) for name, actor in self.actors.items()]
         try:
@@ -137,6 +139,7 @@ class RayCluster(RoutedService):
                 retention_s=retention_s,
                 max_terminal=max_terminal,
                 heartbeat_s=heartbeat_s,
+                park_after=park_after,
             )
         except BaseException:
             self.shutdown_workers()

@@ -20,7 +20,7 @@ import torch
 
 from ff_engine.errors import Overloaded, UnknownStream  # noqa: F401 - the contract's errors (defined below the engine, which raises Overloaded)
 
-STREAM_STATES = ("queued", "running", "finished", "failed", "cancelled")
+STREAM_STATES = ("queued", "running", "parked", "finished", "failed", "cancelled")  # parked: no pages held
 TERMINAL_STATES = ("finished", "failed", "cancelled")
 
 

@@ -52,7 +52,8 @@ class LocalEndpoint:
 
 class LocalService(RoutedService):
     """``model``: an ``nn.Module`` or a ``ModelSpec``.  Engine arguments as ``Engine``; ``max_batch`` as
-    ``Scheduler``; ``max_queue``, ``keep_blocks``, ``retention_s``, ``max_terminal`` as ``Router``."""
+    ``Scheduler``; ``max_queue``, ``keep_blocks``, ``retention_s``, ``max_terminal``, ``park_after`` as ``Router``;
+    ``undo_blocks``: rollback history per stream (``Engine``)."""
 
     def __init__(
         self,
@@ -68,6 +69,8 @@ class LocalService(RoutedService):
         keep_blocks: int = 8,
         retention_s: float = 600.0,
         max_terminal: int = 1024,
+        undo_blocks: int = 0,
+        park_after: float | None = None,
     ):
         worker = EngineWorker(
             "local",
@@ -78,6 +81,7 @@ class LocalService(RoutedService):
             max_batch=max_batch,
             output_dir=output_dir,
             device=device,
+            undo_blocks=undo_blocks,
         )
         self.engine = worker.engine
         self.output_dir = output_dir
@@ -90,6 +94,7 @@ class LocalService(RoutedService):
                 keep_blocks=keep_blocks,
                 retention_s=retention_s,
                 max_terminal=max_terminal,
+                park_after=park_after,
             )
         except BaseException:
             self._endpoint.kill()

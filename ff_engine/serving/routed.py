@@ -30,5 +30,13 @@ class RoutedService:
         """``StreamHandle.update`` of stream ``stream_id`` (``Router.update``)."""
         return self.router.update(stream_id, prompt, recache_frames)
 
+    def control(self, stream_id: str, ctrl):
+        """``Router.control``: a ``Steer`` / ``Pause`` / ``Rollback``; a future of the block it applies at."""
+        return self.router.control(stream_id, ctrl)
+
+    def fork(self, stream_id: str, fork_id: str | None = None) -> Handle:
+        """``Router.fork``: the fork's handle."""
+        return self.router.fork(stream_id, fork_id)
+
     def stats(self) -> dict:
         return self.router.stats()

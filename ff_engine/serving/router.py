@@ -53,8 +53,9 @@ import torch
 from ff_engine.engine.session import SessionConfig, new_session_id
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 from ff_engine.serving.contract import Overloaded
+from ff_engine.serving.controls import Fork, Park, Pause, Rollback, Steer, Update, merge_actions
 from ff_engine.serving.stream_table import Handle, StreamRecord, StreamTable
-from ff_engine.serving.worker import Start, Update, WorkerReport
+from ff_engine.serving.worker import Start, WorkerReport
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,12 @@ class Router:
         retention_s: float = 600.0,
         max_terminal: int = 1024,
         heartbeat_s: float = 0.5,
+        park_after: float | None = None,
     ):
+        if park_after is not None and (isinstance(park_after, bool) or not isinstance(park_after, int | float)
+                                       or not park_after >= 0):
+            raise ConfigError(f"park_after must be None (never) or seconds >= 0, got {park_after!r}")
+        self.park_after = park_after
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
             raise ConfigError(f"max_queue must be None (unbounded) or an integer >= 0, got {max_queue!r}")
         if isinstance(keep_blocks, bool) or not isinstance(keep_blocks, int) or keep_blocks < 1:
@@ -144,7 +150,9 @@ class Router:
             self.workers.append(WorkerState(ep, info["pages_total"], info["max_batch"], last_call=time.monotonic()))
         self.frames_per_block = info["frames_per_block"]
         self.queue: deque[str] = deque()
-        self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0, "resumed": 0}
+        self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0, "resumed": 0,
+                       "parked": 0, "unparked": 0, "forked": 0, "rolled_back": 0, "steered": 0}
+        self.unpark_seconds: deque[float] = deque(maxlen=4096)  # resume request -> restored on a worker
         self._lock = threading.RLock()
         self._wake = cf.Future()
         self._stop = False
@@ -193,6 +201,7 @@ class Router:
                     w.to_cancel.append(stream_id)
             if record.end("cancelled"):
                 self.counts["cancelled"] += 1
+            self._drop_pending(record, "the stream was cancelled")
             self._place()
         self._kick()
 
@@ -222,6 +231,86 @@ class Router:
             w.to_update.append((Update(stream_id, prompt, recache_frames), answer))
         self._kick()
         return answer.result()
+
+    def control(self, stream_id: str, ctrl) -> cf.Future:
+        """Send a ``Steer`` / ``Pause`` / ``Rollback`` to a stream without waiting: the future's result is the
+        block from which it is in force (the ``applied`` receipt), or its exception the refusal.  A parked stream
+        that is steered or un-paused is resumed first (on whichever worker has room); a queued one gets the
+        control right after its start.  Raises ``UnknownStream`` / ``ConfigError`` (terminal stream) at once."""
+        if not isinstance(ctrl, Steer | Pause | Rollback):
+            raise ConfigError(f"a stream control is a Steer, Pause or Rollback, got {type(ctrl).__name__}")
+        answer = cf.Future()
+        with self._lock:
+            record = self._live(stream_id)
+            if isinstance(ctrl, Pause):
+                record.paused_at = time.monotonic() if ctrl.paused else None
+            if record.state == "parked":
+                if isinstance(ctrl, Pause) and ctrl.paused:
+                    answer.set_result(record.blocks_done)  # already paused, and parked
+                    return answer
+                self._unpark(record)
+            self._enqueue(record, ctrl, answer)
+            if isinstance(ctrl, Steer) and record.paused_at is not None:  # an action resumes a paused stream
+                record.paused_at = None
+                self._enqueue(record, Pause(stream_id, False), cf.Future())
+            self._place()
+        self._kick()
+        return answer
+
+    def fork(self, stream_id: str, fork_id: str | None = None) -> Handle:
+        """A new stream from the exact state of running stream ``stream_id`` at its next block boundary, on the
+        same worker, sharing its pages copy-on-write (``Engine.fork``); waits for the worker and returns the fork's
+        handle (its blocks before the fork point are the source's).  ``BudgetError`` when that worker's book has
+        no room for the fork's own reservation."""
+        fork_id = fork_id or new_session_id()
+        with self._lock:
+            record = self._live(stream_id)
+            if record.state != "running":
+                raise ConfigError(f"stream {stream_id!r} is {record.state}: only a running stream can be forked")
+            w = self._worker(record.worker)
+            if w.free < record.pages:
+                raise BudgetError(f"fork needs {record.pages} pages on worker {w.name}; {w.free} are free there")
+            cfg = dataclasses.replace(record.cfg, session_id=fork_id)
+            fork = StreamRecord(cfg, record.num_blocks, record.pages, self.output_dir, self.keep_blocks)
+            self.table.add(fork)  # ConfigError on a duplicate id
+            fork.parent, fork.paused_at = record, record.paused_at
+            w.placed[fork_id] = record.pages
+            fork.set_state("running", w.name)
+            answer = cf.Future()
+            w.to_update.append((Fork(stream_id, fork_id), answer))
+        self._kick()
+        answer.result()
+        return Handle(fork, self)
+
+    def _live(self, stream_id: str):
+        record = self.table.get(stream_id)
+        if record.terminal:
+            raise ConfigError(f"stream {stream_id!r} is {record.state}: only a queued or running stream is controlled")
+        return record
+
+    def _enqueue(self, record, ctrl, answer: cf.Future) -> None:
+        """On its worker's next call (after its start when that is not sent yet), or after its placement."""
+        if record.worker is None:
+            record.pending.append((ctrl, answer))
+        else:
+            self._worker(record.worker).to_update.append((ctrl, answer))
+
+    def _unpark(self, record) -> None:
+        """Back to the front of the queue; placed, it is restored from its snapshot (``Start.snapshot``)."""
+        record.set_state("queued", None)
+        record.unpark_requested = time.monotonic()
+        self.queue.appendleft(record.id)
+
+    def _park_idle(self, now: float) -> None:
+        """Streams paused longer than ``park_after``: their worker snapshots them and returns their pages."""
+        if self.park_after is None:
+            return
+        for w in self.workers:
+            for sid in list(w.placed):
+                r = self.table.find(sid)
+                if r is not None and r.paused_at is not None and not r.parking and now - r.paused_at >= self.park_after:
+                    r.parking = True
+                    w.to_update.append((Park(sid), cf.Future()))
 
     def retry_after(self) -> float:
         """Seconds until the first running stream is expected to end (1 s when nothing measured yet)."""
@@ -260,7 +349,11 @@ class Router:
                     }
                 )
             active = sum(len(w.placed) for w in self.workers)
-            return {"workers": workers, "queued": len(self.queue), "active": active, **self.counts}
+            parked_now = sum(r.state == "parked" for r in self.table.records())
+            lat = sorted(self.unpark_seconds)
+            pct = {f"unpark_p{q}_s": lat[min(len(lat) - 1, int(q / 100 * len(lat)))] if lat else None for q in (50, 99)}
+            return {"workers": workers, "queued": len(self.queue), "active": active, "parked_now": parked_now,
+                    **pct, **self.counts}
 
     def audit(self) -> list[dict]:
         """Each live worker's pool invariants and pages in use (see ``EngineWorker.audit``)."""
@@ -297,7 +390,8 @@ class Router:
                 f"stream needs {pages} pages, more than any live worker's pool "
                 f"({max(w.pages_total for w in live)} pages, num_pages)"
             )
-        waiting_new = sum(1 for sid in self.queue if (r := self.table.find(sid)) is not None and not r.resumed)
+        waiting_new = sum(1 for sid in self.queue if (r := self.table.find(sid)) is not None and not r.resumed
+                          and r.unpark_requested is None)
         placeable_now = not self.queue and self._best(pages) is not None
         if self.max_queue is not None and not placeable_now and waiting_new >= self.max_queue:
             return Overloaded(
@@ -322,12 +416,24 @@ class Router:
                 return  # FIFO: nothing overtakes the head
             self.queue.popleft()
             w.placed[record.id] = record.pages
-            w.to_start.append(Start(record.cfg, resume=record.resumed > 0))
+            w.to_start.append(Start(record.cfg, resume=record.resumed > 0, snapshot=record.parked))
+            record.parked = None
+            w.to_update += record.pending
+            record.pending = []
             record.set_state("running", w.name)
 
     def _fail(self, record: StreamRecord, error: str) -> None:
         if record.end("failed", error):
             self.counts["failed"] += 1
+        self._drop_pending(record, f"the stream failed: {error}")
+
+    @staticmethod
+    def _drop_pending(record: StreamRecord, why: str) -> None:
+        record.parked = None
+        for _, answer in record.pending:
+            if not answer.done():
+                answer.set_exception(ConfigError(why))
+        record.pending = []
 
     def _worker(self, name: str) -> WorkerState:
         return next(w for w in self.workers if w.name == name)
@@ -355,8 +461,9 @@ class Router:
             with self._lock:
                 if self._wake.done():
                     self._wake = cf.Future()
-                self._place()
                 now = time.monotonic()
+                self._park_idle(now)
+                self._place()
                 for w in self.workers:
                     if (
                         w.alive
@@ -395,11 +502,11 @@ class Router:
             return
         assert len(rep.updated) == len(w.updating), "a worker answers every update it was sent"
         for (u, answer), (block, error) in zip(w.updating, rep.updated):
-            record = self.table.find(u.session_id)
-            if error is None and record is not None:  # what a restart or resume after a worker death continues with
-                record.cfg = dataclasses.replace(record.cfg, prompt=u.prompt)
+            self._applied(w, u, block, error)
             answer.set_exception(error) if error is not None else answer.set_result(block)
         w.updating = []
+        for sid, snap in rep.parked.items():
+            self._parked(w, sid, snap)
         w.pages_used, w.pages_reserved = rep.pages_used, rep.pages_reserved
         if rep.batch:
             wall = rep.step_s + rep.persist_s + rep.snapshot_s
@@ -415,6 +522,10 @@ class Router:
             record = self.table.find(sid)
             if record is not None and sid in w.placed:
                 record.started(first)
+                if record.unpark_requested is not None:
+                    self.unpark_seconds.append(time.monotonic() - record.unpark_requested)
+                    record.unpark_requested = None
+                    self.counts["unparked"] += 1
         for r in rep.results:
             record = self.table.find(r.session_id)
             if record is None or record.terminal or r.session_id not in w.placed:
@@ -432,6 +543,47 @@ class Router:
             record = self.table.find(sid)
             if record is not None:
                 record.pages_held = held
+
+    def _applied(self, w: WorkerState, ctrl, block: int | None, error) -> None:
+        """The router's books after a worker answered a control (what a restart after a death replays)."""
+        record = self.table.find(ctrl.session_id)
+        if isinstance(ctrl, Fork):
+            fork = self.table.find(ctrl.fork_id)
+            if error is not None:
+                w.placed.pop(ctrl.fork_id, None)
+                if fork is not None and fork.end("failed", f"fork refused: {error}"):
+                    self.counts["failed"] += 1
+            elif fork is not None:
+                fork.inherit(record, block)
+                record.forks += 1
+                self.counts["forked"] += 1
+            return
+        if record is None or error is not None:
+            if isinstance(ctrl, Park) and record is not None:
+                record.parking = False
+            return
+        if isinstance(ctrl, Update):
+            record.cfg = dataclasses.replace(record.cfg, prompt=ctrl.prompt)
+        elif isinstance(ctrl, Steer):
+            self.counts["steered"] += 1
+            if ctrl.actions is not None:
+                actions = merge_actions(record.cfg.actions, ctrl.actions, block * self.frames_per_block)
+                record.cfg = dataclasses.replace(record.cfg, actions=actions)
+        elif isinstance(ctrl, Rollback):
+            record.rewind(block)
+            self.counts["rolled_back"] += 1
+
+    def _parked(self, w: WorkerState, sid: str, snap) -> None:
+        """Its pages are back in the worker's pool: free them in the book too, so a queued stream can go there."""
+        w.placed.pop(sid, None)
+        record = self.table.find(sid)
+        if record is None or record.terminal:
+            return
+        record.parking, record.parked = False, snap
+        record.pages_held = 0
+        record.set_state("parked", None)
+        self.counts["parked"] += 1
+        self._place()
 
     def _lose(self, w: WorkerState, exc: BaseException) -> None:
         """Worker ``w`` is gone: re-place or fail its streams (module docstring)."""

@@ -27,6 +27,7 @@ from ff_engine.engine.session import SessionConfig
 from ff_engine.errors import ConfigError
 from ff_engine.serving import persist
 from ff_engine.serving.contract import TERMINAL_STATES, StreamBlock, StreamStatus, UnknownStream
+from ff_engine.serving.controls import Pause, Rollback, Steer
 
 
 class StreamRecord:
@@ -51,6 +52,15 @@ class StreamRecord:
         self.pages_held = 0
         self.blocks_done = 0
         self.ended_at: float | None = None
+        self.paused_at: float | None = None  # when its user paused it (the router parks it after park_after)
+        self.parked = None  # a parked stream's SessionSnapshot (host memory), until it is placed again
+        self.pending: list = []  # (control, future) to send right after its start (a queued or parked stream)
+        self.parking = False  # a Park is on its way to its worker
+        self.unpark_requested: float | None = None  # when it was asked to resume from parked (latency)
+        self.parent: StreamRecord | None = None  # the stream it was forked from
+        self.forks = 0  # streams forked from it
+        self.rollbacks = 0  # times it was rolled back; consumers re-read from the block it went back to
+        self.rewound_to: list[int] = []  # per rollback, the block it went back to
         self._recent: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cond = threading.Condition()
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
@@ -88,8 +98,27 @@ class StreamRecord:
                 self.blocks_done = block
                 self._notify()
 
+    def inherit(self, parent: StreamRecord, block: int) -> None:
+        """A fork: blocks ``0 .. block - 1`` are its source's (in memory here, or linked on disk by its worker)."""
+        with self._cond:
+            if self.output_dir is None:
+                for i in range(block):
+                    self._recent[i] = parent.block(i).latents
+            self.blocks_done = max(self.blocks_done, block)
+            self._notify()
+
+    def rewind(self, block: int) -> None:
+        """A rollback: blocks from ``block`` on will be regenerated; every consumer past it reads them again."""
+        with self._cond:
+            for i in [i for i in self._recent if i >= block]:
+                del self._recent[i]
+            self.blocks_done = min(self.blocks_done, block)
+            self.rewound_to.append(block)
+            self.rollbacks += 1
+            self._notify()
+
     def set_state(self, state: str, worker: str | None) -> None:
-        """``queued`` (worker None) or ``running`` on ``worker``; a terminal stream stays as it is."""
+        """``queued`` / ``parked`` (worker None) or ``running`` on ``worker``; a terminal stream stays as it is."""
         with self._cond:
             if not self.terminal:
                 self.state, self.worker = state, worker
@@ -129,10 +158,13 @@ class StreamRecord:
             return True
         return None if self.terminal else False
 
-    def wait(self, i: int, timeout: float | None) -> bool | None:
+    def wait(self, i: int, timeout: float | None, seen_rollbacks: int | None = None) -> bool | None:
+        """``ready(i)`` once it is not False (or ``timeout``); ``"rewound"`` at once on a rollback the caller has
+        not seen (its cursor may be past the blocks to be regenerated)."""
         with self._cond:
-            self._cond.wait_for(lambda: self.ready(i) is not False, timeout)
-            return self.ready(i)
+            rewound = (lambda: False) if seen_rollbacks is None else (lambda: self.rollbacks != seen_rollbacks)
+            self._cond.wait_for(lambda: self.ready(i) is not False or rewound(), timeout)
+            return "rewound" if rewound() else self.ready(i)
 
     async def await_block(self, i: int) -> None:
         loop, event = asyncio.get_running_loop(), asyncio.Event()
@@ -146,9 +178,22 @@ class StreamRecord:
             with self._cond:
                 self._async_waiters.discard((loop, event))
 
+    def cursor(self, i: int, seen_rollbacks: int) -> tuple[int, int]:
+        """A consumer's next block after any rollback since it last looked: never past the earliest block those
+        rollbacks went back to (the blocks from there on were regenerated, perhaps already)."""
+        with self._cond:
+            if self.rollbacks != seen_rollbacks:
+                return min([i, *self.rewound_to[seen_rollbacks:]]), self.rollbacks
+            return i, seen_rollbacks
+
     def status(self) -> StreamStatus:
         with self._cond:
             running = self.state == "running"
+            extra = {} if self.resumed_from is None else {"resumed_from_block": self.resumed_from}
+            if self.paused_at is not None:
+                extra["paused"] = True
+            if self.rollbacks:
+                extra["rollbacks"] = self.rollbacks
             return StreamStatus(
                 id=self.id,
                 state=self.state,
@@ -159,7 +204,7 @@ class StreamRecord:
                 worker=self.worker,
                 error=self.error,
                 resumed=self.resumed,
-                extra={} if self.resumed_from is None else {"resumed_from_block": self.resumed_from},
+                extra=extra,
                 output_dir=str(persist.stream_dir(self.output_dir, self.id)) if self.output_dir else None,
             )
 
@@ -175,9 +220,13 @@ class Handle:
         return self._record.status()
 
     def blocks(self, timeout: float | None = None) -> Iterator[StreamBlock]:
-        i = 0
+        """Every block in order; after a rollback, the regenerated ones again from the block it went back to."""
+        i, seen = 0, self._record.rollbacks
         while True:
-            ready = self._record.wait(i, timeout)
+            i, seen = self._record.cursor(i, seen)
+            ready = self._record.wait(i, timeout, seen)
+            if ready == "rewound":
+                continue
             if ready is None:
                 return
             if ready is False:
@@ -186,11 +235,15 @@ class Handle:
             i += 1
 
     async def ablocks(self) -> AsyncIterator[StreamBlock]:
-        i = 0
+        i, seen = 0, self._record.rollbacks
         while True:
+            i, seen = self._record.cursor(i, seen)
             await self._record.await_block(i)
-            if self._record.ready(i) is None:
+            ready = self._record.ready(i)
+            if ready is None:
                 return
+            if ready is False:  # woken by a state change or a rollback, not by block i
+                continue
             yield self._record.block(i)
             i += 1
 
@@ -199,6 +252,23 @@ class Handle:
 
     def update(self, prompt: torch.Tensor, recache_frames: int | None = None) -> int | None:
         return self._service.update(self.id, prompt, recache_frames)
+
+    # ---- interactive controls (``controls.py``): each returns the block from which it is in force ----------
+    def steer(self, actions=None, conditioning: dict | None = None) -> int | None:
+        return self._service.control(self.id, Steer(self.id, actions, conditioning)).result()
+
+    def pause(self) -> int | None:
+        return self._service.control(self.id, Pause(self.id, True)).result()
+
+    def resume(self) -> int | None:
+        return self._service.control(self.id, Pause(self.id, False)).result()
+
+    def rollback(self, blocks: int = 1) -> int | None:
+        return self._service.control(self.id, Rollback(self.id, blocks)).result()
+
+    def fork(self, fork_id: str | None = None) -> Handle:
+        """A new stream from this one's exact state (copy-on-write pages); its handle."""
+        return self._service.fork(self.id, fork_id)
 
 
 class StreamTable:

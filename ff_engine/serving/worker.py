@@ -4,13 +4,14 @@ The worker is a plain class: ``RayCluster`` wraps it as a Ray actor (one per GPU
 thread), ``LocalService`` calls it in-process.  Either way the router is its only caller and ``step`` is its only
 mutating entry point, so the engine is never touched by two threads (``validate`` / ``describe`` only read).
 
-One ``step(cancel, start, update)``, in this order:
+One ``step(cancel, start, controls)``, in this order:
   1. cancel streams (their pages return to the pool before anything is admitted in the same call);
   2. start streams: a fresh request goes to the scheduler; a resumed one is restored from the snapshot its
      previous worker wrote (or started from its request when there is none yet), and switched to the request's
      prompt when the stream's prompt changed after that snapshot;
-  2b. prompt updates, in the order sent (``Engine.switch_prompt``: between steps, so at a block boundary; a
-     stream still waiting in the scheduler gets the prompt in its request); each answer goes back in order;
+  2b. controls, in the order sent (``controls.py``: prompt updates, steering, pause, park, fork, rollback;
+     between steps, so at a block boundary; a stream still waiting in the scheduler gets a new prompt or
+     actions in its request); each answer goes back in order;
   3. one scheduler step (one block of up to ``max_batch`` streams, batched);
   4. persist every finished block under ``output_dir`` (atomic file per block) — only then is it reported;
   5. snapshot every stream whose finished block count is a multiple of ``snapshot_every``.
@@ -21,7 +22,6 @@ fails (bad request, engine error, a block that cannot be persisted) comes back a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +35,7 @@ from ff_engine.engine.session import SessionConfig
 from ff_engine.engine.snapshot import SessionSnapshot, restore_session, snapshot_session
 from ff_engine.errors import ConfigError, FFEngineError, SnapshotError
 from ff_engine.serving import persist
+from ff_engine.serving.controls import Update, apply  # noqa: F401 - Update is re-exported (router, endpoints)
 from ff_engine.serving.model_spec import materialize
 
 log = logging.getLogger(__name__)
@@ -43,19 +44,11 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)  # identity: the generated __eq__ would compare the configs' tensors (list.remove raised)
 class Start:
     """Start stream ``cfg.session_id`` on this worker; ``resume``: it ran elsewhere before, continue it from its
-    snapshot under ``output_dir`` when one exists."""
+    snapshot under ``output_dir`` when one exists; ``snapshot``: it was parked, continue it from that."""
 
     cfg: SessionConfig
     resume: bool = False
-
-
-@dataclass(eq=False)
-class Update:
-    """Switch stream ``session_id`` to ``prompt`` at its next block boundary (``Engine.switch_prompt``)."""
-
-    session_id: str
-    prompt: torch.Tensor
-    recache_frames: int | None = None
+    snapshot: SessionSnapshot | None = None  # a parked stream's state (host memory): restored instead of the disk
 
 
 @dataclass
@@ -64,8 +57,9 @@ class WorkerReport:
     results: list[BlockResult] = field(default_factory=list)
     started: dict[str, int] = field(default_factory=dict)  # stream id -> first block this worker produces
     snapshots: dict[str, int] = field(default_factory=dict)  # stream id -> blocks its new snapshot covers
-    updated: list[tuple[int | None, FFEngineError | None]] = field(default_factory=list)  # per Update, in order:
-    # (the block from which the new prompt is in force, None) or (None, why it was refused)
+    updated: list[tuple[int | None, FFEngineError | None]] = field(default_factory=list)  # per control, in order:
+    # (the block from which it is in force, None) or (None, why it was refused) -- ``controls.apply``
+    parked: dict[str, SessionSnapshot] = field(default_factory=dict)  # stream id -> its state, pages released
     pages: dict[str, int] = field(default_factory=dict)  # active stream id -> pages held
     pages_total: int = 0
     pages_used: int = 0
@@ -92,6 +86,7 @@ class EngineWorker:
         output_dir: str | None = None,
         device: str = "cpu",
         torch_threads: int | None = None,
+        undo_blocks: int = 0,
     ):
         if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 0:
             raise ConfigError(f"snapshot_every must be an integer >= 0 (0 = off), got {snapshot_every!r}")
@@ -101,7 +96,8 @@ class EngineWorker:
         self._use_torch_threads()
         self.name, self.snapshot_every, self.output_dir = name, snapshot_every, output_dir
         self.engine = Engine(
-            materialize(model, device), num_pages=num_pages, page_size=page_size, backend=backend, device=device
+            materialize(model, device), num_pages=num_pages, page_size=page_size, backend=backend, device=device,
+            undo_blocks=undo_blocks,
         )
         self.scheduler = Scheduler(self.engine, max_batch=max_batch)
 
@@ -130,19 +126,19 @@ class EngineWorker:
             return exc, 0
 
     # ---- the one mutating entry point ------------------------------------------------------------
-    def step(self, cancel: list[str] = (), start: list[Start] = (), update: list[Update] = ()) -> WorkerReport:
+    def step(self, cancel: list[str] = (), start: list[Start] = (), update: list = ()) -> WorkerReport:
         self._use_torch_threads()
         report = WorkerReport(self.name)
         for sid in cancel:
             self.scheduler.cancel(sid)
-            self._ended(sid)
+            self.ended(sid)
         for s in start:
             sid = s.cfg.session_id
             try:
                 report.started[sid] = self._start(s)
             except FFEngineError as exc:
                 report.results.append(BlockResult(sid, 0, None, True, str(exc)))
-        report.updated = [self._update(u, report) for u in update]
+        report.updated = [apply(self, u, report) for u in update]  # Update, Steer, Fork, ... (controls.py)
         t0, c0 = time.perf_counter(), time.thread_time()
         results = self.scheduler.step()
         report.step_s, report.step_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
@@ -152,9 +148,9 @@ class EngineWorker:
         t1 = time.perf_counter()
         for r in report.results:
             if r.done or r.error:
-                self._ended(r.session_id)
+                self.ended(r.session_id)
             elif self.snapshot_every and (r.block + 1) % self.snapshot_every == 0:
-                covered = self._snapshot(r.session_id)
+                covered = self.snapshot(r.session_id)
                 if covered is not None:
                     report.snapshots[r.session_id] = covered
         report.snapshot_s = time.perf_counter() - t1
@@ -183,6 +179,8 @@ class EngineWorker:
 
     def _start(self, s: Start) -> int:
         sid = s.cfg.session_id
+        if s.snapshot is not None:  # parked: its state came back with it
+            return restore_session(self.engine, s.snapshot, sid).block
         path = persist.snapshot_path(self.output_dir, sid) if self.output_dir else None
         if s.resume and path is not None and path.exists():
             try:
@@ -209,24 +207,6 @@ class EngineWorker:
         if missing:
             raise SnapshotError(f"it covers {block} blocks but block file(s) {missing[:4]} are not on disk")
 
-    def _update(self, u: Update, report: WorkerReport) -> tuple[int | None, FFEngineError | None]:
-        """Apply one prompt update between steps.  A refused one (``ConfigError``) changes nothing; a re-cache that
-        fails ends the stream (``Engine.switch_prompt``), which is then reported as a failed result too."""
-        sid = u.session_id
-        waiting = [i for i, cfg in enumerate(self.scheduler.waiting) if cfg.session_id == sid]
-        if waiting:  # not admitted yet: the prompt of its request (checked by the model at admission)
-            cfg = self.scheduler.waiting[waiting[0]]
-            self.scheduler.waiting[waiting[0]] = dataclasses.replace(cfg, prompt=u.prompt)
-            return 0, None
-        session = self.engine.sessions.get(sid)
-        try:
-            self.engine.switch_prompt(sid, u.prompt, u.recache_frames)
-        except FFEngineError as exc:
-            if session is not None and sid not in self.engine.sessions:
-                report.results.append(BlockResult(sid, session.block, None, True, session.error or str(exc)))
-            return None, exc
-        return session.block, None
-
     def _persist(self, r: BlockResult) -> BlockResult:
         if r.latents is None or self.output_dir is None:
             return r
@@ -237,7 +217,7 @@ class EngineWorker:
             return BlockResult(r.session_id, r.block, None, True, f"cannot persist block {r.block}: {exc}")
         return r
 
-    def _snapshot(self, sid: str) -> int | None:
+    def snapshot(self, sid: str) -> int | None:
         """Write the stream's snapshot; returns the blocks it covers, or None when it could not be written (the
         stream runs on, protected by its previous snapshot)."""
         try:
@@ -248,7 +228,7 @@ class EngineWorker:
             return None
         return snap.meta["session"]["block"]
 
-    def _ended(self, sid: str) -> None:
+    def ended(self, sid: str) -> None:
         if self.output_dir is not None and self.snapshot_every:
             persist.remove_snapshot(self.output_dir, sid)
 
