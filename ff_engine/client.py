@@ -173,6 +173,18 @@ class Client(_Base):
     def cancel(self, video_id: str) -> dict:
         return self._check(self.http.delete(f"/v1/videos/{video_id}")).json()
 
+    def update(self, video_id: str, **fields) -> dict:
+        """``POST /v1/videos/{id}/update`` (``prompt``, ``actions``, ``conditioning``, ``paused``); returns once
+        applied, with ``applies_at_block``."""
+        return self._check(self.http.post(f"/v1/videos/{video_id}/update", json=fields)).json()
+
+    def rollback(self, video_id: str, blocks: int = 1) -> dict:
+        return self._check(self.http.post(f"/v1/videos/{video_id}/rollback", json={"blocks": blocks})).json()
+
+    def fork(self, video_id: str) -> dict:
+        """``POST /v1/videos/{id}/fork``: the fork's status (a new ``id``)."""
+        return self._check(self.http.post(f"/v1/videos/{video_id}/fork", json={})).json()
+
     def wait(self, video_id: str, timeout: float = 300.0, poll: float = 0.05, file: bool = True) -> dict:
         """Poll until the stream is terminal (and, when it finished and ``file``, its MP4 is written)."""
         deadline = time.monotonic() + timeout
@@ -312,6 +324,15 @@ class AsyncClient(_Base):
 
     async def cancel(self, video_id: str) -> dict:
         return self._check(await self.http.delete(f"/v1/videos/{video_id}")).json()
+
+    async def update(self, video_id: str, **fields) -> dict:
+        return self._check(await self.http.post(f"/v1/videos/{video_id}/update", json=fields)).json()
+
+    async def rollback(self, video_id: str, blocks: int = 1) -> dict:
+        return self._check(await self.http.post(f"/v1/videos/{video_id}/rollback", json={"blocks": blocks})).json()
+
+    async def fork(self, video_id: str) -> dict:
+        return self._check(await self.http.post(f"/v1/videos/{video_id}/fork", json={})).json()
 
     async def wait(self, video_id: str, timeout: float = 300.0, poll: float = 0.05, file: bool = True) -> dict:
         deadline = time.monotonic() + timeout

@@ -29,6 +29,19 @@ def world_model():
     return _MODEL
 
 
+_V4 = None
+
+
+def world_v4():
+    """The embedded action-steered world model (v4, ``scroll.py``), loaded once per test process."""
+    global _V4
+    if _V4 is None:
+        from model_adapters.world import EMBEDDED_V4
+
+        _V4 = load_model(ServerSettings(model=str(EMBEDDED_V4)))
+    return _V4
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """One intra-op thread while a server test runs: on a shared 2-core box, OpenMP threads that spin against
@@ -42,10 +55,10 @@ def torch_threads(n: int):
 
 
 class LiveServer:
-    def __init__(self, tmp_path, service=None, **overrides):
+    def __init__(self, tmp_path, service=None, model=None, **overrides):
         overrides.setdefault("num_pages", 1024)
         self.settings = ServerSettings(output_dir=str(tmp_path / "serve"), **overrides).validate()
-        model = world_model()
+        model = model if model is not None else world_model()
         self.service = service if service is not None else build_service(self.settings, model)
         self.runtime = Runtime(self.settings, service=self.service, model=model)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
-from ff_engine.errors import FFEngineError
+from ff_engine.errors import BudgetError, FFEngineError
 from ff_engine.server import routes
 from ff_engine.server.auth import BearerAuth, KeyCheck
 from ff_engine.server.errors import ApiError, field_of
@@ -125,6 +125,19 @@ async def submit(registry: StreamRegistry, req: VideoRequest, owner: str, source
             field = pages_field(req)
             msg = f"{field}: {msg}"
         raise ApiError(422, msg, field, "invalid_value") from None
+
+
+async def fork(registry: StreamRegistry, rec, owner: str):
+    """Fork through the registry; no room on the stream's worker 429 (``BudgetError``), a stream that is not
+    running (queued, parked, ended) 409."""
+    try:
+        return await registry.fork(rec, owner)
+    except KeyLimit as exc:
+        raise ApiError(429, str(exc), None, "key_limit", {"Retry-After": str(max(1, round(exc.retry_after)))}) from None
+    except BudgetError as exc:
+        raise ApiError(429, str(exc).splitlines()[0], None, "no_pages", {"Retry-After": "1"}) from None
+    except FFEngineError as exc:
+        raise ApiError(409, f"id: {str(exc).splitlines()[0]}", "id", "not_running") from None
 
 
 def pages_field(req: VideoRequest) -> str:

@@ -26,10 +26,21 @@ class ServiceCollector:
         s = self.service.stats()
         yield _gauge("ff_engine_streams_active", "streams generating now", s.get("active", 0))
         yield _gauge("ff_engine_streams_queued", "streams waiting for pages", s.get("queued", 0))
+        yield _gauge("ff_engine_streams_parked", "paused streams parked in host memory (no pages held)",
+                     s.get("parked_now", 0))
         for state in ("finished", "failed", "cancelled", "rejected"):
             c = CounterMetricFamily(f"ff_engine_streams_{state}", f"streams {state} by the service")
             c.add_metric([], s.get(state, 0))
             yield c
+        for name, key in (("parks", "parked"), ("unparks", "unparked"), ("forks", "forked"),
+                          ("rollbacks", "rolled_back"), ("steers", "steered")):
+            c = CounterMetricFamily(f"ff_engine_{name}", f"interactive controls applied: {key} (service)")
+            c.add_metric([], s.get(key, 0))
+            yield c
+        for q in (50, 99):
+            if s.get(f"unpark_p{q}_s") is not None:
+                yield _gauge(f"ff_engine_unpark_p{q}_seconds", f"resume of a parked stream, p{q} (recent)",
+                             s[f"unpark_p{q}_s"])
         used = GaugeMetricFamily("ff_engine_pages_used", "KV pages in use", labels=["worker"])
         free = GaugeMetricFamily("ff_engine_pages_free", "KV pages free", labels=["worker"])
         reserved = GaugeMetricFamily(

@@ -2,8 +2,14 @@
 
 Client -> server (JSON text; ``event_id`` optional, at most 64 of ``[A-Za-z0-9_.:-]``):
   ``session.start``  the fields of ``POST /v1/videos`` + ``slow_client`` ("wait" | "drop") + ``include_latents``
-  ``session.update`` ``prompt`` (a server-side name): the stream switches to it at its next block boundary
-                     (``StreamHandle.update``); ``policy_params`` cannot change mid-stream (an ``error`` names it)
+  ``session.update`` ``prompt`` (a server-side name), ``actions`` (names or indices per latent frame),
+                     ``conditioning`` (per-pixel-frame rows), ``paused``: in force from the stream's next block
+                     boundary; ``policy_params`` cannot change mid-stream (an ``error`` names it)
+  ``session.rollback`` {blocks}: back before the stream's last ``blocks`` blocks, regenerated from there
+  ``session.fork``   a new stream from this one's exact state (its id in ``session.forked``)
+  Every control gets two receipts: ``control.received`` {event} at once (``event``: 1, 2, ... per connection),
+  then ``session.updated`` {applies_at_block} / ``session.rolled_back`` {to_block} / ``session.forked``
+  {fork_id, at_block} when applied, or an ``error`` with the same ``event``.
   ``session.cancel`` (alias ``session.stop``), ``session.ping``
 Server -> client (JSON text, each with ``seq``: 0, 1, 2... per connection, in send order):
   ``session.started`` {session_id, config, num_blocks, frames_per_block, fps}; per block ``video.block``
@@ -37,6 +43,7 @@ from fastapi import WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
+from ff_engine.server import interactive
 from ff_engine.server.errors import ApiError
 from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
 from ff_engine.server.schemas import CLIENT_EVENTS, SessionStart, first_error, request_model, validate_policy_params
@@ -58,6 +65,8 @@ class RealtimeSession:
         self.start_model = request_model(state.runtime.limits, SessionStart)
         self.slow_client, self.delivered, self.done_sent, self.close_code = "wait", 0, False, None
         self.omni_start: dict | None = None  # a vLLM-Omni session.start: the connection is handed to omni.py
+        self.events = 0  # control messages received on this connection (their receipts' event numbers)
+        self.applying: set[asyncio.Task] = set()  # controls waiting for their applied receipt
 
     # ---- connection ---------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -76,7 +85,7 @@ class RealtimeSession:
             await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await self._leave()
-            for t in (receiver, self.producer, sender):
+            for t in (receiver, self.producer, sender, *self.applying):
                 if t is not None:
                     t.cancel()
             await asyncio.gather(*(t for t in (receiver, self.producer, sender) if t), return_exceptions=True)
@@ -288,9 +297,10 @@ class RealtimeSession:
         return answer
 
     async def _on_update(self, ev) -> dict | None:
-        """A new prompt (by server-side name) from the stream's next block boundary on (``StreamHandle.update``,
-        which waits for the worker to apply it: this connection's next event is read after that, at most about
-        two blocks later).  ``policy_params`` are checked, then refused: a running stream's policy is fixed."""
+        """Prompt, actions, conditioning, paused -- from the stream's next block boundary on (``interactive.py``).
+        ``control.received`` goes out at once; ``session.updated`` names the block it applies at once the worker
+        has applied it (the connection keeps reading meanwhile).  ``policy_params`` are checked, then refused:
+        a running stream's policy is fixed."""
         if not self.running:
             await self.error(409, "type: no running session to update", "type", "no_session", ev.event_id)
             return None
@@ -303,28 +313,79 @@ class RealtimeSession:
             msg = "policy_params: a running stream's cache policy cannot change; start a new session"
             await self.error(422, msg, "policy_params", "unsupported", ev.event_id)
             return None
-        if ev.prompt is None:
-            await self.error(422, "prompt: session.update needs a prompt name", "prompt", "invalid_value", ev.event_id)
-            return None
-        handle = self.rec.handle
         try:
-            prompt = self.state.runtime.prompts.load(ev.prompt, 0)
-            applies_at = await asyncio.to_thread(handle.update, prompt)
-        except ValueError as exc:  # FFEngineError: a bad prompt, or the stream ended meanwhile
-            ended = (await asyncio.to_thread(handle.status)).terminal
-            status, code = (409, "no_session") if ended else (422, "invalid_value")
-            msg = str(exc).splitlines()[0]
-            await self.error(status, msg if msg.startswith("prompt") else f"prompt: {msg}", "prompt", code, ev.event_id)
+            controls = interactive.controls_of(self.state.runtime, self.rec.id, ev)
+            futures = await interactive.send(self.rec.handle, controls)
+        except ApiError as exc:
+            await self.error(exc.status, exc.message, exc.param, exc.code, ev.event_id)
             return None
-        answer = {
-            "type": "session.updated",
-            "event_id": ev.event_id,
-            "session_id": self.rec.id,
-            "applies_at_block": applies_at,
-            "changed": ["prompt"],
-        }
+        receipt = await self._received(ev)
+        changed = [name for name, _ in controls]
+
+        async def done():
+            block = await interactive.applied(futures, changed)
+            return {"type": "session.updated", "applies_at_block": block, "changed": changed}
+
+        self._when_applied(ev, receipt["event"], done())
+        return receipt
+
+    async def _on_rollback(self, ev) -> dict | None:
+        """The stream goes back ``blocks`` blocks (``--undo-blocks`` history); ``session.rolled_back`` names the
+        block it regenerates from, and ``video.block`` messages restart there."""
+        if not self.running:
+            await self.error(409, "type: no running session to roll back", "type", "no_session", ev.event_id)
+            return None
+        receipt = await self._received(ev)
+        handle = self.rec.handle
+
+        async def done():
+            return {"type": "session.rolled_back", "to_block": await interactive.rollback(handle, ev.blocks)}
+
+        self._when_applied(ev, receipt["event"], done())
+        return receipt
+
+    async def _on_fork(self, ev) -> dict | None:
+        """A new stream from this one's exact state (pages shared copy-on-write); ``session.forked`` gives its
+        id (watch it over REST, ``GET /v1/videos/{id}/stream``, or steer it with ``POST .../update``)."""
+        from ff_engine.server.app import fork
+
+        if not self.running:
+            await self.error(409, "type: no running session to fork", "type", "no_session", ev.event_id)
+            return None
+        receipt = await self._received(ev)
+        rec = self.rec
+
+        async def done():
+            new = await fork(self.state.registry, rec, self.owner)
+            st = await asyncio.to_thread(new.handle.status)
+            return {"type": "session.forked", "fork_id": new.id, "at_block": st.blocks_done}
+
+        self._when_applied(ev, receipt["event"], done())
+        return receipt
+
+    async def _received(self, ev) -> dict:
+        """The first receipt of a control: its event number on this connection (1, 2, ...)."""
+        self.events += 1
+        answer = {"type": "control.received", "event_id": ev.event_id, "event": self.events, "control": ev.type,
+                  "session_id": self.rec.id}
         await self.emit(answer)
         return answer
+
+    def _when_applied(self, ev, number: int, work) -> None:
+        """The second receipt, when ``work`` finishes: its answer, or an ``error`` carrying the event number."""
+        sid = self.rec.id
+
+        async def run():
+            try:
+                answer = await work
+            except ApiError as exc:
+                return await self.emit({"type": "error", "status": exc.status, "code": exc.code, "message": exc.message,
+                                        "param": exc.param, "event_id": ev.event_id, "event": number})
+            await self.emit({**answer, "event_id": ev.event_id, "event": number, "session_id": sid})
+
+        task = asyncio.create_task(run())
+        self.applying.add(task)
+        task.add_done_callback(self.applying.discard)
 
     async def _on_cancel(self, ev) -> dict | None:
         if self.rec is None:
@@ -347,10 +408,10 @@ class RealtimeSession:
     async def _produce(self, rec, slow_client: str, include_latents: bool, start_block: int = 0) -> None:
         rt = self.state.runtime
         renderer = BlockRenderer(rt.decoder(), JpegEncoder(self.settings.jpeg_quality))
-        frame, dropped = 0, 0
+        dropped = 0
         async for blk in stream_blocks(rec.handle):
             px = await asyncio.to_thread(renderer.pixels, blk.latents)  # every block: the decoder keeps state
-            first, frame = frame, frame + len(px)
+            first = blk.block * len(px)  # by index: after a rollback the regenerated blocks come again
             if blk.block < start_block:  # a resumed session: delivered before the connection was lost
                 continue
             if slow_client == "drop" and self.out.full():

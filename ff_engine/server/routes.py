@@ -5,6 +5,9 @@
   GET    /v1/videos/{id}/stream   -> multipart/x-mixed-replace MJPEG, frames as they are produced
   GET    /v1/videos/{id}/file     -> the finished MP4 (Range requests; HEAD too)
   DELETE /v1/videos/{id}          -> cancel; the stream's pages return to the pool at once
+  POST   /v1/videos/{id}/update   -> {applies_at_block}: prompt, actions, conditioning, paused (``ControlBody``)
+  POST   /v1/videos/{id}/rollback -> {to_block}: the stream regenerates from there (``--undo-blocks`` history)
+  POST   /v1/videos/{id}/fork     -> 202 the fork's status: a new stream from this one's exact state
   GET    /v1/models, /v1/policies, /metrics (Prometheus), /health (no key; HEAD too), / (the viewer, static)
 """
 
@@ -19,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from ff_engine.server.errors import ApiError
 from ff_engine.server.frames import BlockRenderer, JpegEncoder
-from ff_engine.server.schemas import policy_schema
+from ff_engine.server.schemas import Strict, policy_schema
 from ff_engine.server.state import AppState, State, ws_state
 from ff_engine.server.stream_registry import STREAM_ID, owner_of
 from ff_engine.serving.contract import UnknownStream
@@ -105,6 +108,63 @@ async def cancel_video(request: Request, video_id: str, st: State):
     if rec.final is None:  # already ended: nothing to cancel (the service may have forgotten it)
         await asyncio.to_thread(rec.handle.cancel)
     return await st.registry.status(rec)
+
+
+async def json_body(request: Request, model):
+    from ff_engine.server.app import is_json, parse_request
+
+    if not is_json(request.headers.get("content-type", "application/json")):
+        raise ApiError(415, "content-type: send application/json", "content-type", "unsupported_media_type")
+    return parse_request(model, await request.body())
+
+
+def running(rec) -> None:
+    if rec.final is not None:
+        raise ApiError(409, f"id: the video is {rec.final.state}; only a queued or running one is controlled",
+                       "id", "not_running")
+
+
+@videos.post("/{video_id}/update")
+async def update_video(request: Request, video_id: str, st: State):
+    from ff_engine.server import interactive
+    from ff_engine.server.schemas import ControlBody
+
+    rec = stream_of(request, video_id, st)
+    body = await json_body(request, ControlBody)
+    running(rec)
+    controls = interactive.controls_of(st.runtime, rec.id, body)
+    futures = await interactive.send(rec.handle, controls)
+    block = await interactive.applied(futures, [name for name, _ in controls])
+    return {"id": rec.id, "object": "video.update", "applies_at_block": block,
+            "changed": [name for name, _ in controls]}
+
+
+@videos.post("/{video_id}/rollback")
+async def rollback_video(request: Request, video_id: str, st: State):
+    from ff_engine.server import interactive
+    from ff_engine.server.schemas import RollbackBody
+
+    rec = stream_of(request, video_id, st)
+    body = await json_body(request, RollbackBody)
+    running(rec)
+    block = await interactive.rollback(rec.handle, body.blocks)
+    return {"id": rec.id, "object": "video.rollback", "to_block": block}
+
+
+@videos.post("/{video_id}/fork", status_code=202)
+async def fork_video(request: Request, video_id: str, st: State):
+    from ff_engine.server.app import fork
+
+    rec = stream_of(request, video_id, st)
+    await json_body(request, _Empty)
+    running(rec)
+    new = await fork(st.registry, rec, owner(request))
+    body = await st.registry.status(new)
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/videos/{new.id}"})
+
+
+class _Empty(Strict):
+    """A fork takes no fields (an empty body or ``{}``)."""
 
 
 @videos.api_route("/{video_id}/file", methods=["GET", "HEAD"])

@@ -76,6 +76,8 @@ def build_service(settings: ServerSettings, model):
         "max_queue": settings.max_queue,
         "output_dir": str(Path(settings.output_dir) / "blocks"),
         "max_terminal": settings.max_records,
+        "undo_blocks": settings.undo_blocks,
+        "park_after": settings.park_after if settings.park_after > 0 else None,
     }
     if not settings.ray:
         return serving.LocalService(model, **common)
@@ -146,7 +148,37 @@ class Runtime:
             policy=policy,
             budget_frames=budget if policy.bounded else None,
             session_id=session_id,
+            actions=self.action_indices(req.actions) if req.actions is not None else None,
+            conditioning=self.conditioning(req.conditioning) if req.conditioning is not None else None,
         )
+
+    def action_indices(self, actions: list) -> list[int]:
+        """Action names or indices -> indices into the model's ``cfg.actions``; ``ConfigError`` naming
+        ``actions`` (a model without actions takes none; an unknown name lists the known ones)."""
+        names = tuple(getattr(self.model.cfg, "actions", ()) or ())
+        if not names:
+            raise ConfigError(f"actions: this model ({self.model_id}) takes no actions")
+        out = []
+        for i, a in enumerate(actions):
+            if isinstance(a, str):
+                if a not in names:
+                    raise ConfigError(f"actions.{i}: unknown action {a!r}; one of {list(names)}")
+                a = names.index(a)
+            elif not 0 <= a < len(names):
+                raise ConfigError(f"actions.{i}: index {a} out of [0, {len(names)}) ({list(names)})")
+            out.append(a)
+        return out
+
+    def conditioning(self, fields: dict) -> dict:
+        """Per-pixel-frame rows by field -> float32 tensors (the model checks names and widths at admission)."""
+        if getattr(self.model, "check_conditioning", None) is None:
+            raise ConfigError(f"conditioning: this model ({self.model_id}) takes no per-frame conditioning")
+        out = {}
+        for name, rows in fields.items():
+            if len({len(r) for r in rows}) > 1:
+                raise ConfigError(f"conditioning.{name}: every row must have the same width")
+            out[name] = torch.tensor(rows, dtype=torch.float32)
+        return out
 
     def describe(self) -> dict:
         g = self.geometry
@@ -164,4 +196,7 @@ class Runtime:
             "prompts": self.prompts.names(),
             "backend": self.settings.backend,
             "page_size": self.settings.page_size,
+            "actions": list(getattr(self.model.cfg, "actions", ()) or ()),
+            "undo_blocks": self.settings.undo_blocks,
+            "park_after": self.settings.park_after,
         }

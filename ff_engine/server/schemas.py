@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
@@ -23,6 +23,11 @@ MAX_FRAMES_CAP = 2**31 - 2**16  # latent frames: int32 token positions (engine.M
 MAX_SECONDS_CAP = 86400.0  # the largest --max-seconds
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+MAX_ACTIONS = 65536  # per-frame entries of one request or control (a held last entry covers the rest)
+MAX_COND_WIDTH = 64  # values per conditioning row (Matrix-Game: keyboard 4-7, mouse 2)
+Action = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] | Annotated[int, Field(ge=0, le=1023)]
+Rows = list[Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1,
+                                                                                 max_length=MAX_COND_WIDTH)]]
 
 
 class Strict(BaseModel):
@@ -56,6 +61,9 @@ class VideoRequest(Strict):
     policy_params: dict[str, Any] = Field(default_factory=dict, max_length=32)
     budget_frames: int | None = Field(None, ge=0, le=MAX_FRAMES_CAP, description="latent frames of KV kept")
     prompt: str | None = Field(None, pattern=NAME_PATTERN, description="name of a server-side prompt embedding")
+    actions: list[Action] | None = Field(None, max_length=MAX_ACTIONS,
+                                         description="per latent frame, action names or indices; the last is held")
+    conditioning: dict[str, Rows] | None = Field(None, max_length=8, description="per-pixel-frame rows by field")
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -150,7 +158,7 @@ def first_error(exc: ValidationError) -> tuple[str, str]:
     ctx_err = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_err, FieldError):
         return ctx_err.field, str(ctx_err).split(": ", 1)[1]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("constrained-"))  # union member tags
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
@@ -171,10 +179,35 @@ class SessionStart(VideoRequest):
     include_latents: bool = False
 
 
-class SessionUpdate(ClientEvent):
-    type: Literal["session.update"]
-    policy_params: dict[str, Any] | None = Field(None, max_length=32)
+class ControlBody(Strict):
+    """``POST /v1/videos/{id}/update`` and the fields of ``session.update``: what changes from the stream's next
+    block on.  ``actions`` steer an action-conditioned model (names or indices per latent frame, the last one
+    held); ``conditioning`` replaces per-pixel-frame rows from the end of what the stream holds; ``paused``
+    stops or restarts it (a paused stream is parked after ``--park-after`` seconds; an action resumes it)."""
+
     prompt: str | None = Field(None, pattern=NAME_PATTERN)
+    actions: list[Action] | None = Field(None, min_length=1, max_length=MAX_ACTIONS)
+    conditioning: dict[str, Rows] | None = Field(None, min_length=1, max_length=8)
+    paused: bool | None = None
+
+
+class RollbackBody(Strict):
+    blocks: int = Field(1, ge=1, le=64, description="blocks to undo (at most the server's --undo-blocks)")
+
+
+class SessionUpdate(ControlBody):
+    type: Literal["session.update"]
+    event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
+    policy_params: dict[str, Any] | None = Field(None, max_length=32)
+
+
+class SessionFork(ClientEvent):
+    type: Literal["session.fork"]
+
+
+class SessionRollback(RollbackBody):
+    type: Literal["session.rollback"]
+    event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
 
 
 class SessionCancel(ClientEvent):
@@ -195,6 +228,8 @@ class SessionResume(ClientEvent):
 CLIENT_EVENTS = {
     "session.start": SessionStart,
     "session.update": SessionUpdate,
+    "session.fork": SessionFork,
+    "session.rollback": SessionRollback,
     "session.cancel": SessionCancel,
     "session.stop": SessionCancel,
     "session.ping": SessionPing,

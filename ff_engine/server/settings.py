@@ -50,6 +50,8 @@ class ServerSettings:
     header_timeout: float = 10.0  # seconds to send a request's headers (slowloris)
     body_timeout: float = 10.0  # seconds to send a request's body
     max_connections_per_client: int = 32  # open connections per client address
+    undo_blocks: int = 4  # rollback history per stream (blocks; 0 = no rollback)
+    park_after: float = 30.0  # a paused stream is parked (pages back to the pool) after this long; 0 = never
 
     def validate(self) -> ServerSettings:
         checks = {
@@ -77,6 +79,8 @@ class ServerSettings:
             "header_timeout": (0.05, 600),
             "body_timeout": (0.05, 600),
             "max_connections_per_client": (1, 1 << 16),
+            "undo_blocks": (0, 64),
+            "park_after": (0, 86400),
         }
         for name, (lo, hi) in checks.items():
             v = getattr(self, name)
@@ -118,6 +122,8 @@ _HELP = {
     "header_timeout": "seconds a client has to send a request's headers",
     "body_timeout": "seconds a client has to send a request's body",
     "max_connections_per_client": "open connections per client address; more are closed at once",
+    "undo_blocks": "blocks of rollback history kept per stream (host memory where the policy compacts); 0 = none",
+    "park_after": "seconds a paused stream keeps its pages before it is parked to host memory; 0 = never",
     "max_seconds": "longest video (seconds) a request may ask for; streams are endless, memory and this bound them",
 }
 

@@ -111,6 +111,26 @@ class StreamRegistry:
         self._forget_old()
         return rec
 
+    async def fork(self, rec: ServedStream, owner: str) -> ServedStream:
+        """A new stream from ``rec``'s exact state (``StreamHandle.fork``: same worker, pages shared
+        copy-on-write), under a new id, for the same key; counted against the key's limit like a submit."""
+        limit = self.settings.max_streams_per_key
+        if self.live_count(owner) >= limit:
+            self.metrics.rejected.labels("key_limit").inc()
+            raise KeyLimit(f"this key already has {limit} unfinished streams (max_streams_per_key)", 1.0)
+        fid = "vid_" + uuid.uuid4().hex
+        self._pending[owner] = self._pending.get(owner, 0) + 1
+        try:
+            handle = await asyncio.to_thread(rec.handle.fork, fid)
+        finally:
+            self._pending[owner] -= 1
+        request = {**rec.request, "source": "fork", "forked_from": rec.id}
+        fork = ServedStream(fid, handle, owner, request, time.time(), time.monotonic(), self.out_dir / f"{fid}.mp4")
+        self.streams[fid] = fork
+        fork.writer = asyncio.create_task(self._write_file(fork))
+        self._forget_old()
+        return fork
+
     def get(self, sid: str, owner: str) -> ServedStream:
         rec = self.streams.get(sid) if STREAM_ID.match(sid) else None
         if rec is None or rec.owner != owner:

@@ -233,12 +233,14 @@ class Router:
         return answer.result()
 
     def control(self, stream_id: str, ctrl) -> cf.Future:
-        """Send a ``Steer`` / ``Pause`` / ``Rollback`` to a stream without waiting: the future's result is the
+        """Send an ``Update`` / ``Steer`` / ``Pause`` / ``Rollback`` to a stream without waiting: the future's result is the
         block from which it is in force (the ``applied`` receipt), or its exception the refusal.  A parked stream
         that is steered or un-paused is resumed first (on whichever worker has room); a queued one gets the
         control right after its start.  Raises ``UnknownStream`` / ``ConfigError`` (terminal stream) at once."""
-        if not isinstance(ctrl, Steer | Pause | Rollback):
-            raise ConfigError(f"a stream control is a Steer, Pause or Rollback, got {type(ctrl).__name__}")
+        if not isinstance(ctrl, Update | Steer | Pause | Rollback):
+            raise ConfigError(f"a stream control is an Update, Steer, Pause or Rollback, got {type(ctrl).__name__}")
+        if isinstance(ctrl, Update) and not isinstance(ctrl.prompt, torch.Tensor):
+            raise ConfigError(f"prompt must be a tensor of text embeddings, got {type(ctrl.prompt).__name__}")
         answer = cf.Future()
         with self._lock:
             record = self._live(stream_id)
@@ -503,7 +505,8 @@ class Router:
         assert len(rep.updated) == len(w.updating), "a worker answers every update it was sent"
         for (u, answer), (block, error) in zip(w.updating, rep.updated):
             self._applied(w, u, block, error)
-            answer.set_exception(error) if error is not None else answer.set_result(block)
+            if not answer.done():  # a caller that stopped waiting may have cancelled it
+                answer.set_exception(error) if error is not None else answer.set_result(block)
         w.updating = []
         for sid, snap in rep.parked.items():
             self._parked(w, sid, snap)

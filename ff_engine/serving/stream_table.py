@@ -254,6 +254,10 @@ class Handle:
         return self._service.update(self.id, prompt, recache_frames)
 
     # ---- interactive controls (``controls.py``): each returns the block from which it is in force ----------
+    def control(self, ctrl):
+        """Send a control without waiting (``Router.control``): a ``concurrent.futures.Future`` of its block."""
+        return self._service.control(self.id, ctrl)
+
     def steer(self, actions=None, conditioning: dict | None = None) -> int | None:
         return self._service.control(self.id, Steer(self.id, actions, conditioning)).result()
 
