@@ -131,3 +131,44 @@ def test_viewer_shows_frames_of_two_streams(server, chromium, tmp_path):
         Path(os.environ["FF_VIEWER_SCREENSHOT"]).write_bytes(png)
     dt.eval("document.querySelectorAll('.stream button.cancel').forEach(b => b.click()) || true")
     wait_for(dt, "window.ffViewer.streams.every(s => s.state === 'cancelled')", 30)
+
+
+@pytest.fixture(scope="module")
+def steer_server(tmp_path_factory):
+    from server_support import world_v4
+
+    with torch_threads(1), LiveServer(tmp_path_factory.mktemp("steer"), model=world_v4(), backend="torch") as srv:
+        yield srv
+
+
+def key(dt: DevTools, name: str, code: int) -> None:
+    for kind in ("keyDown", "keyUp"):
+        dt.call("Input.dispatchKeyEvent", type=kind, key=name, code=name, windowsVirtualKeyCode=code)
+
+
+def test_arrow_keys_steer_the_selected_stream_with_two_receipts(steer_server, chromium):
+    """Start a stream of the action-steered world model from its prefix, press the arrow keys: each press gets
+    ``control.received`` then ``session.updated``; the server's stream takes the pressed action from the block the
+    receipt names, and the panel shows pages held."""
+    srv, dt = steer_server, chromium
+    dt.call("Page.enable")
+    dt.call("Page.navigate", url=srv.url + "/")
+    wait_for(dt, "!!(window.ffViewer && window.ffViewer.model) && !document.getElementById('steer-hint').hidden")
+    dt.eval("""(() => { document.getElementById('policy').value = 'window';
+        document.getElementById('seconds').value = '8'; document.getElementById('start').click(); return true; })()""")
+    wait_for(dt, "window.ffViewer.streams.length === 1 && window.ffViewer.streams[0].frames >= 3")
+    names = srv.runtime.describe()["actions"]
+    fpb = srv.runtime.geometry.frames_per_block
+    for name, code, want in (("ArrowLeft", 37, "left"), ("ArrowRight", 39, "right")):
+        key(dt, name, code)
+        n = len(dt.eval("window.ffViewer.streams[0].applied"))
+        applied = wait_for(dt, f"window.ffViewer.streams[0].applied.length > {n} && window.ffViewer.streams[0].applied")
+        at = applied[-1]["block"]
+        sid = dt.eval("window.ffViewer.streams[0].id")
+        actions = srv.service.router.table.get(sid).cfg.actions
+        assert actions[at * fpb] == names.index(want) and actions[at * fpb - 1] != names.index(want) or at == 0
+    s = dt.eval("({r: window.ffViewer.streams[0].received, pages: window.ffViewer.streams[0].pagesHeld})")
+    assert s["r"] == [1, 2] and s["pages"] > 0
+    assert "applied at block" in dt.eval("document.querySelector('.stream .steer').textContent")
+    dt.eval("document.querySelector('.stream button.cancel').click() || true")
+    wait_for(dt, "window.ffViewer.streams[0].state === 'cancelled'", 30)

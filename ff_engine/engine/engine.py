@@ -234,6 +234,17 @@ class Engine:
         if cfg.actions is not None:
             self.validate_actions(cfg.actions)
         self.check_conditioning(cfg.conditioning, frames)
+        if cfg.prefix is not None:
+            self._validate_prefix(cfg.prefix, frames)
+
+    def _validate_prefix(self, prefix, frames: int) -> None:
+        g, fpb = self.geometry, self.geometry.frames_per_block
+        shape = (g.latent_channels, *g.latent_hw)
+        if not isinstance(prefix, torch.Tensor) or prefix.dim() != 4 or tuple(prefix.shape[1:]) != shape \
+                or prefix.shape[0] % fpb or not prefix.shape[0] or not torch.isfinite(prefix).all():
+            raise ConfigError(f"prefix must be finite latents [k * {fpb}, {', '.join(map(str, shape))}] (k >= 1)")
+        if prefix.shape[0] >= frames:
+            raise ConfigError(f"prefix: {prefix.shape[0]} frames leave nothing to generate of num_frames {frames}")
 
     def validate_actions(self, actions) -> None:
         """Per-frame action indices for this engine's model (one ``ConfigError`` naming the field otherwise)."""

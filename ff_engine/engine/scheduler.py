@@ -195,8 +195,23 @@ class Scheduler:
             except FFEngineError as exc:  # a bad request must not stop the other streams
                 self.stats.rejected += 1
                 self._pending.append(BlockResult(cfg.session_id, 0, None, True, str(exc)))
+                continue
+            if cfg.prefix is not None:
+                self._prefill(cfg)
         self.stats.admitted += len(admitted)
         return admitted
+
+    def _prefill(self, cfg: SessionConfig) -> None:
+        """Write the request's prefix into its cache and report it as the stream's first blocks (next step)."""
+        e, fpb = self.engine, self.engine.geometry.frames_per_block
+        try:
+            e.prefill(cfg.session_id, cfg.prefix)
+        except FFEngineError as exc:
+            e.cancel(cfg.session_id)
+            self._pending.append(BlockResult(cfg.session_id, 0, None, True, str(exc)))
+            return
+        for b in range(cfg.prefix.shape[0] // fpb):
+            self._pending.append(BlockResult(cfg.session_id, b, cfg.prefix[b * fpb:(b + 1) * fpb].float(), False, None))
 
     @property
     def idle(self) -> bool:

@@ -37,6 +37,9 @@ class SessionConfig:
     actions: for an action-conditioned model, one action index per latent frame (into the model's
     ``cfg.actions``); frames past the end repeat the last entry (a held key), None or [] means the model's default
     action (index 0) throughout.  ``Engine.set_actions`` changes them for the next blocks of a running stream.
+    prefix: optional latents [P, C, H, W] (P a whole number of blocks, counted in ``num_frames``) that the
+    scheduler prefills at admission (``Engine.prefill``) and reports as the stream's first blocks: a world model's
+    ground-truth opening, after which generation (and steering) continues.
     """
 
     prompt: torch.Tensor
@@ -50,6 +53,7 @@ class SessionConfig:
     retain_frames: int | None = None
     actions: list[int] | None = None
     conditioning: dict | None = None
+    prefix: torch.Tensor | None = None
 
 
 class Session:

@@ -118,6 +118,13 @@ class Runtime:
             px = self.decoder().decode(torch.zeros(g.frames_per_block, g.latent_channels, *g.latent_hw))
         return int(px.shape[1]), int(px.shape[2])
 
+    @functools.cached_property
+    def default_prefix_frames(self) -> int:
+        """The prefix ``generate`` uses for this model (the scroll world's whole-panorama pan; 0 otherwise)."""
+        from model_adapters.world import prefix as wp
+
+        return wp.default_prefix_frames(self.model.cfg) if wp.world_of(self.model.cfg) else 0
+
     def session_config(self, req: VideoRequest, session_id: str | None = None):
         """A ``SessionConfig`` for a validated request; ``ConfigError`` naming the field on what only the model
         or the policy can judge (a budget below one block, a prompt the model cannot take)."""
@@ -141,16 +148,36 @@ class Runtime:
             raise ConfigError(f"budget_frames: {exc}") from None
         check_cost(policy, frames, self.geometry.frames_per_block, self.settings, length_field(req))
         prompt = self.prompts.load(req.prompt, req.seed)
+        actions = self.action_indices(req.actions) if req.actions is not None else None
+        prefix, actions = self.world_prefix(req.prefix_frames or 0, req.seed, actions)
         return SessionConfig(
             prompt=prompt,
-            num_frames=frames,
+            num_frames=frames + (0 if prefix is None else prefix.shape[0]),
             seed=req.seed,
             policy=policy,
             budget_frames=budget if policy.bounded else None,
             session_id=session_id,
-            actions=self.action_indices(req.actions) if req.actions is not None else None,
+            actions=actions,
             conditioning=self.conditioning(req.conditioning) if req.conditioning is not None else None,
+            prefix=prefix,
         )
+
+    def world_prefix(self, frames: int, seed: int, actions: list[int] | None):
+        """(latents, actions) for ``prefix_frames``: the in-repo world with this seed (held out from training, as
+        ``generate --seed``) under its own opening pan, then the request's actions; (None, actions) for 0."""
+        if not frames:
+            return None, actions
+        from model_adapters.world import prefix as wp
+
+        cfg, fpb = self.model.cfg, self.geometry.frames_per_block
+        if wp.world_of(cfg) is None:
+            raise ConfigError("prefix_frames: only an in-repo world model renders a prefix (its world)")
+        if frames % fpb:
+            raise ConfigError(f"prefix_frames: must be a multiple of the block ({fpb} latent frames), got {frames}")
+        opening = wp.prefix_actions(cfg, frames)
+        if getattr(cfg, "actions", None):
+            actions = opening + (actions or [0])
+        return wp.truth(cfg, wp.world_seed(seed), frames, opening).float(), actions
 
     def action_indices(self, actions: list) -> list[int]:
         """Action names or indices -> indices into the model's ``cfg.actions``; ``ConfigError`` naming
@@ -197,6 +224,7 @@ class Runtime:
             "backend": self.settings.backend,
             "page_size": self.settings.page_size,
             "actions": list(getattr(self.model.cfg, "actions", ()) or ()),
+            "default_prefix_frames": self.default_prefix_frames,
             "undo_blocks": self.settings.undo_blocks,
             "park_after": self.settings.park_after,
         }

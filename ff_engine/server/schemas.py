@@ -64,6 +64,8 @@ class VideoRequest(Strict):
     actions: list[Action] | None = Field(None, max_length=MAX_ACTIONS,
                                          description="per latent frame, action names or indices; the last is held")
     conditioning: dict[str, Rows] | None = Field(None, max_length=8, description="per-pixel-frame rows by field")
+    prefix_frames: int | None = Field(None, ge=0, le=4096, description="in-repo world models: latent frames of "
+                                      "the world (seed) prefilled and streamed first; 0 / None: from noise")
 
     @model_validator(mode="after")
     def _one_length(self):

@@ -1,9 +1,11 @@
 // ff-engine live viewer: one WebSocket per stream (/v1/realtime/video), JPEG frames drawn on a canvas.
 // No build step. window.ffViewer.streams exposes each stream's counters (used by the headless-browser test).
+// A model with actions is steered with the arrow keys (the selected stream: click a panel), space pauses; each
+// key gets the server's two receipts (control.received, then session.updated with the block it applies at).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const viewer = { streams: [] };
+const viewer = { streams: [], model: null, selected: null };
 window.ffViewer = viewer;
 
 function key() { return $("key").value.trim(); }
@@ -20,8 +22,12 @@ async function init() {
   try {
     const models = await api("/v1/models");
     const m = models.data[0];
+    viewer.model = m;
     $("model").textContent = `model ${m.id}: ${m.fps} fps, ${m.frames_per_block} latent frames per block, ` +
       `up to ${m.max_seconds.toFixed(0)} s, page size ${m.page_size}`;
+    const steerable = (m.actions || []).length > 0;
+    $("steer-hint").hidden = !steerable;
+    $("prefix-label").hidden = !(m.default_prefix_frames > 0);
     const policies = await api("/v1/policies");
     $("policy").innerHTML = "";
     for (const p of policies.data) {
@@ -44,6 +50,7 @@ function panel(title) {
     <canvas width="384" height="256"></canvas>
     <div class="stats"><span>fps<b class="fps">–</b></span><span>blocks<b class="blocks">0</b></span>
     <span>pages<b class="pages">0</b></span><span>state<b class="state">starting</b></span></div>
+    <div class="steer muted"></div>
     <div class="panel-errors"></div>`;
   $("streams").appendChild(el);
   return el;
@@ -53,8 +60,11 @@ function startStream(params) {
   const el = panel(`${params.policy} · budget ${params.budget_frames} · seed ${params.seed}`);
   const canvas = el.querySelector("canvas");
   const ctx = canvas.getContext("2d");
-  const s = { params, frames: 0, blocks: 0, state: "starting", arrivals: [], pagesHeld: 0, error: null };
+  const s = { params, frames: 0, blocks: 0, state: "starting", arrivals: [], pagesHeld: 0, error: null,
+              sent: [], received: [], applied: [], paused: false, id: null, el };
   viewer.streams.push(s);
+  select(s);
+  el.addEventListener("click", () => select(s));
   const show = (cls, text) => { el.querySelector("." + cls).textContent = text; };
   const fail = (text) => {  // this panel's own error lines (the last 5), and the reason on the canvas
     s.error = text; s.errors = (s.errors || []).concat([text]).slice(-5);
@@ -74,6 +84,7 @@ function startStream(params) {
   const protocols = ["ff-engine"].concat(key() ? ["bearer." + key()] : []);
   const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/realtime/video`, protocols);
   ws.binaryType = "blob";
+  s.ws = ws;
   let pending = 0, numBlocks = 0;
   el.querySelector(".cancel").onclick = () => ws.readyState === 1 && ws.send(JSON.stringify({ type: "session.cancel", event_id: "cancel-1" }));
   ws.onopen = () => ws.send(JSON.stringify({ type: "session.start", event_id: "start-1", ...params }));
@@ -90,7 +101,11 @@ function startStream(params) {
       return;
     }
     const ev = JSON.parse(msg.data);
-    if (ev.type === "session.started") { numBlocks = ev.num_blocks; setState("running"); }
+    if (ev.type === "session.started") { numBlocks = ev.num_blocks; s.id = ev.session_id; setState("running"); }
+    else if (ev.type === "control.received") { s.received.push(ev.event); showSteer(s); }
+    else if (ev.type === "session.updated") {
+      s.applied.push({ event: ev.event, block: ev.applies_at_block, changed: ev.changed }); showSteer(s);
+    }
     else if (ev.type === "video.block") {
       pending = ev.frames; s.blocks = ev.block + 1; s.pagesHeld = ev.pages_held;
       show("blocks", `${s.blocks}/${numBlocks}`); show("pages", `${ev.pages_held}/${ev.pages_reserved}`);
@@ -110,15 +125,58 @@ function startStream(params) {
   return s;
 }
 
+// ---- steering (a model with actions): arrow keys send session.update to the selected stream ----------------
+const KEYS = { ArrowLeft: "left", ArrowRight: "right", ArrowDown: "stay", ArrowUp: "stay" };
+const ARROWS = { left: "←", right: "→", stay: "↓" };
+
+function select(s) {
+  viewer.selected = s;
+  for (const t of viewer.streams) t.el.classList.toggle("selected", t === s);
+}
+
+function showSteer(s) {
+  const last = s.sent[s.sent.length - 1];
+  if (!last) return;
+  const applied = s.applied.find((a) => a.event === last.event);
+  const what = last.paused !== undefined ? (last.paused ? "pause" : "play") : `${ARROWS[last.action] || ""} ${last.action}`;
+  s.el.querySelector(".steer").textContent = `${what} · received #${s.received.includes(last.event) ? last.event : "…"}` +
+    (applied ? ` · applied at block ${applied.block}` : " · waiting for the next block");
+}
+
+function control(s, fields) {
+  if (!s || !s.ws || s.ws.readyState !== 1 || s.state !== "running") return false;
+  const event = s.sent.length + 1;  // the server numbers this connection's controls 1, 2, ... in order
+  s.ws.send(JSON.stringify({ type: "session.update", event_id: `steer-${event}`, ...fields }));
+  s.sent.push({ event, action: fields.actions ? fields.actions[0] : undefined, paused: fields.paused });
+  showSteer(s);
+  return true;
+}
+
+document.addEventListener("keydown", (e) => {
+  if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
+  const actions = (viewer.model && viewer.model.actions) || [];
+  const s = viewer.selected;
+  if (KEYS[e.key] && actions.includes(KEYS[e.key])) {
+    if (control(s, { actions: [KEYS[e.key]] })) { s.paused = false; e.preventDefault(); }
+  } else if (e.key === " " && actions.length && s) {
+    if (control(s, { paused: !s.paused })) { s.paused = !s.paused; e.preventDefault(); }
+  }
+});
+viewer.control = control;
+
 $("start-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  startStream({
+  const m = viewer.model || {};
+  const params = {
     policy: $("policy").value || "window",
     budget_frames: parseInt($("budget").value, 10),
     seconds: parseFloat($("seconds").value),
     seed: parseInt($("seed").value, 10),
     slow_client: $("slow").value,
-  });
+  };
+  if ((m.actions || []).length) params.actions = [m.actions.includes("stay") ? "stay" : m.actions[0]];
+  if (m.default_prefix_frames > 0 && $("prefix").checked) params.prefix_frames = m.default_prefix_frames;
+  startStream(params);
 });
 $("key").addEventListener("change", init);
 init();
