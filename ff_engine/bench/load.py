@@ -3,7 +3,9 @@ requests and overload bursts, against a real server subprocess on 127.0.0.1.  Bo
 ``--duration`` seconds of load plus at most ``--drain`` seconds for the streams in flight, and kills the server.
 
 Workload (seeded): ``--rest`` REST clients (submit, read the MJPEG stream, 1 in 5 cancels after its first block),
-``--ws`` WebSocket clients (one session after another, 1 in 5 cancels), one client sending malformed or hostile
+``--ws`` WebSocket clients (one session after another, 1 in 5 cancels), ``--interactive`` users steering the
+action world model (after a block: steer, pause past ``--park-after`` so the stream is parked then steer to resume
+it, fork over REST, roll back a block), one client sending malformed or hostile
 requests every 0.25 s (bad JSON, NaN, unknown policy or parameter, wrong key, ``../`` ids, oversized bodies), and
 one that bursts ``--burst`` long streams every 10 s to overload the queue (then cancels what it got).  Lengths
 3..30 latent frames, policies window / sink-window / future-forcing.  The server: the embedded world model,
@@ -13,7 +15,7 @@ memory: the service keeps the last blocks of each), one torch thread.
 Reported (JSON + plot in benchmarks/results/): streams served (finished with every frame), cancelled, rejected
 (429), errors (a 5xx, a dropped connection, a stream that failed or lost a frame, a malformed request not answered
 4xx), p50 / p99 time to first frame and per-block latency (client side), pages still used once everything ended
-(leaked; must be 0), server RSS at start (after warm-up) and end.  Exit code 1 when errors or leaked pages are
+(leaked; must be 0), parked / resumed / forked / rolled-back counts and the resume latency p50 / p99 (server), server RSS at start (after warm-up) and end.  Exit code 1 when errors or leaked pages are
 not 0.
 
     python benchmarks/load.py                # >= 2 minutes of load (the README's figures)
@@ -70,6 +72,7 @@ class Stats:
         self.block_latency: list[float] = []
         self.error_samples: list[str] = []
         self.timeline: list[dict] = []
+        self.interactive = {"sessions": 0, "steers": 0, "paused_long": 0, "forks": 0, "rollbacks": 0}
 
     def error(self, what: str) -> None:
         self.errors += 1
@@ -113,7 +116,15 @@ def start_server(args, out_dir: str) -> tuple[subprocess.Popen, str]:
         args.backend,
         "--log-level",
         "warning",
+        "--park-after",
+        str(args.park_after),
+        "--undo-blocks",
+        "4",
     ]
+    if args.interactive:  # the steerable world model (v4); the other clients' requests suit it as well
+        from model_adapters.world import EMBEDDED_V4
+
+        cmd += ["--model", str(EMBEDDED_V4)]
     log = open(Path(out_dir) / "server.log", "w")  # noqa: SIM115 - the server's whole life
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
@@ -214,6 +225,86 @@ async def ws_client(c: AsyncClient, rng: random.Random, stop: float, st: Stats) 
             st.error(f"ws session {rt.id}: {state} with {frames}/{req['frames']} frames")
 
 
+async def interactive_client(c: AsyncClient, rng: random.Random, stop: float, st: Stats, park_s: float) -> None:
+    """A user steering a world model over the WebSocket: after each block it may steer (random action), pause
+    long enough to be parked then steer again (which resumes it; the wait to the next block is the resume
+    latency), fork (REST; the fork is read to its end over REST) or roll back one block.  A session passes when
+    it finishes with every block and every control answered by its applied receipt or a 4xx refusal."""
+    while time.monotonic() < stop:
+        req = {**stream_request(rng), "actions": ["stay"], "frames": 3 * rng.randint(6, 12)}
+        rt = await admitted(c.realtime(**req), rng, st, "interactive start", "interactive connect", OSError)
+        if rt is None:
+            continue
+        blocks, sent, forks = set(), 0, []
+        try:
+            async with rt:
+                async for block in rt:
+                    blocks.add(block.index)
+                    if block.index == 0 or block.index >= req["frames"] // 3 - 3:  # leave time for the receipts
+                        continue
+                    sent += await _interact(c, rt, rng, st, park_s, forks)
+            await asyncio.gather(*forks)
+        except Exception as exc:  # noqa: BLE001 - any failure of the session is an error of the run
+            st.error(f"interactive session: {type(exc).__name__}: {exc}")
+            continue
+        _check_interactive(rt, req, blocks, sent, st)
+
+
+async def _interact(c, rt, rng: random.Random, st: Stats, park_s: float, forks: list) -> int:
+    """One user move after a block; returns the controls sent over the WebSocket."""
+    r = rng.random()
+    if r < 0.15:  # think long enough to be parked, then steer: the steer resumes it
+        await rt.send({"type": "session.update", "event_id": f"p{rng.randrange(1 << 30)}", "paused": True})
+        await asyncio.sleep(park_s + 0.5)
+        st.interactive["paused_long"] += 1
+        await rt.send({"type": "session.update", "event_id": f"g{rng.randrange(1 << 30)}",
+                       "actions": [rng.choice(["left", "right"])]})
+        return 2
+    if r < 0.25 and not forks:
+        try:
+            fork = await c.fork(rt.id)
+            forks.append(asyncio.ensure_future(_read_fork(c, fork["id"], st)))
+            st.interactive["forks"] += 1
+        except ServerError as exc:
+            if exc.status not in (409, 429):  # the stream ended, or no room for the fork: both are answers
+                st.error(f"fork: {exc}")
+        return 0
+    if r < 0.35:
+        await rt.send({"type": "session.rollback", "event_id": f"r{rng.randrange(1 << 30)}", "blocks": 1})
+        st.interactive["rollbacks"] += 1
+        return 1
+    if r < 0.7:
+        await rt.send({"type": "session.update", "event_id": f"s{rng.randrange(1 << 30)}",
+                       "actions": [rng.choice(["left", "right", "stay"])]})
+        st.interactive["steers"] += 1
+        return 1
+    return 0
+
+
+async def _read_fork(c, vid: str, st: Stats) -> None:
+    try:
+        final = await c.wait(vid, timeout=120, file=False)
+    except (ServerError, httpx.HTTPError, TimeoutError) as exc:
+        st.error(f"fork {vid}: {type(exc).__name__}: {exc}")
+        return
+    if final["status"] != "finished" or final["blocks_done"] != final["num_blocks"]:
+        st.error(f"fork {vid}: {final['status']} at {final['blocks_done']}/{final['num_blocks']}: {final['error']}")
+
+
+def _check_interactive(rt, req: dict, blocks: set, sent: int, st: Stats) -> None:
+    state = rt.done["state"] if rt.done else "no session.done"
+    answered = sum(e["type"] in ("session.updated", "session.rolled_back") or e["type"] == "error"
+                   and 400 <= e.get("status", 0) < 500 and "event" in e for e in rt.events)
+    received = sum(e["type"] == "control.received" for e in rt.events)
+    need = req["frames"] // 3
+    if state == "finished" and blocks == set(range(need)) and received == sent and answered == sent:
+        st.served += 1
+        st.interactive["sessions"] += 1
+    else:
+        st.error(f"interactive {rt.id}: {state}, blocks {len(blocks)}/{need}, controls sent {sent}, received "
+                 f"{received}, answered {answered}")
+
+
 async def hostile_client(url: str, rng: random.Random, stop: float, st: Stats) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         while time.monotonic() < stop:
@@ -288,6 +379,8 @@ async def run(args, url: str, proc: psutil.Process) -> tuple[Stats, dict]:
     async with AsyncClient(url, api_key=KEY, timeout=120) as c:
         tasks = [rest_client(c, random.Random(rng.random()), stop, st) for _ in range(args.rest)]
         tasks += [ws_client(c, random.Random(rng.random()), stop, st) for _ in range(args.ws)]
+        tasks += [interactive_client(c, random.Random(rng.random()), stop, st, args.park_after)
+                  for _ in range(args.interactive)]
         tasks += [
             hostile_client(url, random.Random(rng.random()), stop, st),
             burst_client(c, random.Random(rng.random()), stop, st, args.burst),
@@ -355,6 +448,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--rest", type=int, default=4)
     ap.add_argument("--ws", type=int, default=4)
     ap.add_argument("--burst", type=int, default=24)
+    ap.add_argument("--interactive", type=int, default=2,
+                    help="WebSocket users steering the action world model (v4): steer, park, fork, roll back")
+    ap.add_argument("--park-after", type=float, default=1.0, help="the server's --park-after (seconds)")
     ap.add_argument("--pages", type=int, default=1024)
     ap.add_argument("--max-queue", type=int, default=6)
     ap.add_argument("--max-records", type=int, default=64, help="terminal streams the server remembers")
@@ -396,6 +492,8 @@ def _result(args, st, extra, rss_start, rss_end, server_log) -> dict:
                 "rest",
                 "ws",
                 "burst",
+                "interactive",
+                "park_after",
                 "pages",
                 "max_queue",
                 "max_records",
@@ -417,6 +515,16 @@ def _result(args, st, extra, rss_start, rss_end, server_log) -> dict:
             "n": len(st.block_latency),
         },
         "leaked_pages": int(m.get("pages_used", -1)),
+        "interactive": {
+            **st.interactive,
+            "parked": int(m.get("ff_engine_parks_total", 0)),
+            "resumed": int(m.get("ff_engine_unparks_total", 0)),
+            "forked": int(m.get("ff_engine_forks_total", 0)),
+            "rolled_back": int(m.get("ff_engine_rollbacks_total", 0)),
+            "parked_at_end": int(m.get("ff_engine_streams_parked", -1)),
+            "resume_p50_s": m.get("ff_engine_unpark_p50_seconds"),
+            "resume_p99_s": m.get("ff_engine_unpark_p99_seconds"),
+        },
         "active_at_end": int(m.get("ff_engine_streams_active", -1)),
         "server_rss_mb": {"start": round(rss_start / 2**20, 1), "end": round(rss_end / 2**20, 1)},
         "server_log_tail": [ln for ln in server_log.splitlines() if "Triton" not in ln][-30:] if st.errors else [],
@@ -428,6 +536,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
         args.duration, args.drain, args.rest, args.ws, args.burst = 12.0, 45.0, 2, 2, 20
+        args.interactive = min(args.interactive, 2)
         args.backend = "torch"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
