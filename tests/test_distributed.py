@@ -90,6 +90,8 @@ def snapshotting(ray_session, model, plain, tmp_path_factory):
         max_batch=1,
         snapshot_every=2,
         output_dir=str(tmp_path_factory.mktemp("snap")),
+        park_after=0.0,
+        undo_blocks=2,
     )
     yield c
     c.shutdown()
@@ -153,8 +155,35 @@ def test_a_killed_worker_fails_its_streams_with_their_blocks_kept_when_snapshots
     assert [w["alive"] for w in plain.stats()["workers"]] == [False, True]
 
 
+def test_park_resume_and_fork_across_ray_workers_equal_single_engine_runs(snapshotting, model):
+    """Controls cross the actor boundary: a parked stream's snapshot comes back through Ray and it resumes on a
+    worker with room; a fork shares its source's worker; all equal solo runs."""
+    a_cfg, b_cfg = cfg(300, 18, Window(), 3), cfg(301, 18, FutureForcing(), 6)
+    a, b = snapshotting.submit(a_cfg), snapshotting.submit(b_cfg)
+    wait_for(lambda: a.status().blocks_done >= 1 and b.status().blocks_done >= 1)
+    a.pause()
+    wait_for(lambda: a.status().state == "parked")
+    assert a.status().pages_reserved == 0
+    fork = b.fork("s301-fork")
+    assert fork.status().worker == b.status().worker
+    b.pause()
+    wait_for(lambda: b.status().state == "parked")
+    b.resume()
+    a.resume()
+    outs = {h.id: {blk.block: blk.latents for blk in h.blocks(timeout=120)} for h in (a, b, fork)}
+    solo = {c.session_id: Engine(model, num_pages=PAGES, page_size=PAGE, backend="vllm-cpu").generate(c)
+            for c in (a_cfg, b_cfg)}
+    for h, ref in ((a, solo["s300"]), (b, solo["s301"]), (fork, solo["s301"])):
+        assert h.status().state == "finished", h.status()
+        assert torch.equal(torch.cat([outs[h.id][i] for i in range(6)]), ref), h.id
+    stats = snapshotting.stats()
+    assert stats["parked"] == stats["unparked"] == 2 and stats["forked"] == 1
+    wait_for(lambda: all(x["pages_used"] == 0 for x in snapshotting.audit()))
+
+
 def test_a_killed_workers_streams_resume_elsewhere_bit_identical(snapshotting, model):
     cfgs = [cfg(400 + i, 18, *MIX[i % 3]) for i in range(4)]  # 6 blocks; snapshots after blocks 2 and 4
+    before = snapshotting.stats()  # the cluster served the park / fork test before this one
     handles = [snapshotting.submit(c) for c in cfgs]
     victims = [h for h in handles if h.status().worker == "worker-0"]
     wait_for(lambda: victims[0].status().blocks_done >= 3)
@@ -170,5 +199,5 @@ def test_a_killed_workers_streams_resume_elsewhere_bit_identical(snapshotting, m
         assert torch.equal(outs[h.id], ref), h.id  # batch 1 everywhere: exactly the uninterrupted run
         assert not persist.snapshot_path(snapshotting.output_dir, h.id).exists()
     stats = snapshotting.stats()
-    assert stats["resumed"] == len(victims) and stats["finished"] == 4
+    assert stats["resumed"] == len(victims) and stats["finished"] == before["finished"] + 4
     assert snapshotting.audit()[0]["pages_used"] == 0
