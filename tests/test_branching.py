@@ -146,7 +146,7 @@ def test_rollback_is_exact_on_the_real_stream(model):
 
 
 def test_randomized_interleaving_never_leaks_and_every_stream_equals_its_solo_run(model):
-    """Submit / step / fork / rollback / cancel / poison in a random order: after every operation the pool's
+    """Submit / step / fork / rollback / park / resume / cancel / poison in a random order: after every operation the pool's
     reference counts and the cache's isolation invariant hold; at the end every stream that ran to completion
     equals the solo run of the request it descends from, and every page is back."""
     names = ["unbounded", "window", "future-forcing", "sink-window"]
@@ -154,9 +154,9 @@ def test_randomized_interleaving_never_leaks_and_every_stream_equals_its_solo_ru
     cfgs = {i: _cfg(model, names[i % len(names)], seed=i, extra_blocks=2) for i in range(4)}
     solos = {i: _solo(model, c) for i, c in cfgs.items()}
     e = Engine(model, num_pages=400, page_size=8, backend="torch", undo_blocks=2)
-    root, finished, submitted, done_ops = {}, {}, 0, []
-    for _ in range(60):
-        op = rng.choice(["submit", "step", "step", "step", "fork", "rollback", "cancel", "poison"])
+    root, finished, submitted, done_ops, parked = {}, {}, 0, [], {}
+    for _ in range(80):
+        op = rng.choice(["submit", "step", "step", "step", "fork", "rollback", "park", "resume", "cancel", "poison"])
         live = list(e.sessions)
         if op == "submit" and submitted < len(cfgs):
             s = e.add_session(cfgs[submitted])
@@ -180,6 +180,19 @@ def test_randomized_interleaving_never_leaks_and_every_stream_equals_its_solo_ru
             if e.history.available(sid):
                 e.rollback(sid, rng.randint(1, e.history.available(sid)))
                 done_ops.append("rollback")
+        elif op == "park" and live:  # what Scheduler.park does: snapshot to host memory, pages back to the pool
+            sid = rng.choice(live)
+            parked[sid] = e.snapshot(sid)
+            e.cancel(sid)
+            done_ops.append("park")
+        elif op == "resume" and parked:
+            sid = rng.choice(sorted(parked))
+            try:
+                e.restore(parked[sid], sid)
+                del parked[sid]
+                done_ops.append("resume")
+            except BudgetError:
+                pass
         elif op == "cancel" and live:
             e.cancel(rng.choice(live))
         elif op == "poison":
@@ -188,6 +201,8 @@ def test_randomized_interleaving_never_leaks_and_every_stream_equals_its_solo_ru
             (r,) = e.step([bad.id])
             assert r.error and bad.id not in e.sessions
         e.cache.check_invariants()
+    for sid in sorted(parked):
+        e.restore(parked.pop(sid), sid)
     for sid in list(e.sessions):
         session = e.sessions[sid]
         _run_out(e, sid)
@@ -195,5 +210,6 @@ def test_randomized_interleaving_never_leaks_and_every_stream_equals_its_solo_ru
         e.cache.check_invariants()
     assert e.cache.pool.num_free == e.cache.pool.capacity
     assert len(finished) >= 3 and done_ops.count("fork") >= 3 and done_ops.count("rollback") >= 3, done_ops
+    assert done_ops.count("park") >= 2 and done_ops.count("resume") >= 1, done_ops
     for sid, video in finished.items():
         assert torch.equal(video, solos[root[sid]]), sid
