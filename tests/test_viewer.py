@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from server_support import LiveServer, torch_threads
 from websockets.sync.client import connect
 
@@ -170,5 +171,43 @@ def test_arrow_keys_steer_the_selected_stream_with_two_receipts(steer_server, ch
     s = dt.eval("({r: window.ffViewer.streams[0].received, pages: window.ffViewer.streams[0].pagesHeld})")
     assert s["r"] == [1, 2] and s["pages"] > 0
     assert "applied at block" in dt.eval("document.querySelector('.stream .steer').textContent")
+    dt.eval("document.querySelector('.stream button.cancel').click() || true")
+    wait_for(dt, "window.ffViewer.streams[0].state === 'cancelled'", 30)
+
+
+@pytest.fixture(scope="module")
+def matrix_server(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    from model_adapters import registry
+
+    fix = Path(__file__).parent / "fixtures" / "matrix_game"
+    model = registry.from_weights(registry.get_preset("matrix-game-tiny"), load_file(fix / "model.safetensors"))
+    with torch_threads(1), LiveServer(tmp_path_factory.mktemp("mgv"), model=model, backend="torch",
+                                      num_pages=512) as srv:
+        yield srv
+
+
+def test_keys_and_a_drag_send_matrix_game_rows(matrix_server, chromium):
+    """A Matrix-Game model: W holds 'forward' (keyboard row one-hot at column 0), a drag over the canvas sets the
+    camera delta; each change gets both receipts and the stream holds the rows the viewer sent."""
+    srv, dt = matrix_server, chromium
+    dt.call("Page.enable")
+    dt.call("Page.navigate", url=srv.url + "/")
+    wait_for(dt, "!!(window.ffViewer && window.ffViewer.model) && !document.getElementById('rows-hint').hidden")
+    dt.eval("""(() => { document.getElementById('policy').value = 'window';
+        document.getElementById('seconds').value = '20'; document.getElementById('start').click(); return true; })()""")
+    wait_for(dt, "window.ffViewer.streams.length === 1 && window.ffViewer.streams[0].blocks >= 1")
+    key(dt, "w", 87)
+    wait_for(dt, "window.ffViewer.streams[0].applied.length >= 1")
+    for kind, y in (("mousePressed", 300), ("mouseReleased", 340)):
+        dt.call("Input.dispatchMouseEvent", type=kind, x=150, y=y, button="left", clickCount=1)
+    applied = wait_for(dt, "window.ffViewer.streams[0].applied.length >= 2 && window.ffViewer.streams[0].applied")
+    assert all(a["changed"] == ["conditioning"] for a in applied)
+    sid = dt.eval("window.ffViewer.streams[0].id")
+    session = srv.service.engine.sessions.get(sid)
+    assert session is not None
+    kb, mouse = session.conditioning["keyboard_cond"], session.conditioning["mouse_cond"]
+    assert (kb[-1] == torch.tensor([1.0, 0, 0, 0])).all() and mouse[-1, 0] > 0  # forward held, camera moved down
     dt.eval("document.querySelector('.stream button.cancel').click() || true")
     wait_for(dt, "window.ffViewer.streams[0].state === 'cancelled'", 30)

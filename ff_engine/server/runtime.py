@@ -225,6 +225,7 @@ class Runtime:
             "page_size": self.settings.page_size,
             "actions": list(getattr(self.model.cfg, "actions", ()) or ()),
             "default_prefix_frames": self.default_prefix_frames,
+            "conditioning": getattr(self.model, "steering_rows", dict)(),  # field -> row width (Matrix-Game)
             "undo_blocks": self.settings.undo_blocks,
             "park_after": self.settings.park_after,
         }

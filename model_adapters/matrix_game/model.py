@@ -242,6 +242,12 @@ class MatrixGameModel(nn.Module):
             st["filled"][slot] = kept
 
     # ---- per-stream conditioning ----------------------------------------------------------------------
+    def steering_rows(self) -> dict[str, int]:
+        """The per-pixel-frame conditioning a user steers with, and each row's width (servers and viewers read it:
+        ``keyboard_cond`` one-hot keys, ``mouse_cond`` camera deltas); the stream's pixel frames are
+        ``cfg.pixel_frames(latent frames)``."""
+        return {k: w for k, w in (("keyboard_cond", self.cfg.keyboard_dim), ("mouse_cond", self.cfg.mouse_dim)) if w}
+
     def check_conditioning(self, cond, num_frames: int | None = None) -> dict[str, torch.Tensor]:
         """Validate one stream's conditioning (``keyboard_cond [P, keyboard_dim]``, ``mouse_cond [P, mouse_dim]``
         per pixel frame, ``cond_concat [Fc, cond_channels, H, W]`` per latent frame; each optional) and return it

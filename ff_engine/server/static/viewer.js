@@ -27,6 +27,7 @@ async function init() {
       `up to ${m.max_seconds.toFixed(0)} s, page size ${m.page_size}`;
     const steerable = (m.actions || []).length > 0;
     $("steer-hint").hidden = !steerable;
+    $("rows-hint").hidden = !Object.keys(m.conditioning || {}).length;
     $("prefix-label").hidden = !(m.default_prefix_frames > 0);
     const policies = await api("/v1/policies");
     $("policy").innerHTML = "";
@@ -61,10 +62,22 @@ function startStream(params) {
   const canvas = el.querySelector("canvas");
   const ctx = canvas.getContext("2d");
   const s = { params, frames: 0, blocks: 0, state: "starting", arrivals: [], pagesHeld: 0, error: null,
-              sent: [], received: [], applied: [], paused: false, id: null, el };
+              sent: [], received: [], applied: [], paused: false, id: null, el, key: null, mouse: [0, 0] };
   viewer.streams.push(s);
   select(s);
   el.addEventListener("click", () => select(s));
+  let drag = null;  // a drag over the canvas: the camera delta for Matrix-Game's mouse rows
+  canvas.addEventListener("mousedown", (e) => { drag = [e.clientX, e.clientY]; });
+  canvas.addEventListener("mouseup", (e) => {
+    const widths = (viewer.model && viewer.model.conditioning) || {};
+    if (!drag || !widths.mouse_cond) return;
+    s.mouse = [(e.clientY - drag[1]) / canvas.clientHeight, (e.clientX - drag[0]) / canvas.clientWidth];
+    drag = null;
+    if (control(s, { conditioning: conditioningRows(s) })) {
+      s.sent[s.sent.length - 1].action = `camera ${s.mouse.map((v) => v.toFixed(2)).join(", ")}`;
+      showSteer(s);
+    }
+  });
   const show = (cls, text) => { el.querySelector("." + cls).textContent = text; };
   const fail = (text) => {  // this panel's own error lines (the last 5), and the reason on the canvas
     s.error = text; s.errors = (s.errors || []).concat([text]).slice(-5);
@@ -138,7 +151,7 @@ function showSteer(s) {
   const last = s.sent[s.sent.length - 1];
   if (!last) return;
   const applied = s.applied.find((a) => a.event === last.event);
-  const what = last.paused !== undefined ? (last.paused ? "pause" : "play") : `${ARROWS[last.action] || ""} ${last.action}`;
+  const what = last.paused !== undefined ? (last.paused ? "pause" : "play") : `${ARROWS[last.action] || ""} ${last.action}`.trim();
   s.el.querySelector(".steer").textContent = `${what} · received #${s.received.includes(last.event) ? last.event : "…"}` +
     (applied ? ` · applied at block ${applied.block}` : " · waiting for the next block");
 }
@@ -152,10 +165,41 @@ function control(s, fields) {
   return true;
 }
 
+// Matrix-Game-style keyboard / mouse rows (GET /v1/models "conditioning": field -> row width): W S A D (or 1..7
+// for a 7-key model) set the held key, a drag over the canvas the camera delta; each change sends one block's rows
+// (4 pixel frames per latent frame: the model's VAE time compression), appended after what the stream holds.
+const WSAD = ["w", "s", "a", "d"];
+
+function conditioningRows(s) {
+  const widths = (viewer.model && viewer.model.conditioning) || {};
+  const n = 4 * viewer.model.frames_per_block, out = {};
+  if (widths.keyboard_cond) {
+    const row = new Array(widths.keyboard_cond).fill(0);
+    if (s.key !== null && s.key < row.length) row[s.key] = 1;
+    out.keyboard_cond = new Array(n).fill(row);
+  }
+  if (widths.mouse_cond) out.mouse_cond = new Array(n).fill([s.mouse[0], s.mouse[1]].concat(new Array(widths.mouse_cond - 2).fill(0)).slice(0, widths.mouse_cond));
+  return out;
+}
+
+function steerRows(s, e) {
+  const widths = (viewer.model && viewer.model.conditioning) || {};
+  if (!widths.keyboard_cond) return false;
+  const k = e.key.toLowerCase();
+  const index = widths.keyboard_cond >= 7 ? "1234567".indexOf(k) : WSAD.slice(0, widths.keyboard_cond).indexOf(k);
+  if (index < 0) return false;
+  s.key = s.key === index ? null : index;  // a second press releases the key
+  if (!control(s, { conditioning: conditioningRows(s) })) return false;
+  s.sent[s.sent.length - 1].action = `key ${e.key.toUpperCase()}${s.key === null ? " released" : ""}`;
+  showSteer(s);
+  return true;
+}
+
 document.addEventListener("keydown", (e) => {
   if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
   const actions = (viewer.model && viewer.model.actions) || [];
   const s = viewer.selected;
+  if (s && steerRows(s, e)) { e.preventDefault(); return; }
   if (KEYS[e.key] && actions.includes(KEYS[e.key])) {
     if (control(s, { actions: [KEYS[e.key]] })) { s.paused = false; e.preventDefault(); }
   } else if (e.key === " " && actions.length && s) {
@@ -176,6 +220,11 @@ $("start-form").addEventListener("submit", (e) => {
   };
   if ((m.actions || []).length) params.actions = [m.actions.includes("stay") ? "stay" : m.actions[0]];
   if (m.default_prefix_frames > 0 && $("prefix").checked) params.prefix_frames = m.default_prefix_frames;
+  if (Object.keys(m.conditioning || {}).length) {  // the first block's rows: no key held, the camera still
+    const rows = conditioningRows({ key: null, mouse: [0, 0] });
+    for (const f in rows) rows[f] = rows[f].slice(0, 1 + 4 * (m.frames_per_block - 1));
+    params.conditioning = rows;
+  }
   startStream(params);
 });
 $("key").addEventListener("change", init);
