@@ -49,7 +49,8 @@ def stream_of(request: Request, video_id: str, st: AppState):
         raise ApiError(404, str(exc), "id", "not_found") from None
 
 
-@service.api_route("/health", methods=["GET", "HEAD"])
+@service.get("/health")
+@service.head("/health", operation_id="health_head")  # one operation id per method (/openapi.json)
 async def health(st: State):
     stats = await asyncio.to_thread(st.runtime.service.stats)
     alive = sum(1 for w in stats.get("workers", []) if w.get("alive", True))
@@ -167,7 +168,8 @@ class _Empty(Strict):
     """A fork takes no fields (an empty body or ``{}``)."""
 
 
-@videos.api_route("/{video_id}/file", methods=["GET", "HEAD"])
+@videos.get("/{video_id}/file")
+@videos.head("/{video_id}/file", operation_id="video_file_head")
 async def video_file(request: Request, video_id: str, st: State):
     from ff_engine.server.app import file_of
 
