@@ -28,6 +28,7 @@ def test_load_quick(tmp_path):
     assert res["served"] >= 1 and res["rejected"] >= 1 and res["cancelled"] >= 1 and res["hostile_requests"] >= 10
     assert res["ttff_s"]["n"] >= 1 and res["server_rss_mb"]["end"] > 0
     assert out.with_suffix(".png").is_file()
+    assert res["costly_refused"] >= 1 and res["slowloris"]["closed_by_server"] >= 1  # each answered, none held
     ia = res["interactive"]  # users steering the world model: steer, park, fork, roll back
     assert ia["sessions"] >= 1 and ia["steers"] >= 1 and ia["parked_at_end"] == 0
     assert ia["parked"] == ia["resumed"] == ia["paused_long"] and ia["forked"] == ia["forks"]

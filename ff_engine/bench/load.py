@@ -7,7 +7,9 @@ Workload (seeded): ``--rest`` REST clients (submit, read the MJPEG stream, 1 in 
 action world model (after a block: steer, pause past ``--park-after`` so the stream is parked then steer to resume
 it, fork over REST, roll back a block), one client sending malformed or hostile
 requests every 0.25 s (bad JSON, NaN, unknown policy or parameter, wrong key, ``../`` ids, oversized bodies), and
-one that bursts ``--burst`` long streams every 10 s to overload the queue (then cancels what it got).  Lengths
+one that bursts ``--burst`` long streams every 10 s to overload the queue (then cancels what it got), one sending
+costly requests within every parameter's bound (each must be a 422 from the cost limit), and a slowloris client
+holding ``--slowloris`` stalled request heads open (each must be closed by the server's header deadline).  Lengths
 3..30 latent frames, policies window / sink-window / future-forcing.  The server: the embedded world model,
 ``--pages`` pages, queue bound ``--max-queue``, ``--max-records`` terminal streams remembered (what bounds its
 memory: the service keeps the last blocks of each), one torch thread.
@@ -46,6 +48,7 @@ from ff_engine.client import AsyncClient, ServerError
 
 RESULTS = RESULTS_DIR
 KEY = "load-test-key"
+HEADER_TIMEOUT = 2.0  # the server's --header-timeout in the load test (slowloris clients are closed by then)
 POLICIES = [("window", {}), ("sink-window", {"sink_frames": 3}), ("future-forcing", {"horizon": 3})]
 HOSTILE = [
     ("POST", "/v1/videos", b"{not json", {}),
@@ -72,6 +75,7 @@ class Stats:
         self.block_latency: list[float] = []
         self.error_samples: list[str] = []
         self.timeline: list[dict] = []
+        self.costly = self.slowloris_closed = self.slowloris_refused = 0
         self.interactive = {"sessions": 0, "steers": 0, "paused_long": 0, "forks": 0, "rollbacks": 0}
 
     def error(self, what: str) -> None:
@@ -118,6 +122,8 @@ def start_server(args, out_dir: str) -> tuple[subprocess.Popen, str]:
         "warning",
         "--park-after",
         str(args.park_after),
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
         "--undo-blocks",
         "4",
     ]
@@ -321,6 +327,58 @@ async def hostile_client(url: str, rng: random.Random, stop: float, st: Stats) -
             await asyncio.sleep(0.25)
 
 
+COSTLY = [  # within every parameter's bound, over the server's per-block / per-request cost limit: a 422 each
+    {"frames": 30, "policy": "future-forcing", "policy_params": {"form": "exact", "samples": 1024, "horizon": 64}},
+    {"frames": 30, "policy": "expected-attention", "policy_params": {"n_future_positions": 65536}},
+    {"frames": 30, "policy": "h2o", "policy_params": {"num_queries": 65536}},
+    {"seconds": 600, "policy": "future-forcing", "policy_params": {"form": "exact", "samples": 64, "horizon": 16}},
+]
+
+
+async def cost_client(c: AsyncClient, rng: random.Random, stop: float, st: Stats) -> None:
+    """Cost amplification: requests whose every field is in range but whose policy work is not; each must be a
+    422 naming the field that sets the cost (nothing queued), never a slow stream."""
+    while time.monotonic() < stop:
+        req = rng.choice(COSTLY)
+        try:
+            v = await c.submit(**req)
+            st.error(f"costly request accepted: {req} -> {v['id']}")
+            await c.cancel(v["id"])
+        except ServerError as exc:
+            st.costly += 1
+            if exc.status != 422 or not exc.param:
+                st.error(f"costly request: {exc.status} param {exc.param}: {exc}")
+        except httpx.HTTPError as exc:
+            st.error(f"costly request: {type(exc).__name__}: {exc}")
+        await asyncio.sleep(0.5)
+
+
+async def slowloris_client(port: int, stop: float, st: Stats, held: int, header_timeout: float) -> None:
+    """Slowloris: ``held`` connections that send half a request head and stall, again and again; the server must
+    close each within its header deadline (plus slack), however many are open (it also caps them per client)."""
+    while time.monotonic() < stop:
+        conns = []
+        for _ in range(held):
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                conns.append((r, w))
+            except OSError:
+                st.slowloris_refused += 1  # the per-client cap closed it at once: that is a defence too
+        t0 = time.monotonic()
+        for r, w in conns:
+            try:
+                await asyncio.wait_for(r.read(), header_timeout + 5.0)  # EOF: the server closed it
+                st.slowloris_closed += 1
+            except TimeoutError:
+                st.error(f"slowloris: a stalled request head held open {time.monotonic() - t0:.1f} s")
+            except OSError:
+                st.slowloris_closed += 1
+            finally:
+                w.close()
+        await asyncio.sleep(1.0)
+
+
 async def burst_client(c: AsyncClient, rng: random.Random, stop: float, st: Stats, size: int) -> None:
     while time.monotonic() < stop:
         got = []
@@ -384,6 +442,8 @@ async def run(args, url: str, proc: psutil.Process) -> tuple[Stats, dict]:
         tasks += [
             hostile_client(url, random.Random(rng.random()), stop, st),
             burst_client(c, random.Random(rng.random()), stop, st, args.burst),
+            cost_client(c, random.Random(rng.random()), stop, st),
+            slowloris_client(int(url.rsplit(":", 1)[1]), stop, st, args.slowloris, HEADER_TIMEOUT),
             sampler(c, proc, t_start, stop + args.drain, st),
         ]
         gathered = asyncio.gather(*tasks[:-1])
@@ -450,6 +510,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--burst", type=int, default=24)
     ap.add_argument("--interactive", type=int, default=2,
                     help="WebSocket users steering the action world model (v4): steer, park, fork, roll back")
+    ap.add_argument("--slowloris", type=int, default=16, help="stalled request heads held open at a time")
     ap.add_argument("--park-after", type=float, default=1.0, help="the server's --park-after (seconds)")
     ap.add_argument("--pages", type=int, default=1024)
     ap.add_argument("--max-queue", type=int, default=6)
@@ -494,6 +555,7 @@ def _result(args, st, extra, rss_start, rss_end, server_log) -> dict:
                 "burst",
                 "interactive",
                 "park_after",
+                "slowloris",
                 "pages",
                 "max_queue",
                 "max_records",
@@ -508,6 +570,9 @@ def _result(args, st, extra, rss_start, rss_end, server_log) -> dict:
         "errors": st.errors,
         "error_samples": st.error_samples,
         "hostile_requests": st.hostile,
+        "costly_refused": st.costly,
+        "slowloris": {"closed_by_server": st.slowloris_closed, "refused": st.slowloris_refused,
+                      "header_timeout_s": HEADER_TIMEOUT},
         "ttff_s": {"p50": pct(st.ttff, 50), "p99": pct(st.ttff, 99), "n": len(st.ttff)},
         "block_latency_s": {
             "p50": pct(st.block_latency, 50),
