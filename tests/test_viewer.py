@@ -126,6 +126,14 @@ def test_viewer_shows_frames_of_two_streams(server, chromium, tmp_path):
     stats = dt.eval("window.ffViewer.streams.map(s => ({state: s.state, pages: s.pagesHeld, error: s.error}))")
     assert all(s["state"] == "running" and s["error"] is None for s in stats), stats
     assert dt.eval("document.querySelector('.stream .fps').textContent") != "–"
+    play = dt.eval("window.ffViewer.streams.map(s => ({played: s.frames, arrived: s.arrived, stalls: s.stalls, "
+                   "fps: s.videoFps}))")
+    fps = server.runtime.geometry.fps
+    assert all(p["arrived"] >= p["played"] and p["fps"] == fps for p in play), play  # played from the buffer
+    # frames stop coming while the stream still runs (paused by the server): the panel says it is behind
+    dt.eval("window.ffViewer.control(window.ffViewer.streams[0], {paused: true})")
+    wait_for(dt, "window.ffViewer.streams[0].behind && window.ffViewer.streams[0].stalls >= 1 && "
+                 "!document.querySelector('.stream .behind').hidden", 30)
     png = base64.b64decode(dt.call("Page.captureScreenshot", format="png")["data"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("FF_VIEWER_SCREENSHOT"):

@@ -51,6 +51,7 @@ function panel(title) {
     <canvas width="384" height="256"></canvas>
     <div class="stats"><span>fps<b class="fps">–</b></span><span>blocks<b class="blocks">0</b></span>
     <span>pages<b class="pages">0</b></span><span>state<b class="state">starting</b></span></div>
+    <div class="behind" hidden>generation is behind real time: waiting for frames</div>
     <div class="steer muted"></div>
     <div class="panel-errors"></div>`;
   $("streams").appendChild(el);
@@ -62,7 +63,8 @@ function startStream(params) {
   const canvas = el.querySelector("canvas");
   const ctx = canvas.getContext("2d");
   const s = { params, frames: 0, blocks: 0, state: "starting", arrivals: [], pagesHeld: 0, error: null,
-              sent: [], received: [], applied: [], paused: false, id: null, el, key: null, mouse: [0, 0] };
+              sent: [], received: [], applied: [], paused: false, id: null, el, key: null, mouse: [0, 0],
+              buffer: [], arrived: 0, stalls: 0, behind: false, videoFps: 16 };
   viewer.streams.push(s);
   select(s);
   el.addEventListener("click", () => select(s));
@@ -89,9 +91,34 @@ function startStream(params) {
     while (s.arrivals.length && s.arrivals[0] < now - 2000) s.arrivals.shift();
     show("fps", ended ? "–" : (s.arrivals.length / 2).toFixed(1));
   };
-  let ended = false;
+  let ended = false, generating = true, started = false;
   const ticker = setInterval(fps, 500);
-  const end = () => { ended = true; s.arrivals = []; clearInterval(ticker); fps(); };
+  // Playback at the video's fps from a small buffer (a block's frames), not as frames arrive: when the buffer runs
+  // dry while the stream still generates, generation is behind real time (counted in s.stalls, shown on the panel).
+  const play = () => {
+    if (!started && s.buffer.length < Math.max(1, frameBlock) && generating) return;
+    started = true;
+    const bmp = s.buffer.shift();
+    if (bmp) {
+      ctx.drawImage(bmp, 0, 0, canvas.width, canvas.height);
+      s.frames += 1;
+      s.arrivals.push(performance.now());
+      if (s.behind) { s.behind = false; el.querySelector(".behind").hidden = true; }
+    } else if (generating && !s.paused) {
+      if (!s.behind) { s.behind = true; s.stalls += 1; el.querySelector(".behind").hidden = false; }
+    }
+    if (!generating && !s.buffer.length) clearInterval(s.player);
+  };
+  let frameBlock = 0;
+  const startPlayer = (fpsValue) => {
+    s.videoFps = fpsValue || 16;
+    clearInterval(s.player);
+    s.player = setInterval(play, 1000 / s.videoFps);
+  };
+  const end = () => {
+    ended = true; generating = false; s.arrivals = []; clearInterval(ticker); fps();
+    el.querySelector(".behind").hidden = true;
+  };
   const setState = (st) => { s.state = st; const b = el.querySelector(".state"); b.textContent = st; b.className = "state state-" + st; };
 
   const protocols = ["ff-engine"].concat(key() ? ["bearer." + key()] : []);
@@ -105,22 +132,20 @@ function startStream(params) {
     if (typeof msg.data !== "string") {
       if (pending <= 0) return;  // latents or an unexpected binary: not a frame
       pending -= 1;
-      const bmp = await createImageBitmap(msg.data);
-      ctx.drawImage(bmp, 0, 0, canvas.width, canvas.height);
-      s.frames += 1;
-      const now = performance.now();
-      s.arrivals.push(now);
-      fps();
+      s.buffer.push(await createImageBitmap(msg.data));  // played at the video's fps by the play loop
+      s.arrived += 1;
       return;
     }
     const ev = JSON.parse(msg.data);
-    if (ev.type === "session.started") { numBlocks = ev.num_blocks; s.id = ev.session_id; setState("running"); }
+    if (ev.type === "session.started") {
+      numBlocks = ev.num_blocks; s.id = ev.session_id; setState("running"); startPlayer(ev.fps);
+    }
     else if (ev.type === "control.received") { s.received.push(ev.event); showSteer(s); }
     else if (ev.type === "session.updated") {
       s.applied.push({ event: ev.event, block: ev.applies_at_block, changed: ev.changed }); showSteer(s);
     }
     else if (ev.type === "video.block") {
-      pending = ev.frames; s.blocks = ev.block + 1; s.pagesHeld = ev.pages_held;
+      pending = ev.frames; frameBlock = ev.frames; s.blocks = ev.block + 1; s.pagesHeld = ev.pages_held;
       show("blocks", `${s.blocks}/${numBlocks}`); show("pages", `${ev.pages_held}/${ev.pages_reserved}`);
     } else if (ev.type === "session.done") { setState(ev.state); end(); if (ev.error) fail(ev.error); ws.close(); }
     else if (ev.type === "error") { fail(ev.message); if (s.state === "starting") setState("error"); }
