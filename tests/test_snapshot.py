@@ -11,7 +11,7 @@ from test_engine import noises, tiny_model
 
 from ff_engine.checksum import KEY, tensors_digest
 from ff_engine.engine import Engine, SessionConfig
-from ff_engine.engine.snapshot import CONFIG_FIELDS, SessionSnapshot
+from ff_engine.engine.snapshot import ADMISSION_ONLY_FIELDS, CONFIG_FIELDS, SessionSnapshot
 from ff_engine.errors import BudgetError, ConfigError, SnapshotError
 from ff_engine.policies import POLICIES, FutureForcing, make_policy
 
@@ -188,7 +188,9 @@ def test_a_version_1_snapshot_still_loads(model, good):
 
 
 def test_config_fields_are_all_carried():
-    assert {f.name for f in dataclasses.fields(SessionConfig)} == set(CONFIG_FIELDS)
+    """Every request field is either carried or (the prefix) consumed at admission; nothing falls in between."""
+    assert {f.name for f in dataclasses.fields(SessionConfig)} == set(CONFIG_FIELDS) | set(ADMISSION_ONLY_FIELDS)
+    assert not set(CONFIG_FIELDS) & set(ADMISSION_ONLY_FIELDS)
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +252,28 @@ def test_wrong_model_sampler_or_state_is_refused_and_leaks_nothing(model, good):
         e.restore(good, session_id="copy-1")
     e.cancel(s.id)
     assert not e.sessions and e.cache.pool.reserved_total == 0 and e.cache.pool.num_free == e.cache.num_pages
+
+
+def test_a_prefixed_stream_resumes_bit_identically(model):
+    """The prefix is consumed at admission (its K/V and frames are in the snapshot), so the restored stream
+    continues after it, never writes it twice, and ends as the uninterrupted stream does."""
+    g = model.geometry
+    lat = torch.randn(6, g.latent_channels, *g.latent_hw, generator=torch.Generator().manual_seed(3))
+    cfg = SessionConfig(prompt=prompt(), num_frames=FRAMES, budget_frames=9, policy=make_policy("future-forcing"),
+                        prefix=lat, session_id="prefixed")
+
+    def run(snap_at):
+        engine = Engine(model, num_pages=200, page_size=4, backend="torch")
+        s = engine.add_session(cfg)
+        engine.prefill(s.id, lat)
+        snap = None
+        while s.id in engine.sessions:
+            if s.block == snap_at:
+                snap = engine.snapshot(s.id)
+            assert engine.step([s.id])[0].error is None
+        return torch.cat(s.latents), snap
+
+    full, snap = run(snap_at=3)
+    assert torch.equal(full[:6], lat.to(full.dtype))
+    assert "config.prefix" not in snap.tensors and "prefix" not in snap.meta["session"]
+    assert torch.equal(resume(Engine(model, num_pages=200, page_size=4, backend="torch"), snap), full)

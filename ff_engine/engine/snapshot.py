@@ -55,6 +55,9 @@ META_KEY = "ff_engine.snapshot"
 #: SessionConfig fields a snapshot carries (a test keeps this in step with SessionConfig)
 CONFIG_FIELDS = ("prompt", "num_frames", "seed", "policy", "budget_frames", "initial_noise", "step_noise", "session_id",
                  "retain_frames", "actions", "conditioning")
+#: SessionConfig fields a snapshot need not carry: consumed at admission (the prefix's K/V are in the saved cache
+#: and its frames in the saved latents, and a restored stream continues after them, never re-admits them)
+ADMISSION_ONLY_FIELDS = ("prefix",)
 _CACHE_PARTS = {"k": None, "v": None, "positions": torch.int32, "log_mass": torch.float32}  # None: model dtype
 _JSON_SCALARS = (type(None), bool, int, float, str)
 
