@@ -28,9 +28,16 @@ its last page.  Scratch pages are private to one sequence within a call and sess
 distinct, so no two sequences share a written slot.  Independently, pages freed by the cache are cleared here
 too (``on_free``), so the mirror never holds a page of a stream that no longer owns it
 (``check_invariants``).
+
+Threads.  The op is not reentrant: two engines in one process calling it from two threads at once got results off
+by ~1e-4 now and then (a stream migrated between two in-process workers, ``tests/test_moves.py``; never with the
+torch backend), so its calls hold ``_KERNEL_LOCK``.  One engine per process (the server, a Ray worker) never
+waits on it.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -38,6 +45,7 @@ from ff_engine.attention.interface import AttentionBackend, AttentionBatch
 from ff_engine.attention.torch_ref import TorchReferenceBackend
 from ff_engine.errors import ConfigError
 
+_KERNEL_LOCK = threading.Lock()  # the op is not reentrant across threads (module docstring)
 _HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -189,10 +197,12 @@ class VllmCpuBackend(AttentionBackend):
         seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
         qsl = batch.cu_seqlens.to(torch.int32)
         ops = m._ops
-        md = ops.cpu_attn_get_scheduler_metadata(n_seq, h, hkv, d, seq_lens_t, q.dtype, qsl, False, -1, m.isa, False)
         out = torch.empty_like(q)
-        ops.cpu_attention_with_kv_cache(
-            q.contiguous(), m.key_cache, m.value_cache, out, qsl, seq_lens_t, batch.scale, False, None, -1,
-            bt, 0.0, md, None,
-        )
+        with _KERNEL_LOCK:
+            md = ops.cpu_attn_get_scheduler_metadata(n_seq, h, hkv, d, seq_lens_t, q.dtype, qsl, False, -1, m.isa,
+                                                     False)
+            ops.cpu_attention_with_kv_cache(
+                q.contiguous(), m.key_cache, m.value_cache, out, qsl, seq_lens_t, batch.scale, False, None, -1,
+                bt, 0.0, md, None,
+            )
         return out

@@ -54,6 +54,7 @@ from ff_engine.engine.session import SessionConfig, new_session_id
 from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 from ff_engine.serving.contract import Overloaded
 from ff_engine.serving.controls import Fork, Park, Pause, Rollback, Steer, Update, merge_actions
+from ff_engine.serving.moves import Elastic
 from ff_engine.serving.stream_table import Handle, StreamRecord, StreamTable
 from ff_engine.serving.worker import Start, WorkerReport
 
@@ -88,6 +89,7 @@ class WorkerState:
     pages_total: int
     max_batch: int
     alive: bool = True
+    draining: bool = False  # no new stream is placed on it (``Router.drain``)
     placed: dict[str, int] = field(default_factory=dict)
     to_cancel: list[str] = field(default_factory=list)
     to_start: list[Start] = field(default_factory=list)
@@ -115,7 +117,7 @@ class WorkerState:
         return self.pages_total - sum(self.placed.values())
 
 
-class Router:
+class Router(Elastic):
     def __init__(
         self,
         endpoints: list[Endpoint],
@@ -151,7 +153,9 @@ class Router:
         self.frames_per_block = info["frames_per_block"]
         self.queue: deque[str] = deque()
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0, "resumed": 0,
-                       "parked": 0, "unparked": 0, "forked": 0, "rolled_back": 0, "steered": 0}
+                       "parked": 0, "unparked": 0, "forked": 0, "rolled_back": 0, "steered": 0,
+                       "migrated": 0, "drained": 0, "workers_added": 0}
+        self.migrate_seconds: deque[float] = deque(maxlen=4096)  # migrate request -> restored on its target
         self.unpark_seconds: deque[float] = deque(maxlen=4096)  # resume request -> restored on a worker
         self._lock = threading.RLock()
         self._wake = cf.Future()
@@ -270,6 +274,8 @@ class Router:
             if record.state != "running":
                 raise ConfigError(f"stream {stream_id!r} is {record.state}: only a running stream can be forked")
             w = self._worker(record.worker)
+            if w.draining:
+                raise ConfigError(f"stream {stream_id!r} is on worker {w.name}, which is draining: fork it after it moved")
             if w.free < record.pages:
                 raise BudgetError(f"fork needs {record.pages} pages on worker {w.name}; {w.free} are free there")
             cfg = dataclasses.replace(record.cfg, session_id=fork_id)
@@ -336,6 +342,7 @@ class Router:
                     {
                         "name": w.name,
                         "alive": w.alive,
+                        "draining": w.draining,
                         "pages_total": w.pages_total,
                         "pages_used": w.pages_used if w.alive else 0,
                         "pages_reserved": w.pages_reserved if w.alive else 0,
@@ -354,6 +361,9 @@ class Router:
             parked_now = sum(r.state == "parked" for r in self.table.records())
             lat = sorted(self.unpark_seconds)
             pct = {f"unpark_p{q}_s": lat[min(len(lat) - 1, int(q / 100 * len(lat)))] if lat else None for q in (50, 99)}
+            mig = sorted(self.migrate_seconds)
+            pct |= {f"migrate_p{q}_s": mig[min(len(mig) - 1, int(q / 100 * len(mig)))] if mig else None
+                    for q in (50, 99)}
             return {"workers": workers, "queued": len(self.queue), "active": active, "parked_now": parked_now,
                     **pct, **self.counts}
 
@@ -375,8 +385,8 @@ class Router:
                 self._refuse_updates(w, "the service shut down before the update was applied")
 
     # ---- placement (under the lock) ---------------------------------------------------------------
-    def _best(self, pages: int) -> WorkerState | None:
-        fits = [w for w in self.workers if w.alive and w.free >= pages]
+    def _best(self, pages: int, exclude: WorkerState | None = None) -> WorkerState | None:
+        fits = [w for w in self.workers if w.alive and not w.draining and w is not exclude and w.free >= pages]
         return min(fits, key=lambda w: (-w.free, len(w.placed), w.name), default=None)
 
     def _admissible(self, pages: int) -> FFEngineError | None:
@@ -413,7 +423,8 @@ class Router:
                 self.queue.popleft()
                 self._fail(record, f"no live worker can hold its {record.pages} pages (workers died)")
                 continue
-            w = self._best(record.pages)
+            source = self._worker(record.moving.source) if record.moving is not None else None
+            w = self._move_target(record) or self._best(record.pages, exclude=source)
             if w is None:
                 return  # FIFO: nothing overtakes the head
             self.queue.popleft()
@@ -432,6 +443,7 @@ class Router:
     @staticmethod
     def _drop_pending(record: StreamRecord, why: str) -> None:
         record.parked = None
+        Elastic._move_failed(record, why)
         for _, answer in record.pending:
             if not answer.done():
                 answer.set_exception(ConfigError(why))
@@ -525,7 +537,9 @@ class Router:
             record = self.table.find(sid)
             if record is not None and sid in w.placed:
                 record.started(first)
-                if record.unpark_requested is not None:
+                if record.moving is not None:
+                    self._moved_in(record, w, first)
+                elif record.unpark_requested is not None:
                     self.unpark_seconds.append(time.monotonic() - record.unpark_requested)
                     record.unpark_requested = None
                     self.counts["unparked"] += 1
@@ -564,6 +578,7 @@ class Router:
         if record is None or error is not None:
             if isinstance(ctrl, Park) and record is not None:
                 record.parking = False
+                self._move_failed(record, f"the move was refused: {error}")
             return
         if isinstance(ctrl, Update):
             record.cfg = dataclasses.replace(record.cfg, prompt=ctrl.prompt)
@@ -584,6 +599,10 @@ class Router:
             return
         record.parking, record.parked = False, snap
         record.pages_held = 0
+        if record.moving is not None:
+            self._moved_out(record, snap)
+            self._place()
+            return
         record.set_state("parked", None)
         self.counts["parked"] += 1
         self._place()
@@ -604,6 +623,7 @@ class Router:
         resume = []
         for sid in orphans:
             record = self.table.find(sid)
+            self._move_failed(record, f"worker {w.name} died during the move; the stream resumes from its snapshot")
             if self.snapshot_every:
                 record.resumed += 1
                 record.set_state("queued", None)

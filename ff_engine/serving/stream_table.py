@@ -56,6 +56,7 @@ class StreamRecord:
         self.parked = None  # a parked stream's SessionSnapshot (host memory), until it is placed again
         self.pending: list = []  # (control, future) to send right after its start (a queued or parked stream)
         self.parking = False  # a Park is on its way to its worker
+        self.moving = None  # a ``moves.Move`` while it migrates between workers
         self.unpark_requested: float | None = None  # when it was asked to resume from parked (latency)
         self.parent: StreamRecord | None = None  # the stream it was forked from
         self.forks = 0  # streams forked from it
