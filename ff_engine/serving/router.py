@@ -33,7 +33,11 @@ its lock and wake it.
   wrote (``snapshot_every`` > 0), or from block 0 when none was written yet — generation is deterministic, so
   blocks the router already has are regenerated identically and dropped.  With snapshots off they end
   ``failed`` and keep the blocks already persisted.  Streams on other workers are not touched.  A dead worker
-  is not replaced: the cluster's capacity shrinks (a waiting stream that no live worker can hold fails).
+  is not replaced here: the cluster's capacity shrinks (a waiting stream that no live worker can hold fails),
+  unless the owner adds workers back (``add_worker``; ``ServeCluster`` does when Serve replaces a replica, and
+  sets ``wait_for_workers`` so that streams wait for the replacement rather than fail).
+* **Elasticity** (``moves.py``): workers that join at run time, ``migrate`` (a stream moved between two blocks)
+  and ``drain``.
 """
 
 from __future__ import annotations
@@ -130,7 +134,9 @@ class Router(Elastic):
         max_terminal: int = 1024,
         heartbeat_s: float = 0.5,
         park_after: float | None = None,
+        wait_for_workers: bool = False,
     ):
+        self.wait_for_workers = wait_for_workers  # workers come back (Serve replaces them): streams wait for one
         if park_after is not None and (isinstance(park_after, bool) or not isinstance(park_after, int | float)
                                        or not park_after >= 0):
             raise ConfigError(f"park_after must be None (never) or seconds >= 0, got {park_after!r}")
@@ -154,7 +160,7 @@ class Router(Elastic):
         self.queue: deque[str] = deque()
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0, "resumed": 0,
                        "parked": 0, "unparked": 0, "forked": 0, "rolled_back": 0, "steered": 0,
-                       "migrated": 0, "drained": 0, "workers_added": 0}
+                       "migrated": 0, "drained": 0, "workers_added": 0, "blocks_regenerated": 0}
         self.migrate_seconds: deque[float] = deque(maxlen=4096)  # migrate request -> restored on its target
         self.unpark_seconds: deque[float] = deque(maxlen=4096)  # resume request -> restored on a worker
         self._lock = threading.RLock()
@@ -419,6 +425,8 @@ class Router(Elastic):
                 self.queue.popleft()
                 continue
             live = [w for w in self.workers if w.alive]
+            if not live and self.wait_for_workers:
+                return  # a replacement is on its way (ServeCluster): the queue waits for it
             if not live or record.pages > max(w.pages_total for w in live):
                 self.queue.popleft()
                 self._fail(record, f"no live worker can hold its {record.pages} pages (workers died)")
@@ -551,7 +559,8 @@ class Router(Elastic):
                 w.placed.pop(r.session_id)
                 self._fail(record, r.error)
                 continue
-            record.add_block(r.block, r.latents)
+            if not record.add_block(r.block, r.latents):
+                self.counts["blocks_regenerated"] += 1  # after a resume from an older snapshot (dropped)
             if r.done:
                 w.placed.pop(r.session_id)
                 if record.end("finished"):
