@@ -10,22 +10,28 @@ tests and ``bench simulate`` call it directly); ``engine_replicas_policy`` feeds
 
 from __future__ import annotations
 
+import logging
 import math
 
+log = logging.getLogger("ray.serve")  # the controller's log, where Serve's own scaling decisions go
 
-def decide(current: int, *, queued_pages: float, free_pages: float, used_pages: float, pages_per_replica: float,
-           lo: int, hi: int, low_water: float = 0.5) -> int:
-    """Target replicas.  Up: enough replicas for the queue's pages beyond those free now (at least one more while
-    anything waits).  Down: one fewer when nothing waits and every used page would fit in ``current - 1``
-    replicas at ``low_water`` of their pages.  Always within ``[lo, hi]``."""
-    if current < lo:
-        return lo
+
+def decide(running: int, target: int, *, queued_pages: float, free_pages: float, used_pages: float,
+           pages_per_replica: float, lo: int, hi: int, low_water: float = 0.5) -> int:
+    """The next target replica count, from ``running`` replicas (reporting) and the current ``target`` (replicas
+    still starting count as capacity on its way).  Up: as many more replicas as the queue's pages need beyond the
+    free pages and those on their way.  Down: one fewer when nothing waits or starts and every used page would
+    fit in ``running - 1`` replicas at ``low_water`` of their pages.  Always within ``[lo, hi]``."""
+    ppr = max(pages_per_replica, 1.0)
+    coming = max(0, target - running) * ppr
     if queued_pages > 0:
-        short = max(0.0, queued_pages - free_pages)
-        return min(hi, current + max(1, math.ceil(short / max(pages_per_replica, 1.0))))
-    if current > lo and used_pages <= (current - 1) * pages_per_replica * low_water:
-        return current - 1
-    return min(current, hi)
+        short = queued_pages - free_pages - coming
+        want = target + math.ceil(short / ppr) if short > 0 else target
+    elif target == running and running > lo and used_pages <= (running - 1) * ppr * low_water:
+        want = running - 1
+    else:
+        want = target
+    return max(lo, min(hi, want))
 
 
 def engine_replicas_policy(ctx):
@@ -33,11 +39,12 @@ def engine_replicas_policy(ctx):
     metrics = ctx.aggregated_metrics or {}
     per = {name: list((metrics.get(name) or {}).values()) for name in
            ("free_pages", "pages_total", "queued_pages", "streams")}
-    if not per["pages_total"]:  # no report yet: keep what there is
-        return ctx.current_num_replicas, ctx.policy_state
+    if not per["pages_total"]:  # no report yet: keep the target
+        return max(ctx.target_num_replicas, ctx.capacity_adjusted_min_replicas), ctx.policy_state
     total, free = sum(per["pages_total"]), sum(per["free_pages"])
     target = decide(
-        ctx.current_num_replicas,
+        len(per["pages_total"]),
+        ctx.target_num_replicas,
         queued_pages=max(per["queued_pages"] or [0.0]),  # every replica reports the same router queue
         free_pages=free,
         used_pages=total - free,
@@ -45,4 +52,7 @@ def engine_replicas_policy(ctx):
         lo=ctx.capacity_adjusted_min_replicas,
         hi=ctx.capacity_adjusted_max_replicas,
     )
+    if target != ctx.target_num_replicas:
+        log.info("ff-engine policy: %d -> %d replicas (per replica: %s)", ctx.target_num_replicas, target,
+                 {k: v for k, v in per.items() if v})
     return target, ctx.policy_state
