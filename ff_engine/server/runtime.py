@@ -63,7 +63,8 @@ class PromptCatalog:
 
 
 def build_service(settings: ServerSettings, model):
-    """``LocalService`` over one engine, or ``RayCluster`` when ``--ray`` is given ("local": start a Ray
+    """``LocalService`` over one engine, ``RayCluster`` when ``--ray`` is given (``ServeCluster`` with
+    ``--ray-serve``) ("local": start a Ray
     instance in this process; "auto" or an address: join a running cluster).  Blocks are persisted under
     ``output_dir/blocks`` so the service keeps only the last few blocks of each stream in memory."""
     from ff_engine import serving
@@ -85,6 +86,10 @@ def build_service(settings: ServerSettings, model):
     if settings.model and Path(settings.model).is_file() or not settings.model:
         source = serving.ModelSpec.checkpoint(settings.model or models.DEFAULT_MODEL, settings.preset)
     address = None if settings.ray == "local" else settings.ray
+    if settings.ray_serve:
+        autoscale = (settings.workers, settings.autoscale_max) if settings.autoscale_max else None
+        return serving.ServeCluster(source, num_replicas=settings.workers, autoscale=autoscale, address=address,
+                                    snapshot_every=settings.snapshot_every, **common)
     return serving.RayCluster(
         source, num_workers=settings.workers, snapshot_every=settings.snapshot_every, address=address, **common
     )

@@ -37,6 +37,8 @@ class ServerSettings:
     jpeg_quality: int = 3  # MJPEG qscale (2 best .. 31 worst)
     ray: str = ""  # "" = local engine; "auto" or a Ray address = serve from the Ray cluster
     workers: int = 1
+    ray_serve: bool = False  # with --ray: engine replicas on Ray Serve (ServeCluster) instead of Ray core actors
+    autoscale_max: int = 0  # --ray-serve: autoscale between --workers and this many replicas (0 = fixed count)
     torch_threads: int = 0  # intra-op threads of the local engine (0 = torch's default)
     snapshot_every: int = 8  # Ray: blocks between snapshots (0 = none: a dead worker fails its streams)
     max_seconds: int = 600  # longest video one request may ask for (10 min); no RoPE table caps a stream
@@ -66,6 +68,7 @@ class ServerSettings:
             "ws_queue_blocks": (1, 1024),
             "jpeg_quality": (2, 31),
             "workers": (1, 1024),
+            "autoscale_max": (0, 1024),
             "snapshot_every": (0, 1 << 20),
             "torch_threads": (0, 1024),
             "max_seconds": (1, 86400),
@@ -86,6 +89,12 @@ class ServerSettings:
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}")
+        if self.ray_serve and not self.ray:
+            raise ConfigError("--ray-serve needs --ray (local, auto or an address)")
+        if self.ray_serve and not self.snapshot_every:
+            raise ConfigError("--ray-serve needs --snapshot-every >= 1 (a replica Serve replaces must lose no stream)")
+        if self.autoscale_max and (not self.ray_serve or self.autoscale_max < self.workers):
+            raise ConfigError("--autoscale-max needs --ray-serve and must be >= --workers (the minimum)")
         return self
 
 
@@ -112,6 +121,8 @@ _HELP = {
     "api_key": "require 'Authorization: Bearer KEY' on every route but /health",
     "host": "bind address (127.0.0.1: this machine only)",
     "ray": "serve from Ray: 'auto' (join the running cluster), an address, or 'local' (start one here)",
+    "ray_serve": "with --ray: engine replicas on Ray Serve (health-checked, replaced, scalable) instead of Ray actors",
+    "autoscale_max": "with --ray-serve: Serve autoscales engine replicas between --workers and this (0 = fixed)",
     "snapshot_every": "Ray: snapshot each stream every N blocks so a dead worker's streams resume elsewhere",
     "max_block_cost": "policy work units one block may cost (policy_params that cost more: 422)",
     "max_request_cost": "policy work units a request may cost (blocks x units per block)",
