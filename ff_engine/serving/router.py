@@ -59,6 +59,7 @@ from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 from ff_engine.serving.contract import Overloaded
 from ff_engine.serving.controls import Fork, Park, Pause, Rollback, Steer, Update, merge_actions
 from ff_engine.serving.moves import Elastic
+from ff_engine.serving.placement import PLACEMENTS, best_worker, queue_admits
 from ff_engine.serving.stream_table import Handle, StreamRecord, StreamTable
 from ff_engine.serving.worker import Start, WorkerReport
 
@@ -135,7 +136,11 @@ class Router(Elastic):
         heartbeat_s: float = 0.5,
         park_after: float | None = None,
         wait_for_workers: bool = False,
+        placement: str = "most-free",
     ):
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        self.placement = placement
         self.wait_for_workers = wait_for_workers  # workers come back (Serve replaces them): streams wait for one
         if park_after is not None and (isinstance(park_after, bool) or not isinstance(park_after, int | float)
                                        or not park_after >= 0):
@@ -161,7 +166,8 @@ class Router(Elastic):
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0, "resumed": 0,
                        "parked": 0, "unparked": 0, "forked": 0, "rolled_back": 0, "steered": 0,
                        "migrated": 0, "drained": 0, "workers_added": 0, "blocks_regenerated": 0}
-        self.migrate_seconds: deque[float] = deque(maxlen=4096)  # migrate request -> restored on its target
+        self.migrate_seconds: deque[float] = deque(maxlen=4096)
+        self.admission_log: deque[str] = deque(maxlen=4096)  # new streams in the order they were placed  # migrate request -> restored on its target
         self.unpark_seconds: deque[float] = deque(maxlen=4096)  # resume request -> restored on a worker
         self._lock = threading.RLock()
         self._wake = cf.Future()
@@ -392,8 +398,7 @@ class Router(Elastic):
 
     # ---- placement (under the lock) ---------------------------------------------------------------
     def _best(self, pages: int, exclude: WorkerState | None = None) -> WorkerState | None:
-        fits = [w for w in self.workers if w.alive and not w.draining and w is not exclude and w.free >= pages]
-        return min(fits, key=lambda w: (-w.free, len(w.placed), w.name), default=None)
+        return best_worker(self.workers, pages, self.placement, exclude)
 
     def _admissible(self, pages: int) -> FFEngineError | None:
         """Why a valid request of ``pages`` cannot be queued now, or None.  Streams re-queued after a worker death
@@ -411,7 +416,7 @@ class Router(Elastic):
         waiting_new = sum(1 for sid in self.queue if (r := self.table.find(sid)) is not None and not r.resumed
                           and r.unpark_requested is None)
         placeable_now = not self.queue and self._best(pages) is not None
-        if self.max_queue is not None and not placeable_now and waiting_new >= self.max_queue:
+        if not queue_admits(waiting_new, self.max_queue, placeable_now):
             return Overloaded(
                 f"admission queue is full ({waiting_new} streams waiting, max_queue {self.max_queue})",
                 self.retry_after(),
@@ -436,6 +441,8 @@ class Router(Elastic):
             if w is None:
                 return  # FIFO: nothing overtakes the head
             self.queue.popleft()
+            if not record.resumed and record.parked is None and record.moving is None:
+                self.admission_log.append(record.id)
             w.placed[record.id] = record.pages
             w.to_start.append(Start(record.cfg, resume=record.resumed > 0, snapshot=record.parked))
             record.parked = None
