@@ -101,13 +101,12 @@ def test_two_workers_serve_20_mixed_streams_exactly_and_leak_nothing(plain, mode
     cfgs = [cfg(i, 3 + 3 * (i % 4), *MIX[i % len(MIX)]) for i in range(20)]  # 1 to 4 blocks
     handles = [plain.submit(c) for c in cfgs]
     assert handles[0].status().worker != handles[1].status().worker  # the second goes where more pages are free
-    peak = {}
+    # (no sampled "both workers were busy" check: under a loaded box a worker may finish all its short streams
+    # between two samples of this thread -- the race behind issue 27's flaky first test)
     while not all(h.status().terminal for h in handles):  # pages in use never exceed a worker's pool
         for w in plain.stats()["workers"]:
             assert w["pages_placed"] <= w["pages_total"] and w["pages_used"] <= w["pages_total"]
-            peak[w["name"]] = max(peak.get(w["name"], 0), w["pages_placed"])
         time.sleep(0.02)
-    assert min(peak.values()) > 0  # both workers served streams
     ref = single_engine(model, cfgs, max_batch=20)
     for h in handles:
         got = torch.cat([b.latents for b in h.blocks(timeout=60)])
@@ -121,12 +120,17 @@ def test_two_workers_serve_20_mixed_streams_exactly_and_leak_nothing(plain, mode
 def test_queue_bound_overloads_and_a_bad_request_fails_alone(plain):
     bad = plain.submit(cfg(202, 6, Window(), 3, prompt=torch.randn(4, 100)))  # only the model can refuse it
     wide = (Window(), 30)  # 26 of a worker's 40 pages: one stream per worker at a time
-    accepted = [plain.submit(cfg(100 + i, 6, *wide)) for i in range(2 + 16)]  # 2 placed, 16 waiting
+    # two long streams hold both workers while the queue fills: a short one could end before the 19th submit on a
+    # loaded box, freeing a worker, and the queue would never be full (the race behind issue 27's flaky test)
+    holders = [plain.submit(cfg(100 + i, 3000, *wide)) for i in range(2)]
+    accepted = [plain.submit(cfg(102 + i, 6, *wide)) for i in range(16)]  # 16 waiting
     with pytest.raises(Overloaded) as exc:
         plain.submit(cfg(200, 6, *wide))
     assert exc.value.retry_after > 0
     with pytest.raises(ConfigError, match="num_frames"):
         plain.submit(cfg(201, 0, Window(), 3))
+    for h in holders:
+        h.cancel()
     for h in accepted:  # the last waits behind 8 streams on its worker: the timeout covers the queue, not a block
         assert len(list(h.blocks(timeout=300))) == 2 and h.status().state == "finished"  # nothing dropped
     list(bad.blocks(timeout=60))
