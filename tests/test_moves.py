@@ -133,3 +133,34 @@ def test_bad_moves_are_one_clear_error(router):
     h.cancel()
     with pytest.raises(ConfigError, match="cancelled"):
         router.migrate("s0")
+
+
+@pytest.mark.parametrize("placement", ["migration-aware", "most-free"])
+def test_migration_aware_placement_makes_room_for_a_fragmented_request(model, placement):
+    """Two 20-page workers each hold an 8-page stream: 24 free pages in all, 12 on each, and an 18-page request
+    fits on neither.  Migration-aware placement moves one stream next to the other and places the request at once
+    (the moved stream bit-identical); most-free makes it wait for a stream to end."""
+    from ff_engine.policies import Unbounded
+
+    r = Router([endpoint(model, "a", pages=20), endpoint(model, "b", pages=20)], heartbeat_s=0.05,
+               placement=placement)
+    try:
+        small = [cfg(i, 60, Window(), 6) for i in range(2)]
+        large = cfg(2, 24, Unbounded(), None)
+        ref = single_engine(model, small + [large], max_batch=1)
+        hs = [r.submit(c) for c in small]
+        wait_for(lambda: all(h.status().blocks_done >= 1 for h in hs))
+        assert {h.status().worker for h in hs} == {"a", "b"}
+        big = r.submit(large)
+        wait_for(lambda: big.status().blocks_done >= 1 or any(h.status().state == "finished" for h in hs))
+        made_room = big.status().blocks_done >= 1 and all(h.status().state == "running" for h in hs)
+        assert made_room == (placement == "migration-aware")
+        assert r.stats()["rooms_made"] == (1 if placement == "migration-aware" else 0)
+        for h, c in zip(hs + [big], small + [large]):
+            order, lat = blocks_of(h)
+            assert order == list(range(c.num_frames // 3)) and torch.equal(lat, ref[c.session_id])
+        audit_clean(r)
+    finally:
+        r.shutdown()
+        for w in r.workers:
+            w.endpoint.kill()

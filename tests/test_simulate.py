@@ -52,3 +52,21 @@ def test_a_trace_is_admitted_and_rejected_as_by_the_real_router(placement):
     assert [f"s{i}" for i in out["rejections"]] == rejected and rejected  # something was refused
     assert [f"s{i}" for i in out["admission_order"]] == real_order
     assert torch.tensor(pages).unique().numel() > 1  # mixed reservations
+
+
+@pytest.mark.parametrize("placement", ["migration-aware", "most-free"])
+def test_migration_aware_placement_moves_one_stream_for_a_fragmented_request(placement):
+    """The scene of ``test_moves``' real-router test, simulated: two 20-page replicas each hold an 8-page stream of
+    20 blocks, an 18-page request arrives; migration-aware places it after one move, long before either stream
+    ends (its first frame comes within a few block times), most-free after a stream ends."""
+    a = parser().parse_args(["--replicas", "2", "--pages", "20", "--max-batch", "1", "--profile", "cpu-world"])
+    trace = [(0.0, 20, 8), (0.0, 20, 8), (1.0, 8, 18)]
+    sim = Simulation(a, placement, park=False, trace=trace)
+    out = sim.run()
+    ttff_large = sim.streams[2].first_block_at - 1.0
+    stream_s = 20 * 0.265  # a small stream alone on its replica
+    assert out["admission_order"] == [0, 1, 2] and out["finished"] == 3
+    if placement == "migration-aware":
+        assert out["moves"] == 1 and ttff_large < 4 * 0.265
+    else:
+        assert out["moves"] == 0 and ttff_large > stream_s - 1.0

@@ -3,6 +3,10 @@ router's own code (``ff_engine.serving.placement``: ``best_worker``, ``queue_adm
 
 What is simulated: replicas with a page pool each, stepping their runnable streams in rounds of up to
 ``max_batch`` (a round's time from a block-time profile); a FIFO queue in front (nothing overtakes its head);
+with ``migration-aware`` placement, a head that fits nowhere makes room by one move (``placement.make_room``):
+the moved stream stops at once, its pages go to the target after a block time (the source's block boundary) and
+it runs again a block time later — 2 block times in all, the low end of the 2-4 measured
+(``benchmarks/results/migration.json``); one move at a time, as the router does;
 streams that pause (interactive users) and, with parking, give their pages back after ``park_after`` seconds
 and resume at the queue's front; the autoscaling rule ``scaling.decide`` when ``--autoscale`` is given.
 Traffic: Poisson arrivals whose rate follows a diurnal cycle (one "day" per ``--day-s``) with bursts, heavy-tailed
@@ -16,7 +20,8 @@ batch x that, as a CPU gives no batching gain worth counting); ``h100-matrix-gam
 labelled so in the output).
 
 Reported per placement policy: admitted, rejected (queue full), time to first frame p50 / p99, pages in use vs
-stranded (free while a stream waits: free pages no waiting stream can use), replica-hours, parks.
+stranded (free while a stream waits: free pages no waiting stream can use), both averaged over the arrival window,
+replica-hours (until the last stream ends: heavy-tailed lengths make a drain tail), parks, moves.
 
     ff-engine bench simulate [--replicas 1000] [--minutes 30] [--seed 0] [--profile h100-matrix-game-published]
 """
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 
 from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.bench import RESULTS_DIR
-from ff_engine.serving.placement import PLACEMENTS, best_worker, queue_admits
+from ff_engine.serving.placement import PLACEMENTS, best_worker, make_room, queue_admits
 from ff_engine.serving.scaling import decide
 
 PROFILES = {
@@ -55,6 +60,7 @@ class Stream:
     first_block_at: float | None = None
     paused_until: float | None = None
     parked: bool = False
+    moving: bool = False
 
 
 @dataclass
@@ -88,8 +94,10 @@ class Simulation:
         self.events: list = []
         self.seq = 0
         self.now = 0.0
-        self.out = {"admitted": 0, "rejected": 0, "finished": 0, "parks": 0, "ttff": [], "used": [], "stranded": [],
-                    "admission_order": [], "rejections": []}
+        self.out = {"admitted": 0, "rejected": 0, "finished": 0, "parks": 0, "moves": 0, "ttff": [], "used": [],
+                    "stranded": [], "admission_order": [], "rejections": []}
+        self.making_room = False  # migration-aware: one move in flight for the queue's head
+        self.next_room_try = 0.0  # after a search that found no move, the next one waits a block time
 
     # ---- events ---------------------------------------------------------------------------------
     def push(self, t, kind, *args):
@@ -197,12 +205,44 @@ class Simulation:
         if self.events or self.queue:
             self.push(self.now + self.a.scale_every_s, "scale")
 
+    def on_moved(self, sid, source, target):
+        """A move for the head reaches the source's block boundary: the stream's pages go to the target (or to
+        the best other replica when the target filled meanwhile; the move is dropped when none can take it)."""
+        s, src, dst = self.streams[sid], self.by_name[source], self.by_name[target]
+        self.making_room = False
+        if sid not in src.placed:  # it ended meanwhile: room made anyway
+            s.moving = False
+            return
+        dst = dst if dst.alive and dst.free >= s.pages else best_worker(self.replicas, s.pages, "best-fit", src)
+        if dst is None:
+            s.moving = False
+            return
+        dst.placed[sid] = src.placed.pop(sid)
+        self.out["moves"] += 1
+        self.push(self.now + self.block_s, "restored", sid, dst.name)
+
+    def on_restored(self, sid, name):
+        self.streams[sid].moving = False
+        self.dirty.add(name)
+
+    def make_room(self, pages):
+        if self.placement != "migration-aware" or self.making_room or self.now < self.next_room_try:
+            return
+        plan = make_room(self.replicas, pages, lambda sid: not self.streams[sid].moving)
+        if plan is None:  # searching again at every event of a saturated 1,000-replica cluster costs O(streams)
+            self.next_room_try = self.now + self.block_s
+            return
+        sid, src, dst = plan
+        self.streams[sid].moving = self.making_room = True
+        self.push(self.now + self.block_s, "moved", sid, src.name, dst.name)
+
     # ---- the cluster --------------------------------------------------------------------------
     def place(self):
         while self.queue:
             s = self.streams[self.queue[0]]
             r = best_worker(self.replicas, s.pages, self.placement)
             if r is None:
+                self.make_room(s.pages)
                 break
             self.queue.popleft()
             r.placed[s.id] = s.pages
@@ -224,7 +264,8 @@ class Simulation:
         for r in (self.by_name[n] for n in sorted(names)):
             if not r.alive or r.busy:
                 continue
-            runnable = [sid for sid in r.placed if self.streams[sid].paused_until is None]
+            runnable = [sid for sid in r.placed if self.streams[sid].paused_until is None
+                        and not self.streams[sid].moving]
             if not runnable:
                 continue
             k = r.cursor % len(runnable)
@@ -238,11 +279,14 @@ class Simulation:
         o, end = self.out, self.now
         ttff = sorted(o["ttff"])
         pct = {f"ttff_p{q}_s": ttff[min(len(ttff) - 1, int(q / 100 * len(ttff)))] if ttff else None for q in (50, 99)}
-        span = [(t1 - t0, u, st) for (t0, u, st), (t1, _, _) in zip(o["used"], o["used"][1:])]
+        traffic_end = self.a.minutes * 60  # page use over the arrival window (the drain tail would dilute it)
+        span = [(min(t1, traffic_end) - t0, u, st) for (t0, u, st), (t1, _, _) in zip(o["used"], o["used"][1:])
+                if t0 < traffic_end]
         dur = sum(d for d, _, _ in span) or 1.0
         hours = sum(((r.stopped if r.stopped is not None else end) - r.started) for r in self.replicas) / 3600
         return {"placement": self.placement, "parking": self.park, "streams": len(self.streams),
                 "admitted": o["admitted"], "rejected": o["rejected"], "finished": o["finished"], "parks": o["parks"],
+                "moves": o["moves"],
                 **pct, "pages_used_mean": sum(d * u for d, u, _ in span) / dur,
                 "pages_stranded_mean": sum(d * st for d, _, st in span) / dur,
                 "pages_total": self.a.pages * len([r for r in self.replicas if r.alive]),
@@ -286,6 +330,31 @@ def simulate(a, placement: str, park: bool) -> dict:
     return sim.run()
 
 
+def plot(result: dict, png: str) -> None:
+    """One bar group per measure (rejected share, TTFF p50 / p99, stranded pages share), one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    labels = [f"{r['placement']}{' +park' if r['parking'] else ''}" for r in runs]
+    measures = [("rejected, % of streams", lambda r: 100 * r["rejected"] / max(1, r["streams"])),
+                ("TTFF p50, s", lambda r: r["ttff_p50_s"] or 0), ("TTFF p99, s", lambda r: r["ttff_p99_s"] or 0),
+                ("stranded pages, % of pool", lambda r: 100 * r["pages_stranded_mean"] / r["pages_total"])]
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.2 * len(measures), 3.4))
+    for ax, (title, f) in zip(axes, measures):
+        ax.bar(range(len(runs)), [f(r) for r in runs], color=[f"C{i}" for i in range(len(runs))])
+        ax.set_xticks(range(len(runs)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    a = result["args"]
+    fig.suptitle(f"bench simulate: {a['replicas']} replicas, {a['rate']:g} streams/s for {a['minutes']:g} min, "
+                 f"profile {a['profile']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None):
     a = parser().parse_args(argv)
     runs = []
@@ -303,7 +372,8 @@ def main(argv=None):
               "runs": [{k: v for k, v in r.items() if k not in ("admission_order", "rejections")} for r in runs]}
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {a.out}")
+    plot(result, str(a.out).removesuffix(".json") + ".png")
+    print(f"wrote {a.out} and its .png")
     return result
 
 

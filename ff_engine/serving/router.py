@@ -59,7 +59,7 @@ from ff_engine.errors import BudgetError, ConfigError, FFEngineError
 from ff_engine.serving.contract import Overloaded
 from ff_engine.serving.controls import Fork, Park, Pause, Rollback, Steer, Update, merge_actions
 from ff_engine.serving.moves import Elastic
-from ff_engine.serving.placement import PLACEMENTS, best_worker, queue_admits
+from ff_engine.serving.placement import PLACEMENTS, best_worker, make_room, queue_admits
 from ff_engine.serving.stream_table import Handle, StreamRecord, StreamTable
 from ff_engine.serving.worker import Start, WorkerReport
 
@@ -165,9 +165,10 @@ class Router(Elastic):
         self.queue: deque[str] = deque()
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "rejected": 0, "resumed": 0,
                        "parked": 0, "unparked": 0, "forked": 0, "rolled_back": 0, "steered": 0,
-                       "migrated": 0, "drained": 0, "workers_added": 0, "blocks_regenerated": 0}
-        self.migrate_seconds: deque[float] = deque(maxlen=4096)
-        self.admission_log: deque[str] = deque(maxlen=4096)  # new streams in the order they were placed  # migrate request -> restored on its target
+                       "migrated": 0, "drained": 0, "workers_added": 0, "blocks_regenerated": 0, "rooms_made": 0}
+        self.migrate_seconds: deque[float] = deque(maxlen=4096)  # migrate request -> restored on its target
+        self.admission_log: deque[str] = deque(maxlen=4096)  # new streams in the order they were placed
+        self._making_room: cf.Future | None = None  # migration-aware placement: the one move in flight for the head
         self.unpark_seconds: deque[float] = deque(maxlen=4096)  # resume request -> restored on a worker
         self._lock = threading.RLock()
         self._wake = cf.Future()
@@ -439,6 +440,8 @@ class Router(Elastic):
             source = self._worker(record.moving.source) if record.moving is not None else None
             w = self._move_target(record) or self._best(record.pages, exclude=source)
             if w is None:
+                if record.moving is None:
+                    self._make_room(record.pages)
                 return  # FIFO: nothing overtakes the head
             self.queue.popleft()
             if not record.resumed and record.parked is None and record.moving is None:
@@ -449,6 +452,26 @@ class Router(Elastic):
             w.to_update += record.pending
             record.pending = []
             record.set_state("running", w.name)
+
+    def _make_room(self, pages: int) -> None:
+        """``migration-aware``: when the head fits nowhere but would after one running stream moved, migrate that
+        stream (one such move at a time); the head is placed when its pages come back."""
+        if self.placement != "migration-aware" or (self._making_room and not self._making_room.done()):
+            return
+
+        def movable(sid) -> bool:
+            r = self.table.find(sid)
+            w = self._worker(r.worker) if r is not None and r.worker else None
+            return (r is not None and r.state == "running" and r.moving is None and not r.parking
+                    and w is not None and not any(s.cfg.session_id == sid for s in w.to_start))
+
+        plan = make_room(self.workers, pages, movable)
+        if plan is None:
+            return
+        sid, source, target = plan
+        self._making_room = cf.Future()
+        self._start_move(self.table.find(sid), source, target.name, self._making_room)
+        self.counts["rooms_made"] += 1
 
     def _fail(self, record: StreamRecord, error: str) -> None:
         if record.end("failed", error):

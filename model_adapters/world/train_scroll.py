@@ -82,6 +82,7 @@ class Recipe:
     patch: tuple[int, int, int] | None = None  # ablations: override the preset's patch / spatial theta / gain init
     rope_theta_space: float | None = None
     qk_gain_init: float | None = None
+    init: str = ""  # a checkpoint whose weights start the run (fresh optimiser): a later stage of a curriculum
     clock: str = "wall"  # "wall" or "cpu" (this process's CPU seconds: an equal budget on a box shared with other work)
 
     def config(self):
@@ -319,6 +320,11 @@ def build(r: Recipe, resume: Path | None):
     opt = torch.optim.AdamW(param_groups(model, r.qk_gain_lr, r.action_lr), lr=r.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(r.seed + 1)
     state = {"step": 0, "seconds": 0.0, "curve": [], "checks": []}
+    if r.init and resume is None:
+        from model_adapters.causal_wan.loading import load_into, read_checkpoint
+
+        _, sd = read_checkpoint(r.init, r.config())
+        load_into(model, sd)
     if resume is not None:
         blob = torch.load(resume, weights_only=False)
         model.load_state_dict(blob["model"])
