@@ -1,10 +1,19 @@
 """Does a world model follow its actions? Mean estimated camera shift (px/frame) of generated frames per action."""
 import sys
+
 import torch
+
 from model_adapters.causal_wan.loading import load_causal_wan
 from model_adapters.world import scroll
 from model_adapters.world.procedural import encode
-from model_adapters.world.train_scroll import _WindowedCache, _generate_block, _write_block, scroll_pixels, shifted_sigma
+from model_adapters.world.train_scroll import (
+    _generate_block,
+    _WindowedCache,
+    _write_block,
+    scroll_pixels,
+    shifted_sigma,
+)
+
 
 def shift_of(a, b, max_s=4):
     # b is a shifted by s px (camera moves right by s: content moves left)
