@@ -225,7 +225,7 @@ class Simulation:
         self.streams[sid].moving = False
         self.dirty.add(name)
 
-    def make_room(self, pages):
+    def try_make_room(self, pages):
         if self.placement != "migration-aware" or self.making_room or self.now < self.next_room_try:
             return
         plan = make_room(self.replicas, pages, lambda sid: not self.streams[sid].moving)
@@ -242,7 +242,7 @@ class Simulation:
             s = self.streams[self.queue[0]]
             r = best_worker(self.replicas, s.pages, self.placement)
             if r is None:
-                self.make_room(s.pages)
+                self.try_make_room(s.pages)
                 break
             self.queue.popleft()
             r.placed[s.id] = s.pages

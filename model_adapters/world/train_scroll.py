@@ -175,30 +175,40 @@ def free_running_error(model, seeds=VALIDATION_SEEDS, script: str = "right:48", 
     """Pixel MSE to the truth of ``script``'s frames generated after a ground-truth ``prefix`` (prefilled into an
     unbounded cache, or a rolling ``window_frames`` one), per frame, mean over ``seeds``; plus copying the last
     prefix frame as a yardstick.  The model's own schedule (``sample_steps`` / ``sample_shift``) and cache-writing
-    timestep (``context_noise``), as the engine runs it."""
-    cfg, fpb = model.cfg, model.geometry.frames_per_block
-    sigmas = [shifted_sigma(t / 1000, cfg.sample_shift) for t in cfg.sample_steps]
+    timestep (``context_noise``), as the engine runs it (``free_rollout``)."""
+    fpb = model.geometry.frames_per_block
     acts = torch.tensor(scroll.prefix_actions(prefix) + scroll.parse_actions(script))
     n = acts.shape[0] // fpb * fpb
     errs, copy = [], []
     g = torch.Generator().manual_seed(0)
     for seed in seeds:
         clip = scroll.make_clip(seed, acts[:n])
-        lat = encode(clip.frames)[None]
-        attn = _WindowedCache(1, None if window_frames is None else window_frames * model.geometry.tokens_per_frame)
-        out = lat.clone()
-        for blk in range(n // fpb):
-            sl = slice(blk * fpb, (blk + 1) * fpb)
-            times, a = [torch.arange(sl.start, sl.stop)], acts[sl][None]
-            if sl.start >= prefix:
-                out[:, sl] = _generate_block(model, attn, torch.randn(out[:, sl].shape, generator=g), sigmas, times, a)
-            _write_block(model, attn, out[:, sl], cfg.context_noise, times, a, g)
+        out = free_rollout(model, encode(clip.frames)[None], acts[:n], prefix, window_frames, g)
         px, truth = scroll_pixels(out[0, prefix:]), clip.frames[prefix:n]
         errs.append((px - truth).pow(2).mean((1, 2, 3)))
         copy.append((clip.frames[prefix - 1][None] - truth).pow(2).mean((1, 2, 3)))
     e, c = torch.stack(errs).mean(0), torch.stack(copy).mean(0)
     return {"mse_per_frame": [round(float(x), 5) for x in e], "mse": float(e.mean()),
             "mse_first_12": float(e[:12].mean()), "copy_last_prefix_frame": float(c.mean())}
+
+
+@torch.no_grad()
+def free_rollout(model, lat: torch.Tensor, acts: torch.Tensor, prefix: int, window_frames: int | None,
+                 g: torch.Generator) -> torch.Tensor:
+    """Latents [1, F, ...]: ``lat``'s first ``prefix`` frames (the truth, prefilled), then frames the model generates
+    under ``acts`` block by block (an unbounded cache, or a rolling ``window_frames`` one), with the model's own
+    schedule and cache-writing timestep; noise from ``g``."""
+    cfg, fpb = model.cfg, model.geometry.frames_per_block
+    sigmas = [shifted_sigma(t / 1000, cfg.sample_shift) for t in cfg.sample_steps]
+    attn = _WindowedCache(1, None if window_frames is None else window_frames * model.geometry.tokens_per_frame)
+    out = lat.clone()
+    for blk in range(lat.shape[1] // fpb):
+        sl = slice(blk * fpb, (blk + 1) * fpb)
+        times, a = [torch.arange(sl.start, sl.stop)], acts[sl][None]
+        if sl.start >= prefix:
+            out[:, sl] = _generate_block(model, attn, torch.randn(out[:, sl].shape, generator=g), sigmas, times, a)
+        _write_block(model, attn, out[:, sl], cfg.context_noise, times, a, g)
+    return out
 
 
 def scroll_pixels(latents: torch.Tensor) -> torch.Tensor:
