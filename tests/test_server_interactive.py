@@ -32,6 +32,14 @@ def solo(server, actions, frames=18, seed=5):
     return e.generate(cfg)
 
 
+def until(cond, timeout=60.0):
+    """Poll ``cond`` (bounded): parking happens on the router's clock, which a loaded machine stretches."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not met in time"
+        time.sleep(0.05)
+
+
 def idle(server, timeout=30):
     t0 = time.monotonic()
     while server.pages_used():
@@ -72,6 +80,7 @@ def test_ws_rollback_regenerates_and_fork_gives_a_second_stream(server):
         rt.send({"type": "session.update", "event_id": "play", "paused": False, "actions": ["left"]})
         seen = [b.index for b in it]
         fork_id = next(e for e in rt.events if e["type"] == "session.forked")["fork_id"]
+        c.update(fork_id, paused=False)  # forked while paused (controls apply in the order sent): it starts paused
         st = c.wait(fork_id, timeout=120)
     assert rt.done["state"] == "finished" and seen[-1] == 7
     events = {e["event_id"]: e for e in rt.events if e["type"] != "control.received"}
@@ -103,8 +112,8 @@ def test_rest_update_fork_rollback_and_their_errors(server):
         with pytest.raises(ServerError) as deep:
             c.rollback(v["id"], blocks=64)
         assert deep.value.status == 422
-        time.sleep(1.0)  # paused past --park-after: parked, its pages back in the pool
-        assert c.status(v["id"])["status"] == "parked" and c.status(v["id"])["pages_reserved"] == 0
+        until(lambda: c.status(f["id"])["status"] == c.status(v["id"])["status"] == "parked")  # past --park-after
+        assert c.status(v["id"])["pages_reserved"] == 0  # its pages back in the pool
         assert "ff_engine_streams_parked 2.0" in c.metrics()  # the fork of a paused stream starts paused too
         c.update(v["id"], actions=["left"])  # an action resumes it
         c.update(f["id"], actions=["stay"])

@@ -48,6 +48,7 @@ from ff_engine.server.errors import ApiError
 from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
 from ff_engine.server.schemas import CLIENT_EVENTS, SessionStart, first_error, request_model, validate_policy_params
 from ff_engine.server.stream_registry import owner_of
+from ff_engine.serving.controls import Rollback
 
 log = logging.getLogger("ff_engine.server")
 SUBPROTOCOL = "ff-engine"
@@ -335,11 +336,15 @@ class RealtimeSession:
         if not self.running:
             await self.error(409, "type: no running session to roll back", "type", "no_session", ev.event_id)
             return None
+        try:  # queued before the next message is read: controls reach the stream in the order they were sent
+            futures = await interactive.send(self.rec.handle, [("blocks", Rollback(self.rec.id, ev.blocks))])
+        except ApiError as exc:
+            await self.error(exc.status, exc.message, exc.param, exc.code, ev.event_id)
+            return None
         receipt = await self._received(ev)
-        handle = self.rec.handle
 
         async def done():
-            return {"type": "session.rolled_back", "to_block": await interactive.rollback(handle, ev.blocks)}
+            return {"type": "session.rolled_back", "to_block": await interactive.applied(futures, ["blocks"])}
 
         self._when_applied(ev, receipt["event"], done())
         return receipt
@@ -360,7 +365,10 @@ class RealtimeSession:
             st = await asyncio.to_thread(new.handle.status)
             return {"type": "session.forked", "fork_id": new.id, "at_block": st.blocks_done}
 
-        self._when_applied(ev, receipt["event"], done())
+        # Awaited here, not in the background: the connection's later controls must not reach the source before
+        # the fork point (an un-pause or a steer sent after session.fork is the source's alone).  This holds the
+        # connection's reading for up to one block.
+        await self._answer_when_done(ev, receipt["event"], done())
         return receipt
 
     async def _received(self, ev) -> dict:
@@ -373,19 +381,18 @@ class RealtimeSession:
 
     def _when_applied(self, ev, number: int, work) -> None:
         """The second receipt, when ``work`` finishes: its answer, or an ``error`` carrying the event number."""
-        sid = self.rec.id
-
-        async def run():
-            try:
-                answer = await work
-            except ApiError as exc:
-                return await self.emit({"type": "error", "status": exc.status, "code": exc.code, "message": exc.message,
-                                        "param": exc.param, "event_id": ev.event_id, "event": number})
-            await self.emit({**answer, "event_id": ev.event_id, "event": number, "session_id": sid})
-
-        task = asyncio.create_task(run())
+        task = asyncio.create_task(self._answer_when_done(ev, number, work))
         self.applying.add(task)
         task.add_done_callback(self.applying.discard)
+
+    async def _answer_when_done(self, ev, number: int, work) -> None:
+        sid = self.rec.id
+        try:
+            answer = await work
+        except ApiError as exc:
+            return await self.emit({"type": "error", "status": exc.status, "code": exc.code, "message": exc.message,
+                                    "param": exc.param, "event_id": ev.event_id, "event": number})
+        await self.emit({**answer, "event_id": ev.event_id, "event": number, "session_id": sid})
 
     async def _on_cancel(self, ev) -> dict | None:
         if self.rec is None:
