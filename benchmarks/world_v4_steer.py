@@ -1,7 +1,7 @@
 """Does a world model follow its actions?  After the whole-panorama prefix, 24 frames are generated under one
 action (left / stay / right, an unbounded cache, the model's own sampler: ``train_scroll.free_rollout``) on
 held-out worlds; printed: the mean camera shift between consecutive frames (px/frame, estimated by the best
-horizontal alignment) of the generated frames and of the truth (-2 / 0 / +2).
+horizontal alignment, ``scroll.camera_shift``) of the generated frames and of the truth (-2 / 0 / +2).
 
     python benchmarks/world_v4_steer.py model_adapters/world/assets/world_v4.safetensors [MODEL ...]
 """
@@ -18,21 +18,6 @@ from model_adapters.world.train_scroll import free_rollout, scroll_pixels
 SEEDS = (1006000, 1006001)  # held-out worlds (bench world_v4's first two)
 
 
-def shift_of(a: torch.Tensor, b: torch.Tensor, max_s: int = 4) -> int:
-    """The horizontal shift s (pixels) that best aligns frame ``b`` with frame ``a`` (camera right: s > 0)."""
-    def err(s: int) -> float:
-        if s >= 0:
-            return float((a[..., s:] - b[..., : b.shape[-1] - s]).pow(2).mean())
-        return float((a[..., : a.shape[-1] + s] - b[..., -s:]).pow(2).mean())
-
-    return min(range(-max_s, max_s + 1), key=err)
-
-
-def mean_shift(frames: torch.Tensor) -> float:
-    shifts = [shift_of(frames[i - 1], frames[i]) for i in range(1, frames.shape[0])]
-    return sum(shifts) / len(shifts)
-
-
 @torch.no_grad()
 def run(path: str) -> dict:
     model = load_causal_wan(path, "world-v4")
@@ -46,8 +31,8 @@ def run(path: str) -> dict:
             clip = scroll.make_clip(seed, acts[:n])
             lat = free_rollout(model, encode(clip.frames)[None], acts[:n], prefix, None,
                                torch.Generator().manual_seed(0))
-            generated.append(mean_shift(scroll_pixels(lat[0, prefix - 1:n])))
-            truth.append(mean_shift(clip.frames[prefix - 1:n]))
+            generated.append(scroll.mean_camera_shift(scroll_pixels(lat[0, prefix - 1:n])))
+            truth.append(scroll.mean_camera_shift(clip.frames[prefix - 1:n]))
         out[act] = (sum(generated) / len(generated), sum(truth) / len(truth))
     return out
 

@@ -191,6 +191,22 @@ def test_connections_per_client_are_capped_at_once_and_a_slow_body_is_a_408(serv
         assert 'ff_engine_requests_invalid_total{status="408"}' in c.metrics()
 
 
+def test_a_kept_alive_connection_idles_past_the_header_deadline_but_a_trickled_head_is_closed(server):
+    """After a response, the header deadline (1 s here) starts with the next request's first byte: an idle
+    kept-alive connection is reused after 1.5 s (a client that waited must not meet a closed socket), and a head
+    trickled after a response is closed like any slow head."""
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head + b"\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # idle, past the header deadline, within uvicorn's keep-alive (5 s)
+        s.sendall(head + b"\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.sendall(head)  # half a head, then nothing
+        t0 = time.monotonic()
+        assert s.recv(4096) == b"" and time.monotonic() - t0 < 3.0  # closed by the header deadline
+
+
 def test_the_keepalive_agrees_with_what_wait_promises():
     """``wait``'s bound is ``--ws-ping-timeout`` (default 120 s, so a 60-s pause loses nothing) and uvicorn is
     configured with exactly the server's settings (uvicorn's own default closes a client after 20 s)."""

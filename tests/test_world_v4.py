@@ -52,6 +52,21 @@ def test_camera_follows_the_actions_and_subjects_return():
     assert not gaps[: scroll.PREFIX_FRAMES - 30].any() and gaps[-24:].all(), "after a lap everything returns"
 
 
+@pytest.mark.parametrize(("script", "want"), [("right:12", 2.0), ("left:12", -2.0), ("stay:12", 0.0)])
+def test_camera_shift_reads_the_true_motion(script, want):
+    """The steering measure (``benchmarks/world_v4_steer.py``, the viewer test) on the world's own frames, at its
+    resolution and on 4x nearest-upscaled frames pooled back (the served MP4's pixels); a still picture reads as
+    no motion."""
+    clip = scroll.make_clip(7, torch.tensor(scroll.parse_actions(script)))
+    assert scroll.mean_camera_shift(clip.frames) == want
+    big = torch.nn.functional.interpolate(clip.frames, scale_factor=4, mode="nearest")
+    assert scroll.mean_camera_shift(torch.nn.functional.avg_pool2d(big, 4)) == want
+    assert scroll.mean_camera_shift(clip.frames[:1].expand_as(clip.frames)) == 0.0  # a still picture
+    assert scroll.mean_camera_shift(torch.zeros_like(clip.frames)) == 0.0  # and a featureless one
+    with pytest.raises(ValueError, match="2 frames"):
+        scroll.mean_camera_shift(clip.frames[:1])
+
+
 @pytest.mark.parametrize("bad", ["right", "jump:3", "right:0", "right:3,,left:2", "left:-1"])
 def test_bad_action_scripts_are_one_line_errors(bad):
     with pytest.raises(ConfigError, match="actions"):

@@ -48,6 +48,9 @@ from ff_engine.client import AsyncClient, ServerError
 
 RESULTS = RESULTS_DIR
 KEY = "load-test-key"
+# The slowloris client connects from its own loopback address, as an attacker would: the server's per-address
+# connection cap then applies to it, not to the well-behaved clients on 127.0.0.1 (Linux routes all of 127/8 to lo).
+ATTACKER_ADDRESS = "127.0.0.2"
 HEADER_TIMEOUT = 2.0  # the server's --header-timeout in the load test (slowloris clients are closed by then)
 POLICIES = [("window", {}), ("sink-window", {"sink_frames": 3}), ("future-forcing", {"horizon": 3})]
 HOSTILE = [
@@ -360,7 +363,7 @@ async def slowloris_client(port: int, stop: float, st: Stats, held: int, header_
         conns = []
         for _ in range(held):
             try:
-                r, w = await asyncio.open_connection("127.0.0.1", port)
+                r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(ATTACKER_ADDRESS, 0))
                 w.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
                 conns.append((r, w))
             except OSError:

@@ -2,7 +2,8 @@
 connections per client address.
 
 * **Header deadline** (``--header-timeout``, default 10 s): a connection must deliver a complete request head
-  within the deadline after it opens, and after each response (keep-alive); otherwise it is closed.  uvicorn's
+  within the deadline after it opens, and after the first byte of each later request (keep-alive); otherwise it
+  is closed.  Between requests an idle connection is closed by uvicorn's ``timeout_keep_alive`` (5 s).  uvicorn's
   ``timeout_keep_alive`` only covers an idle connection that has sent nothing; a client that trickles one header
   byte at a time resets it forever, which is what this closes.
 * **Connections per client** (``--max-connections-per-client``, default 32): a new connection from an address
@@ -54,10 +55,24 @@ def guarded_h11(header_timeout: float, max_per_client: int) -> type[H11Protocol]
             self._header_timer.cancel()
             super().handle_websocket_upgrade(event)
 
+        _idle = False
+
         def on_response_complete(self) -> None:
-            self._header_timer.cancel()  # armed before a pipelined request can start the next cycle
-            self._arm_header_deadline()
+            # An idle keep-alive connection is uvicorn's timeout_keep_alive's to close; the next head's deadline
+            # starts with its first byte (data_received).  Closing an idle connection after the header deadline
+            # instead would race every client that reuses it a little later (a request met by a closed socket).
+            self._header_timer.cancel()
+            if self.conn.trailing_data[0]:  # a pipelined request already started: its deadline runs now
+                self._arm_header_deadline()
+            else:
+                self._idle = True
             super().on_response_complete()
+
+        def data_received(self, data: bytes) -> None:
+            if self._idle:
+                self._idle = False
+                self._arm_header_deadline()
+            super().data_received(data)
 
         def connection_lost(self, exc) -> None:
             timer = getattr(self, "_header_timer", None)

@@ -205,3 +205,24 @@ def returning_columns(camera: torch.Tensor, min_gap: int = 24) -> torch.Tensor:
     (content seen before, then away): what only a cache that kept it can reproduce."""
     gap = stint_gaps(camera)
     return (gap >= min_gap) & (gap < 10**5)
+
+
+# ---- does a video follow its actions --------------------------------------------------------------------------
+def camera_shift(a: torch.Tensor, b: torch.Tensor, max_shift: int = 4) -> int:
+    """The horizontal shift s (pixels, last axis = width) that best aligns frame ``b`` with frame ``a``: the
+    camera moved right by s between them (``right``: +2, ``left``: -2, ``stay``: 0 in this world); among equally good
+    shifts (a featureless picture) the smallest."""
+    def err(s: int) -> float:
+        if s >= 0:
+            return float((a[..., s:] - b[..., : b.shape[-1] - s]).pow(2).mean())
+        return float((a[..., : a.shape[-1] + s] - b[..., -s:]).pow(2).mean())
+
+    return min(range(-max_shift, max_shift + 1), key=lambda s: (round(err(s), 9), abs(s)))  # a tie: the least motion
+
+
+def mean_camera_shift(frames: torch.Tensor) -> float:
+    """Mean ``camera_shift`` between consecutive frames of ``frames`` [T, ..., W] (px/frame; T >= 2)."""
+    if frames.shape[0] < 2:
+        raise ValueError(f"need at least 2 frames to estimate a shift, got {frames.shape[0]}")
+    shifts = [camera_shift(frames[i - 1], frames[i]) for i in range(1, frames.shape[0])]
+    return sum(shifts) / len(shifts)
