@@ -167,15 +167,15 @@ def test_arrow_keys_steer_the_selected_stream_with_two_receipts(steer_server, ch
     dt.call("Page.navigate", url=srv.url + "/")
     wait_for(dt, "!!(window.ffViewer && window.ffViewer.model) && !document.getElementById('steer-hint').hidden")
     dt.eval("""(() => { document.getElementById('policy').value = 'window';
-        document.getElementById('seconds').value = '8'; document.getElementById('start').click(); return true; })()""")
-    wait_for(dt, "window.ffViewer.streams.length === 1 && window.ffViewer.streams[0].frames >= 3")
+        document.getElementById('seconds').value = '30'; document.getElementById('start').click(); return true; })()""")
+    wait_for(dt, "window.ffViewer.streams.length === 1 && window.ffViewer.streams[0].blocks >= 1")
     names = srv.runtime.describe()["actions"]
     fpb = srv.runtime.geometry.frames_per_block
     sid = dt.eval("window.ffViewer.streams[0].id")
     at = {}
     for name, code, want in (("ArrowLeft", 37, "left"), ("ArrowRight", 39, "right")):
-        if at:  # let the left pan run for a few blocks first
-            wait_for(dt, f"window.ffViewer.streams[0].frames >= {(at['left'] + STEER_BLOCKS) * fpb}")
+        if at:  # let the left pan run for a few generated blocks first (generation runs ahead of playback)
+            wait_for(dt, f"window.ffViewer.streams[0].blocks >= {at['left'] + STEER_BLOCKS}")
         n = len(dt.eval("window.ffViewer.streams[0].applied"))
         key(dt, name, code)
         applied = wait_for(dt, f"window.ffViewer.streams[0].applied.length > {n} && window.ffViewer.streams[0].applied")

@@ -40,11 +40,11 @@ def world_model():
     ``weights`` in the JSON says which ran."""
     from ff_engine.models import build_model, load_model
     from model_adapters import registry
-    from model_adapters.world import ASSETS
+    from model_adapters.world import EMBEDDED_V4
 
     try:
-        model = load_model(str(ASSETS / "world_v4.safetensors"))
-        model.weights = "world_v4.safetensors"
+        model = load_model(str(EMBEDDED_V4))
+        model.weights = EMBEDDED_V4.name
     except ImportError:
         model = build_model(registry.get_preset("world-v4"), seed=0)
         model.weights = "random (world-v4 preset; safetensors not importable)"

@@ -35,6 +35,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.bench import RESULTS_DIR
@@ -357,6 +358,7 @@ def plot(result: dict, png: str) -> None:
 
 def main(argv=None):
     a = parser().parse_args(argv)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # before the runs, not after twenty minutes of them
     runs = []
     for placement in PLACEMENTS:
         for park in (False, True):
