@@ -96,7 +96,8 @@ def test_ws_rollback_regenerates_and_fork_gives_a_second_stream(server):
 
 def test_rest_update_fork_rollback_and_their_errors(server):
     with Client(server.url) as c:
-        v = c.submit(frames=30, seed=2, policy="window", actions=["right"])
+        v = c.submit(frames=120, seed=2, policy="window", actions=["right"])  # long: it must not end before the pause
+        until(lambda: c.status(v["id"])["blocks_done"] >= 2)  # an undo history to roll back into
         u = c.update(v["id"], paused=True)
         assert u["changed"] == ["paused"]
         f = c.fork(v["id"])
