@@ -8,6 +8,7 @@ finish bit-identical elsewhere."""
 import time
 
 import pytest
+import tests_helpers as helpers
 import torch
 from test_engine import tiny_model
 
@@ -43,10 +44,7 @@ def single_engine(model, cfgs, max_batch):
 
 
 def wait_for(cond, timeout=120.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.01)
+    helpers.until(cond, timeout, poll=0.01, what="timed out")
 
 
 @pytest.fixture(scope="module")

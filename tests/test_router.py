@@ -4,6 +4,7 @@ a fake worker's ``step`` returns a future the test completes by hand, so every d
 import concurrent.futures as cf
 
 import pytest
+import tests_helpers as helpers
 import torch
 
 from ff_engine.engine.engine import BlockResult
@@ -61,12 +62,7 @@ def req(sid, pages, blocks=2):
 
 def until(cond, timeout=60.0):
     """Wait for the router thread to act."""
-    import time
-
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "router did not act in time"
-        time.sleep(0.005)
+    helpers.until(cond, timeout, poll=0.005, what="router did not act in time")
 
 
 @pytest.fixture

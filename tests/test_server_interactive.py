@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import tests_helpers as helpers
 import torch
 from server_support import LiveServer, torch_threads, world_v4
 
@@ -33,11 +34,8 @@ def solo(server, actions, frames=18, seed=5):
 
 
 def until(cond, timeout=60.0):
-    """Poll ``cond`` (bounded): parking happens on the router's clock, which a loaded machine stretches."""
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, "condition not met in time"
-        time.sleep(0.05)
+    """Parking happens on the router's clock, which a loaded machine stretches."""
+    helpers.until(cond, timeout, poll=0.05)
 
 
 def idle(server, timeout=30):
