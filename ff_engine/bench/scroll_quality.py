@@ -16,7 +16,17 @@ from pathlib import Path
 import torch
 
 from ff_engine.bench import RESULTS_DIR
-from ff_engine.evaluation.scroll import POLICIES, SCRIPTS, SEED_BASE, Job, paired, run_job, summarise, truth_row
+from ff_engine.evaluation.scroll import (
+    POLICIES,
+    SCRIPTS,
+    SEED_BASE,
+    TRAINING_SEED_BASE,
+    Job,
+    paired,
+    run_job,
+    summarise,
+    truth_row,
+)
 from model_adapters.world import EMBEDDED_V4, scroll
 
 # ---- running ------------------------------------------------------------------------------------------------
@@ -38,6 +48,8 @@ def _call(job: Job) -> dict:
 
 def run_all(model_path: str, jobs: list[Job], workers: int, progress: bool = True):
     """Yield each job's row as it finishes (``workers`` spawned processes, one model and one thread each)."""
+    if not jobs:
+        return
     from tqdm import tqdm
 
     if workers <= 1:
@@ -50,6 +62,29 @@ def run_all(model_path: str, jobs: list[Job], workers: int, progress: bool = Tru
     with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(model_path,)) as pool:
         yield from tqdm(pool.imap_unordered(_call, jobs), total=len(jobs), desc="scroll rollouts",
                         disable=not progress)
+
+
+def resumable(log: Path, model_path: str, jobs: list[Job], workers: int):
+    """``run_all`` whose rows are appended to ``log`` as they finish; a re-run of the same command reads them back
+    and runs only the missing jobs (a long benchmark survives a stopped session).  The log names its model."""
+    done: dict[Job, dict] = {}
+    if log.exists():
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        if lines and lines[0].get("model") != model_path:
+            raise SystemExit(f"{log}: rows of another model ({lines[0].get('model')}); delete it or change --out")
+        for row in lines[1:]:
+            job = Job(**{k: row[k] for k in Job.__dataclass_fields__})
+            done[job] = row
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(json.dumps({"model": model_path}) + "\n")
+    wanted = set(jobs)
+    yield from (row for job, row in done.items() if job in wanted)
+    with log.open("a") as f:
+        for row in run_all(model_path, [j for j in jobs if j not in done], workers):
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            yield row
 
 
 def plot(rows: list[dict], png: Path) -> None:
@@ -83,9 +118,12 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=240)
     ap.add_argument("--prefix", type=int, default=scroll.PREFIX_FRAMES)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--seed-set", choices=("held-out", "training"), default="held-out",
+                    help="held-out worlds (report) or training worlds (decide: tune only on these)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "world_v4_rollouts.json"))
     a = ap.parse_args(argv)
-    jobs = [Job(SEED_BASE + i, script, policy, None if policy == "unbounded" else b, a.frames, a.prefix)
+    base = SEED_BASE if a.seed_set == "held-out" else TRAINING_SEED_BASE
+    jobs = [Job(base + i, script, policy, None if policy == "unbounded" else b, a.frames, a.prefix)
             for i in range(a.seeds) for script in a.scripts for policy in a.policies
             for b in ([None] if policy == "unbounded" else a.budgets)]
     jobs = list(dict.fromkeys(jobs))
@@ -93,7 +131,7 @@ def main(argv=None) -> int:
            "model": a.model, "truth": [truth_row(j) for j in dict.fromkeys(
                Job(j.seed, j.script, "unbounded", None, j.frames, j.prefix) for j in jobs)]}
     t0 = time.perf_counter()
-    rows = list(run_all(a.model, jobs, a.workers))
+    rows = list(resumable(Path(a.out).with_suffix(".rows.jsonl"), a.model, jobs, a.workers))
     out.update(rows=rows, summary=summarise(rows), seconds=time.perf_counter() - t0,
                vs_future_forcing=paired(rows, "future-forcing"), vs_expected_attention=paired(rows, "expected-attention"))
     path = Path(a.out)

@@ -32,6 +32,7 @@ from model_adapters.world import scroll_metrics as SM
 from model_adapters.world.procedural import decode, encode
 
 SEED_BASE = scroll.EVAL_SEED_BASE + 4000  # held-out worlds (training draws from scroll.TRAIN_SEEDS only)
+TRAINING_SEED_BASE = scroll.TRAIN_SEEDS.start + 50_000  # worlds training may have drawn: decide settings on these
 SCRIPTS = ("steady", "back-and-forth")
 LAP = scroll.PANORAMA_W // scroll.STEP_PX
 POLICIES = {  # name -> (registered policy, params); the budget-dependent ones are filled in by ``policy_for``
