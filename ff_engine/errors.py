@@ -29,6 +29,9 @@ class Overloaded(FFEngineError):
         super().__init__(message)
         self.retry_after = float(retry_after)
 
+    def __reduce__(self):  # crosses processes (a Ray or Serve call) with its retry_after
+        return type(self), (self.args[0], self.retry_after)
+
 
 class UnknownStream(FFEngineError):
     """No stream with that id (never submitted, or forgotten after its retention period)."""

@@ -52,6 +52,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(settings.torch_threads)
         if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
             print(f"ff-engine serve: warning: listening on {settings.host} without --api-key", file=sys.stderr)
+        if settings.ingress_replicas:
+            return serve_on_ray_serve(settings)
         runtime = build_runtime(settings)
     except FFEngineError as exc:
         print(f"ff-engine serve: error: {exc}".splitlines()[0], file=sys.stderr)
@@ -60,6 +62,29 @@ def main(argv=None) -> int:
         uvicorn.Server(uvicorn_config(create_app(settings, runtime), settings, args.log_level)).run()
     finally:
         runtime.service.shutdown()
+    return 0
+
+
+def serve_on_ray_serve(settings: ServerSettings) -> int:
+    """``--ingress-replicas N``: the hub and N ingress replicas on Ray Serve (``hub.deploy``), until Ctrl-C."""
+    import time
+
+    from ray import serve
+
+    from ff_engine.server.hub import deploy
+
+    try:
+        url = deploy(settings)
+    except FFEngineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a deployment that did not come up: one line
+        raise ConfigError(f"--ingress-replicas: Serve did not start the app: {str(exc).strip().splitlines()[0][:200]}")
+    print(f"ff-engine serve: {settings.ingress_replicas} ingress replicas on {url} (Ray Serve)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
     return 0
 
 

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
-from ff_engine.errors import BudgetError, FFEngineError
+from ff_engine.errors import BudgetError, FFEngineError, UnknownStream
 from ff_engine.server import routes
 from ff_engine.server.auth import BearerAuth, KeyCheck
 from ff_engine.server.errors import ApiError, field_of
@@ -37,9 +37,10 @@ INVALID = (400, 408, 413, 415, 416, 422)  # counted in ff_engine_requests_invali
 log = logging.getLogger("ff_engine.server")
 
 
-def create_app(settings, runtime=None) -> FastAPI:
+def create_app(settings, runtime=None, hub=None) -> FastAPI:
     """The app.  ``runtime`` (model + service) is built at startup unless given (``ff-engine serve`` and the
-    tests build it first, so that a startup error is one line)."""
+    tests build it first, so that a startup error is one line).  ``hub``: a callable returning a ``StreamHub``'s
+    Serve handle — the app of an ingress replica, whose streams, registry and service are the hub's (``hub.py``)."""
     keys = KeyCheck(settings.api_key)
 
     @asynccontextmanager
@@ -47,15 +48,23 @@ def create_app(settings, runtime=None) -> FastAPI:
         from ff_engine.server.runtime import Runtime
 
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, thread_name_prefix="ffe-io"))
-        rt = runtime or await asyncio.to_thread(Runtime, settings)
-        metrics = ServerMetrics(rt.service)
-        app.state.ff = AppState(settings, keys, rt, metrics, StreamRegistry(rt, metrics), request_model(rt.limits),
+        if hub is not None:
+            from ff_engine.server import hub as remote
+
+            handle = hub()
+            rt = await asyncio.to_thread(Runtime, settings, remote.HubService(handle))
+            metrics, registry = remote.HubMetrics(handle), remote.RemoteRegistry(handle)
+        else:
+            rt = runtime or await asyncio.to_thread(Runtime, settings)
+            metrics = ServerMetrics(rt.service)
+            registry = StreamRegistry(rt, metrics)
+        app.state.ff = AppState(settings, keys, rt, metrics, registry, request_model(rt.limits),
                                 asyncio.get_running_loop())
         try:
             yield
         finally:
             await app.state.ff.registry.close()
-            if runtime is None:
+            if runtime is None:  # an ingress replica's HubService: the hub's service outlives it
                 await asyncio.to_thread(rt.service.shutdown)
 
     app = FastAPI(title="ff-engine", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -81,6 +90,10 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         log.exception("%s %s failed", request.method, request.url.path[:120])
         return ApiError(500, f"server: internal error ({type(exc).__name__}); see the server log").response()
+
+    @app.exception_handler(UnknownStream)  # a stream the service forgot between a lookup and a later call
+    async def _unknown(request: Request, exc: UnknownStream):
+        return ApiError(404, str(exc).splitlines()[0], "id", "not_found").response()
 
     @app.exception_handler(404)
     async def _not_found(request: Request, exc):
@@ -151,20 +164,15 @@ def pages_field(req: VideoRequest) -> str:
     return "budget_frames" if bounded else length_field(req)
 
 
-FILE_WAIT_S = 30.0  # a finished stream's MP4 is closed and renamed well within this
-
-
 async def file_of(registry: StreamRegistry, rec) -> None:
     """Return once ``rec``'s MP4 is in place; ``ApiError`` 409 when it will not be.  A stream the service reports
     finished has its file written by then or within moments (the writer closes and renames it after the last
     block): that is waited for, so ``finished`` always means ``/file`` answers 200."""
-    st = await registry.status(rec)
-    if st["status"] == "finished" and not rec.file_ready and rec.writer is not None and not rec.writer.done():
-        await asyncio.wait({rec.writer}, timeout=FILE_WAIT_S)
-    if rec.file_ready:
+    ready, error = await registry.file_state(rec)
+    if ready:
         return
-    if rec.file_error:
-        raise ApiError(409, f"id: the video finished but its file could not be written ({rec.file_error})",
+    if error:
+        raise ApiError(409, f"id: the video finished but its file could not be written ({error})",
                        "id", "file_error")
     st = await registry.status(rec)
     ended = st["status"] in ("failed", "cancelled")

@@ -282,7 +282,7 @@ class RealtimeSession:
             msg = "type: a session is already running on this connection; cancel it first"
             await self.error(409, msg, "type", "session_active", ev.event_id)
             return None
-        got = self.state.registry.reattach(ev.session_id, self.owner)
+        got = await self.state.registry.reattach(ev.session_id, self.owner)
         if got is None:
             msg = f"session_id: no detached session {ev.session_id!r} (unknown, another key's, ended or expired)"
             await self.error(404, msg, "session_id", "not_found", ev.event_id)

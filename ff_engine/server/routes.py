@@ -40,11 +40,11 @@ def owner(request: Request) -> str:
     return owner_of(getattr(request.state, "key", None))
 
 
-def stream_of(request: Request, video_id: str, st: AppState):
+async def stream_of(request: Request, video_id: str, st: AppState):
     if not STREAM_ID.match(video_id):
         raise ApiError(400, "id: must be a server-made video id ('vid_' + 32 hex digits)", "id", "invalid_id")
     try:
-        return st.registry.get(video_id, owner(request))
+        return await st.registry.lookup(video_id, owner(request))
     except UnknownStream as exc:
         raise ApiError(404, str(exc), "id", "not_found") from None
 
@@ -100,12 +100,12 @@ async def create_video(request: Request, st: State):
 
 @videos.get("/{video_id}")
 async def get_video(request: Request, video_id: str, st: State):
-    return await st.registry.status(stream_of(request, video_id, st))
+    return await st.registry.status(await stream_of(request, video_id, st))
 
 
 @videos.delete("/{video_id}")
 async def cancel_video(request: Request, video_id: str, st: State):
-    rec = stream_of(request, video_id, st)
+    rec = await stream_of(request, video_id, st)
     if rec.final is None:  # already ended: nothing to cancel (the service may have forgotten it)
         await asyncio.to_thread(rec.handle.cancel)
     return await st.registry.status(rec)
@@ -130,7 +130,7 @@ async def update_video(request: Request, video_id: str, st: State):
     from ff_engine.server import interactive
     from ff_engine.server.schemas import ControlBody
 
-    rec = stream_of(request, video_id, st)
+    rec = await stream_of(request, video_id, st)
     body = await json_body(request, ControlBody)
     running(rec)
     controls = interactive.controls_of(st.runtime, rec.id, body)
@@ -145,7 +145,7 @@ async def rollback_video(request: Request, video_id: str, st: State):
     from ff_engine.server import interactive
     from ff_engine.server.schemas import RollbackBody
 
-    rec = stream_of(request, video_id, st)
+    rec = await stream_of(request, video_id, st)
     body = await json_body(request, RollbackBody)
     running(rec)
     block = await interactive.rollback(rec.handle, body.blocks)
@@ -156,7 +156,7 @@ async def rollback_video(request: Request, video_id: str, st: State):
 async def fork_video(request: Request, video_id: str, st: State):
     from ff_engine.server.app import fork
 
-    rec = stream_of(request, video_id, st)
+    rec = await stream_of(request, video_id, st)
     await json_body(request, _Empty)
     running(rec)
     new = await fork(st.registry, rec, owner(request))
@@ -173,7 +173,7 @@ class _Empty(Strict):
 async def video_file(request: Request, video_id: str, st: State):
     from ff_engine.server.app import file_of
 
-    rec = stream_of(request, video_id, st)
+    rec = await stream_of(request, video_id, st)
     await file_of(st.registry, rec)
     check_range(request.headers.get("range"), rec.path.stat().st_size)
     return FileResponse(rec.path, media_type="video/mp4", filename=f"{rec.id}.mp4")
@@ -202,7 +202,7 @@ def check_range(header: str | None, size: int) -> None:
 async def video_stream(request: Request, video_id: str, st: State):
     from ff_engine.server.app import mjpeg_parts
 
-    rec = stream_of(request, video_id, st)
+    rec = await stream_of(request, video_id, st)
     renderer = BlockRenderer(st.runtime.decoder(), JpegEncoder(st.settings.jpeg_quality))
     return StreamingResponse(
         mjpeg_parts(rec, renderer),

@@ -39,6 +39,7 @@ class ServerSettings:
     workers: int = 1
     ray_serve: bool = False  # with --ray: engine replicas on Ray Serve (ServeCluster) instead of Ray core actors
     autoscale_max: int = 0  # --ray-serve: autoscale between --workers and this many replicas (0 = fixed count)
+    ingress_replicas: int = 0  # --ray-serve: N stateless HTTP replicas behind Serve's proxy + a hub (0 = one process)
     torch_threads: int = 0  # intra-op threads of the local engine (0 = torch's default)
     snapshot_every: int = 8  # Ray: blocks between snapshots (0 = none: a dead worker fails its streams)
     max_seconds: int = 600  # longest video one request may ask for (10 min); no RoPE table caps a stream
@@ -69,6 +70,7 @@ class ServerSettings:
             "jpeg_quality": (2, 31),
             "workers": (1, 1024),
             "autoscale_max": (0, 1024),
+            "ingress_replicas": (0, 1024),
             "snapshot_every": (0, 1 << 20),
             "torch_threads": (0, 1024),
             "max_seconds": (1, 86400),
@@ -95,6 +97,8 @@ class ServerSettings:
             raise ConfigError("--ray-serve needs --snapshot-every >= 1 (a replica Serve replaces must lose no stream)")
         if self.autoscale_max and (not self.ray_serve or self.autoscale_max < self.workers):
             raise ConfigError("--autoscale-max needs --ray-serve and must be >= --workers (the minimum)")
+        if self.ingress_replicas and not self.ray_serve:
+            raise ConfigError("--ingress-replicas needs --ray-serve (the ingress replicas are a Serve deployment)")
         return self
 
 
@@ -123,6 +127,8 @@ _HELP = {
     "ray": "serve from Ray: 'auto' (join the running cluster), an address, or 'local' (start one here)",
     "ray_serve": "with --ray: engine replicas on Ray Serve (health-checked, replaced, scalable) instead of Ray actors",
     "autoscale_max": "with --ray-serve: Serve autoscales engine replicas between --workers and this (0 = fixed)",
+    "ingress_replicas": "with --ray-serve: serve HTTP from N stateless Serve replicas over one hub holding the "
+                        "streams (0 = HTTP and router in this process)",
     "snapshot_every": "Ray: snapshot each stream every N blocks so a dead worker's streams resume elsewhere",
     "max_block_cost": "policy work units one block may cost (policy_params that cost more: 422)",
     "max_request_cost": "policy work units a request may cost (blocks x units per block)",

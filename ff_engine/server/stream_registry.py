@@ -31,6 +31,7 @@ from ff_engine.serving.contract import StreamStatus, UnknownStream
 
 log = logging.getLogger("ff_engine.server")
 STREAM_ID = re.compile(r"^vid_[0-9a-f]{32}$")
+FILE_WAIT_S = 30.0  # a finished stream's MP4 is closed and renamed well within this
 
 
 class KeyLimit(FFEngineError):
@@ -39,6 +40,9 @@ class KeyLimit(FFEngineError):
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
         self.retry_after = retry_after
+
+    def __reduce__(self):  # crosses processes (a hub's answer to an ingress replica) with its retry_after
+        return type(self), (self.args[0], self.retry_after)
 
 
 def owner_of(key: str | None) -> str:
@@ -137,6 +141,19 @@ class StreamRegistry:
             raise UnknownStream(f"id: no video {sid[:80]!r}")
         return rec
 
+    async def lookup(self, sid: str, owner: str) -> ServedStream:
+        """``get`` as the app calls it (a ``RemoteRegistry`` asks its hub)."""
+        return self.get(sid, owner)
+
+    async def file_state(self, rec: ServedStream) -> tuple[bool, str | None]:
+        """(MP4 in place, why it could not be written).  A stream the service reports finished has its file within
+        moments (the writer closes and renames it after the last block): that is waited for, so ``finished``
+        always means the file is there."""
+        st = rec.final or await asyncio.to_thread(rec.handle.status)
+        if st.state == "finished" and not rec.file_ready and rec.writer is not None and not rec.writer.done():
+            await asyncio.wait({rec.writer}, timeout=FILE_WAIT_S)
+        return rec.file_ready, rec.file_error
+
     # ---- status ------------------------------------------------------------------------------------------
     async def status(self, rec: ServedStream) -> dict:
         st = rec.final or await asyncio.to_thread(rec.handle.status)
@@ -232,7 +249,7 @@ class StreamRegistry:
 
         self.detached[rec.id] = (rec, next_block, asyncio.get_running_loop().create_task(expire()))
 
-    def reattach(self, sid: str, owner: str) -> tuple[ServedStream, int] | None:
+    async def reattach(self, sid: str, owner: str) -> tuple[ServedStream, int] | None:
         got = self.detached.get(sid)
         if got is None or got[0].owner != owner:
             return None
