@@ -1,4 +1,4 @@
-"""The same mixed workload on a RayCluster of 1 and of N workers, in one run.
+"""The same mixed workload on a RayCluster (or, ``--serve``, a ServeCluster) of 1 and of N workers, in one run.
 
 Model: the embedded world model (``ModelSpec.checkpoint`` of model_adapters/world/assets/world_model.safetensors),
 loaded by every worker; CPU workers, one torch thread each (``num_cpus=1`` per actor), ``--pages`` pages per
@@ -17,6 +17,7 @@ driver's), snapshot every 8 blocks <= 2 % of block time.
 
     python benchmarks/cluster.py             # 1 and 2 workers, 16 streams (~5 min on 2 cores)
     python benchmarks/cluster.py --quick     # CI smoke (< 2 min)
+    python benchmarks/cluster.py --serve --out benchmarks/results/cluster_serve.json   # the same on Ray Serve
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ def sample(cluster, t0):
 
 
 def run(num_workers, cfgs, a):
-    """One cluster of ``num_workers``: submit everything, sample pages until every stream ended."""
-    from ff_engine.serving import RayCluster
+    """One cluster of ``num_workers``: submit everything, sample pages until every stream ended.  ``--serve``: the
+    engine replicas of a ``ServeCluster`` (Ray Serve) instead of ``RayCluster``'s actors, same router."""
+    from ff_engine.serving import RayCluster, ServeCluster
 
     with tempfile.TemporaryDirectory(prefix="ff-bench-cluster-") as out_dir:
-        cluster = RayCluster(
+        make, count = (ServeCluster, "num_replicas") if a.serve else (RayCluster, "num_workers")
+        cluster = make(
             ModelSpec.checkpoint(DEFAULT_MODEL),
-            num_workers=num_workers,
+            **{count: num_workers},
             num_pages=a.pages,
             page_size=a.page_size,
             max_batch=a.max_batch,
@@ -173,6 +176,7 @@ def plot(out, png):
 def _parser() -> OneLineParser:
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--serve", action="store_true", help="engine replicas on Ray Serve (ServeCluster)")
     ap.add_argument("--workers", type=int_arg(2), default=2, help="N (compared with 1)")
     ap.add_argument("--streams", type=int_arg(1), default=16)
     ap.add_argument("--frames", type=int_arg(3), nargs="+", default=[24, 48, 72, 96])
@@ -206,6 +210,10 @@ def _run_all(a) -> list[dict]:
                 flush=True,
             )
     finally:
+        if a.serve:
+            from ray import serve
+
+            serve.shutdown()
         ray.shutdown()
     return runs
 
@@ -213,6 +221,7 @@ def _run_all(a) -> list[dict]:
 def _summary(a, runs: list[dict]) -> dict:
     return {
         "benchmark": "cluster",
+        "cluster": "ServeCluster (Ray Serve)" if a.serve else "RayCluster (Ray core)",
         "quick": a.quick,
         "streams": a.streams,
         "frames": a.frames,
