@@ -70,3 +70,18 @@ def test_migration_aware_placement_moves_one_stream_for_a_fragmented_request(pla
         assert out["moves"] == 1 and ttff_large < 4 * 0.265
     else:
         assert out["moves"] == 0 and ttff_large > stream_s - 1.0
+
+
+def test_a_round_costs_the_sum_of_its_streams_block_costs():
+    """``simulate_check``'s per-stream weights: two 2-block streams arrive together on one replica, blocks costing 1
+    and 3 units of a 0.5-s profile.  The first starts a round alone (as the router steps at once): 0.5 s; then
+    both together: 2 s (the first finishes at 2.5 s); then the second alone: 1.5 s, finishing at 4 s."""
+    a = parser().parse_args(["--replicas", "1", "--pages", "10", "--max-batch", "2"])
+    profile = {"block_s": 0.5, "batch_cost": (0.0, 1.0)}
+    sim = Simulation(a, "most-free", park=False, profile=profile, trace=[(0.0, 2, 4, 1.0), (0.0, 2, 4, 3.0)])
+    out = sim.run()
+    assert out["finished"] == 2 and out["admission_order"] == [0, 1]
+    assert [(s.first_block_at, s.finished_at) for s in sim.streams.values()] == [(0.5, 2.5), (2.5, 4.0)]
+    alone = Simulation(a, "most-free", park=False, profile=profile, trace=[(0.0, 2, 4, 1.0)])
+    alone.run()
+    assert (alone.streams[0].first_block_at, alone.streams[0].finished_at) == (0.5, 1.0)

@@ -57,8 +57,10 @@ class Stream:
     blocks: int
     pages: int
     pauses: list  # (after block, seconds)
+    cost: float = 1.0  # one block's compute in units of the profile's block_s (a given trace may set it)
     done: int = 0
     first_block_at: float | None = None
+    finished_at: float | None = None
     paused_until: float | None = None
     parked: bool = False
     moving: bool = False
@@ -82,10 +84,12 @@ class Replica:
 
 
 class Simulation:
-    def __init__(self, a, placement: str, park: bool, trace=None):
+    def __init__(self, a, placement: str, park: bool, trace=None, profile: dict | None = None):
+        """``trace``: (arrival s, blocks, pages) per stream instead of generated traffic; ``profile``: a block-time
+        profile (as ``PROFILES``' entries) instead of ``a.profile`` (``simulate_check`` measures one)."""
         self.a, self.placement, self.park, self.trace = a, placement, park, trace
         self.rng = random.Random(a.seed)
-        p = PROFILES[a.profile]
+        p = profile or PROFILES[a.profile]
         self.block_s, (self.c0, self.c1) = p["block_s"], p["batch_cost"]
         self.replicas = [Replica(f"r{i:04d}", a.pages) for i in range(a.replicas)]
         self.by_name = {r.name: r for r in self.replicas}
@@ -126,8 +130,8 @@ class Simulation:
     def run(self):
         if self.trace is None:
             self.traffic()
-        for t, blocks, pages in self.trace or ():  # a given trace: (arrival s, blocks, pages), no pauses
-            self.push(t, "arrive", blocks, [], pages)
+        for t, blocks, pages, *cost in self.trace or ():  # a given trace: (arrival s, blocks, pages[, cost])
+            self.push(t, "arrive", blocks, [], pages, *cost)
         while self.events:
             self.now, _, kind, args = heapq.heappop(self.events)
             getattr(self, "on_" + kind)(*args)
@@ -136,10 +140,10 @@ class Simulation:
             self.sample()
         return self.report()
 
-    def on_arrive(self, blocks, pauses, pages=None):
+    def on_arrive(self, blocks, pauses, pages=None, cost=1.0):
         if pages is None:
             pages = self.a.large_pages if self.rng.random() < self.a.large_share else self.a.stream_pages
-        s = Stream(len(self.streams), self.now, blocks, pages, pauses)
+        s = Stream(len(self.streams), self.now, blocks, pages, pauses, cost)
         self.streams[s.id] = s
         placeable = not self.queue and best_worker(self.replicas, s.pages, self.placement) is not None
         waiting_new = sum(1 for sid in self.queue if not self.streams[sid].parked)
@@ -162,6 +166,7 @@ class Simulation:
                 s.first_block_at = self.now
                 self.out["ttff"].append(self.now - s.arrival)
             if s.done >= s.blocks:
+                s.finished_at = self.now
                 del r.placed[sid]
                 self.out["finished"] += 1
             elif s.pauses and s.pauses[0][0] <= s.done:
@@ -273,7 +278,8 @@ class Simulation:
             batch = (runnable[k:] + runnable[:k])[: self.a.max_batch]
             r.cursor += len(batch)
             r.busy = True
-            cost = self.block_s * (self.c0 + self.c1 * len(batch)) if self.c0 else self.block_s * len(batch)
+            units = sum(self.streams[sid].cost for sid in batch)  # len(batch) unless a trace set costs
+            cost = self.block_s * (self.c0 + self.c1 * units) if self.c0 else self.block_s * units
             self.push(self.now + cost, "round", r.name, batch)
 
     def report(self):
