@@ -45,6 +45,8 @@ POLICIES = {  # name -> (registered policy, params); the budget-dependent ones a
     "expected-attention": ("expected-attention", {}),
     "future-forcing": ("future-forcing", {}),
     "ff-no-merge": ("future-forcing", {"merge": "none"}),
+    "ff-merge-tight": ("future-forcing", {"merge_key_tol": 0.1, "merge_value_tol": 0.2}),  # only near-duplicates
+    "forcing-kv": ("forcing-kv", {}),  # Ji et al. 2026's segment-similarity pruning, the reference's defaults
 }
 
 
@@ -80,12 +82,12 @@ def job_clip(job: Job) -> scroll.ScrollClip:
                                                                                          job.frames))
 
 
-def rollout(model, job: Job, clip: scroll.ScrollClip) -> tuple[torch.Tensor, float]:
+def rollout(model, job: Job, clip: scroll.ScrollClip, policy=None) -> tuple[torch.Tensor, float]:
     """(generated pixel frames after the prefix [frames, 3, H, W], wall seconds per generated block) of ``job`` on
-    its ground truth ``clip`` (``job_clip``)."""
+    its ground truth ``clip`` (``job_clip``); ``policy``: this object instead of ``job.policy``'s (an observer)."""
     total = clip.frames.shape[0]
     cfg = SessionConfig(prompt=torch.zeros(1, model.cfg.text_dim), num_frames=total, seed=job.seed,
-                        policy=policy_for(job.policy, job.budget), budget_frames=job.budget,
+                        policy=policy or policy_for(job.policy, job.budget), budget_frames=job.budget,
                         actions=clip.actions.tolist())
     engine = Engine(model, num_pages=reservation_pages(model.geometry, job.page_size, cfg), page_size=job.page_size,
                     backend="torch")
