@@ -131,3 +131,26 @@ def test_ingress_replicas_need_ray_serve_and_errors_cross_the_hop_as_themselves(
         assert type(back) is type(exc) and str(back) == str(exc) and back.retry_after == exc.retry_after
         wrapped = RayTaskError("submit", "Traceback ...", exc)
         assert _cause(wrapped) is exc and _cause(exc) is exc
+
+
+def test_controls_forks_and_their_errors_cross_the_hub(hub_server):
+    url, _ = hub_server
+    with Client(url) as c:
+        v = c.submit(**{**REQ, "frames": 90, "seed": 5})
+        until(lambda: c.status(v["id"])["blocks_done"] >= 2, 120, 0.05, "an undo history to roll back into")
+        assert c.update(v["id"], paused=True)["changed"] == ["paused"]
+        f = c.fork(v["id"])
+        assert f["id"] != v["id"] and f["request"]["forked_from"] == v["id"]
+        assert isinstance(c.rollback(v["id"], blocks=1)["to_block"], int)
+        with pytest.raises(ServerError) as deep:
+            c.rollback(v["id"], blocks=64)
+        assert deep.value.status == 422
+        with pytest.raises(ServerError) as gone:
+            c.fork("vid_" + "0" * 32)
+        assert gone.value.status == 404
+        c.update(v["id"], paused=False)
+        c.update(f["id"], paused=False)
+        assert c.wait(v["id"], timeout=180)["status"] == c.wait(f["id"], timeout=180)["status"] == "finished"
+        with pytest.raises(ServerError) as ended:
+            c.update(v["id"], paused=True)
+        assert ended.value.status == 409

@@ -34,7 +34,7 @@ def budget(policy):
 
 def merging_ff(**kw):
     """Future Forcing with tolerances wide enough that the tiny model's tokens do merge."""
-    return FutureForcing(merge_key_tol=2.0, merge_value_tol=2.0, **kw)
+    return FutureForcing(merge="log-mass", merge_key_tol=2.0, merge_value_tol=2.0, **kw)
 
 
 def generate(engine, cfg, snap_at=None, on_snapshot=None):

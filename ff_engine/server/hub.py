@@ -147,18 +147,16 @@ class StreamHub:
         self.registry.detach(self.registry.get(sid, owner), next_block, hold_s)
 
     async def reattach(self, sid: str, owner: str) -> tuple[dict, int] | None:
-        """A detached session (as the one-process server), or a live stream whose connection's ingress replica
-        died before it could detach it: the hub cannot know what that connection delivered, so the client's
-        ``from_block`` decides (default: the first block)."""
+        """A detached session (as the one-process server), or a stream whose connection's ingress replica died
+        before it could detach it (it may have finished meanwhile: its blocks are kept, as a detached session's
+        are): the hub cannot know what that connection delivered, so the client's ``from_block`` decides
+        (default: the first block)."""
         got = await self.registry.reattach(sid, owner)
         if got is None:
             try:
-                rec = self.registry.get(sid, owner)
+                got = (self.registry.get(sid, owner), 0)
             except Exception:  # noqa: BLE001 - unknown or another key's: None, as a missing detached session
                 return None
-            if rec.final is not None or rec.terminal_seen is not None:
-                return None
-            got = (rec, 0)
         return self._record(got[0]), got[1]
 
     async def stats(self) -> dict:
