@@ -19,7 +19,9 @@
    of Sigma_f) when keys and values are close, or evicted when nothing is close (``Merge``).  Merge modes:
    ``log-mass`` (mass-weighted mean, log-mass adds, attention applies it as a per-key bias) and ``affine`` (the
    merged key is projected onto the hyperplane whose proxy logit preserves the group's attention mass; no bias,
-   so every attention kernel serves it).
+   so every attention kernel serves it).  The default is ``none`` (evict): on this repo's world models merging
+   lost every measurement — it averages post-RoPE keys of different positions, which positional heads cannot
+   read (docs/future_forcing.md, "Free rollouts on world model v4, the merge, and the default").
 6. Per-layer budgets: uniform, or by each layer's importance spread (``BudgetSplit``).
 ``FutureForcing`` is the registered configuration: its parameters build the composition
 ``BudgetSplit(Merge(PageCandidates(FutureForcingScorer)))`` (``PageCandidates`` only with ``page_candidates``).
@@ -78,7 +80,7 @@ class FutureForcing(PolicyWrapper):
     value_norm: bool = param(True, **VALUE_NORM)
     aggregation: str = param("mean", **AGGREGATION)
     sink_frames: int = param(0, **SINK_FRAMES)
-    merge: str = param("log-mass", **MODE)
+    merge: str = param("none", **MODE)
     merge_rank: int = param(4, **MERGE_RANK)
     merge_key_tol: float = param(0.5, **KEY_TOL)
     merge_value_tol: float = param(1.0, **VALUE_TOL)
