@@ -282,10 +282,10 @@ def test_scroll_measures_credit_the_truth_and_penalise_a_blur():
 def test_scroll_rollout_job_scores_an_engine_rollout(v4):
     from ff_engine.evaluation.scroll import Job, paired, run_job, summarise
 
-    rows = [run_job(v4, Job(1_004_000, "steady", name, 6, 6, 6)) for name in ("window", "future-forcing")]
+    rows = [run_job(v4, Job(1_004_000, "steady", name, 6, 6, 6)) for name in ("window", "ff-no-merge")]
     for r in rows:
         assert len(r["mse_curve"]) == 6 and all(math.isfinite(x) and x >= 0 for x in r["mse_curve"])
         assert r["seconds_per_block"] > 0
-    assert {s["policy"] for s in summarise(rows)} == {"window", "future-forcing"}
-    (diff,) = paired(rows, "future-forcing")
+    assert {s["policy"] for s in summarise(rows)} == {"window", "ff-no-merge"}
+    (diff,) = paired(rows, "ff-no-merge")
     assert diff["policy"] == "window" and diff["mse"] == pytest.approx(rows[0]["mse"] - rows[1]["mse"])

@@ -1,6 +1,6 @@
 """``ff-engine bench merge_analysis``: what Future Forcing's merge does to the scroll world's cache.
 
-Free rollouts of ``future-forcing`` (its default merge) on *training* worlds of world model v4 (``--seed-set
+Free rollouts of ``future-forcing`` with the log-mass merge (its default until session 17) on *training* worlds of world model v4 (``--seed-set
 training`` of ``bench scroll_quality``: decisions are made here, never on held-out worlds), one per (world,
 script), with every merge decision recorded.  For each merged pair (victim -> partner) it reports:
 
@@ -70,10 +70,11 @@ class RecordingMerge(Merge):
 
 
 def recording_future_forcing(**params):
-    """``future-forcing`` whose merge step records its decisions."""
+    """``future-forcing`` with the log-mass merge (its default until session 17) whose merge step records its
+    decisions."""
     from ff_engine.policies import make_policy
 
-    ff = make_policy("future-forcing", **params)
+    ff = make_policy("future-forcing", **{"merge": "log-mass", **params})
     m = ff.inner.inner  # FutureForcing = BudgetSplit(Merge(scorer))
     assert isinstance(m, Merge), type(m)
     ff.inner.inner = RecordingMerge(m.inner, m.mode, m.key_tol, m.value_tol, m.partners)
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     runs = []
     for i in range(a.seeds):
         for script in ES.SCRIPTS:
-            job = ES.Job(ES.TRAINING_SEED_BASE + i, script, "future-forcing", a.budget, a.frames, scroll.PREFIX_FRAMES)
+            job = ES.Job(ES.TRAINING_SEED_BASE + i, script, "ff-log-mass", a.budget, a.frames, scroll.PREFIX_FRAMES)
             RECORDS.clear()
             clip = ES.job_clip(job)
             px, _ = ES.rollout(model, job, clip, policy=recording_future_forcing())

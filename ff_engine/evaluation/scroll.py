@@ -43,9 +43,11 @@ POLICIES = {  # name -> (registered policy, params); the budget-dependent ones a
     "h2o": ("h2o", {"num_queries": 64}),
     "snapkv": ("snapkv", {"num_queries": 64}),
     "expected-attention": ("expected-attention", {}),
-    "future-forcing": ("future-forcing", {}),
-    "ff-no-merge": ("future-forcing", {"merge": "none"}),
-    "ff-merge-tight": ("future-forcing", {"merge_key_tol": 0.1, "merge_value_tol": 0.2}),  # only near-duplicates
+    "ff-no-merge": ("future-forcing", {"merge": "none"}),  # = future-forcing's default since session 17
+    "ff-log-mass": ("future-forcing", {"merge": "log-mass"}),  # the default until session 17
+    "ff-merge-tight": ("future-forcing", {"merge": "log-mass", "merge_key_tol": 0.1, "merge_value_tol": 0.2}),
+    "ff-sink1": ("future-forcing", {"sink_frames": 1}),  # the first latent frame(s) always kept (attention sink)
+    "ff-sink3": ("future-forcing", {"sink_frames": 3}),
     "forcing-kv": ("forcing-kv", {}),  # Ji et al. 2026's segment-similarity pruning, the reference's defaults
 }
 
