@@ -12,7 +12,7 @@ Compared per stream: admission order and rejections, time to first frame (submit
 router sees it) and time to finish.  The box's own noise is the difference between the two real runs on the
 same trace; the simulation is "within the noise" where its per-stream error against the first run is no larger.
 
-    ff-engine bench simulate_check [--streams 14] [--rate 0.25] [--seed 0]
+    ff-engine bench simulate_check [--streams 16] [--rate 1.0] [--seed 0]
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ def plot(result: dict, png: Path) -> None:
 
 def parser() -> OneLineParser:
     ap = OneLineParser(prog="ff-engine bench simulate_check", description=__doc__.splitlines()[0])
-    ap.add_argument("--streams", type=int_arg(2), default=14)
-    ap.add_argument("--rate", type=float, default=0.25, help="arrivals per second")
+    ap.add_argument("--streams", type=int_arg(2), default=16)
+    ap.add_argument("--rate", type=float, default=1.0, help="arrivals per second (enough that streams queue)")
     ap.add_argument("--pages", type=int_arg(1), default=800, help="pages per worker")
     ap.add_argument("--page-size", type=int_arg(1), default=32)
     ap.add_argument("--max-batch", type=int_arg(1), default=2)
