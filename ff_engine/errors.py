@@ -21,9 +21,8 @@ class SnapshotError(FFEngineError):
     """A session snapshot that is malformed, of another format version, or of another model geometry."""
 
 
-class Overloaded(FFEngineError):
-    """The admission queue is full. ``retry_after`` (seconds) estimates when a slot frees up.  Here (not in the
-    serving contract) because the engine's scheduler raises it and the engine sits below the serving layer."""
+class RetryLater(FFEngineError):
+    """A refusal that carries ``retry_after`` (seconds): when asking again may succeed."""
 
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
@@ -31,6 +30,11 @@ class Overloaded(FFEngineError):
 
     def __reduce__(self):  # crosses processes (a Ray or Serve call) with its retry_after
         return type(self), (self.args[0], self.retry_after)
+
+
+class Overloaded(RetryLater):
+    """The admission queue is full. ``retry_after`` (seconds) estimates when a slot frees up.  Here (not in the
+    serving contract) because the engine's scheduler raises it and the engine sits below the serving layer."""
 
 
 class UnknownStream(FFEngineError):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ff_engine.bench import RESULTS_DIR
-from ff_engine.policies.merge import Merge, merge_into_partners
+from ff_engine.policies.merge import Merge, merge_into_partners, rms_spread, space_coords
 
 RECORDS: list[dict] = []  # the running rollout's merge decisions (module level: the engine deep-copies policies)
 TOKEN_PX = 4  # world v4: a token is 4 pixel columns wide (patch 2 latent columns x VAE stride 2)
@@ -51,12 +51,9 @@ class RecordingMerge(Merge):
         assign, merged = merge_into_partners(k, v, tokens.log_mass, victims, survivors, space, self.mode,
                                              self.key_tol, self.value_tol)
         ok = assign >= 0
-        if ok.any():
-            coords = k.float().flatten(1) if space.basis is None else \
-                torch.einsum("nhd,hdr->nhr", k.float(), space.basis.float()).flatten(1)
-            pc, pv = coords[survivors], v[survivors].float().flatten(1)
-            kspread = (pc - pc.mean(0)).norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
-            vspread = (pv - pv.mean(0)).norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
+        if ok.any():  # the distances merge_into_partners compared with its tolerances, per merged pair
+            coords = space_coords(k, space)
+            kspread, vspread = rms_spread(coords[survivors]), rms_spread(v[survivors].float().flatten(1))
             a, b = victims[ok], assign[ok]
             pos = tokens.positions
             for i, j in zip(a.tolist(), b.tolist()):

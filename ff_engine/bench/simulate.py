@@ -279,7 +279,7 @@ class Simulation:
             r.cursor += len(batch)
             r.busy = True
             units = sum(self.streams[sid].cost for sid in batch)  # len(batch) unless a trace set costs
-            cost = self.block_s * (self.c0 + self.c1 * units) if self.c0 else self.block_s * units
+            cost = self.block_s * (self.c0 + self.c1 * units)
             self.push(self.now + cost, "round", r.name, batch)
 
     def report(self):

@@ -118,6 +118,18 @@ class Merge(PolicyWrapper):
         super().load_state_dict(state)
 
 
+def space_coords(k: torch.Tensor, space: MergeSpace) -> torch.Tensor:
+    """[N, Hkv, D] keys -> [N, Hkv x R] coordinates in ``space`` (the keys themselves, flattened, without a basis)."""
+    if space.basis is None:
+        return k.float().flatten(1)
+    return torch.einsum("nhd,hdr->nhr", k.float(), space.basis.float()).flatten(1)
+
+
+def rms_spread(x: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square distance of rows [N, F] from their mean (the unit of the merge tolerances)."""
+    return (x - x.mean(0)).norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
+
+
 def merge_into_partners(k, v, lm, victims, partners, space: MergeSpace, mode: str, key_tol: float,
                         value_tol: float):
     """Assign each victim to its nearest partner in ``space`` when keys lie within ``key_tol`` x the partners' key
@@ -127,15 +139,12 @@ def merge_into_partners(k, v, lm, victims, partners, space: MergeSpace, mode: st
     (victim -> partner index or -1 [V], None or (targets [T], merged k [T, Hkv, D], v, log-mass [T]))."""
     hkv, d = k.shape[1], k.shape[2]
     assign = torch.full((victims.numel(),), -1, dtype=torch.long, device=victims.device)
-    if space.basis is None:
-        coords = k.float().flatten(1)
-    else:
-        coords = torch.einsum("nhd,hdr->nhr", k.float(), space.basis.float()).flatten(1)
+    coords = space_coords(k, space)
     pc, vc = coords[partners], coords[victims]
     nn_d, nn_i = _nearest(vc, pc)
-    spread = (pc - pc.mean(0)).norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
+    spread = rms_spread(pc)
     pv = v[partners].float().flatten(1)
-    vspread = (pv - pv.mean(0)).norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
+    vspread = rms_spread(pv)
     vdist = (v[victims].float().flatten(1) - pv[nn_i]).norm(dim=1)
     ok = (nn_d <= key_tol * spread) & (vdist <= value_tol * vspread)
     assign[ok] = partners[nn_i[ok]]

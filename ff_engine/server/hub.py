@@ -30,9 +30,9 @@ import asyncio
 import concurrent.futures as cf
 import functools
 import logging
-import threading
 from pathlib import Path
 
+from ff_engine.errors import UnknownStream
 from ff_engine.serving.contract import StreamBlock
 
 log = logging.getLogger("ff_engine.server")
@@ -67,20 +67,8 @@ def _result(response):
 def _off_the_loop(fn, *args):
     """``fn(*args)`` on a thread of its own, waited for: Serve builds a replica on its event loop's thread, where a
     blocking handle call (``ServeCluster`` waits for its engine replicas) is refused."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            out["error"] = exc
-
-    t = threading.Thread(target=run, name="ffe-hub-init")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="ffe-hub-init") as pool:
+        return pool.submit(fn, *args).result()
 
 
 # ---- the hub ------------------------------------------------------------------------------------------------
@@ -155,7 +143,7 @@ class StreamHub:
         if got is None:
             try:
                 got = (self.registry.get(sid, owner), 0)
-            except Exception:  # noqa: BLE001 - unknown or another key's: None, as a missing detached session
+            except UnknownStream:  # unknown or another key's: None, as a missing detached session
                 return None
         return self._record(got[0]), got[1]
 

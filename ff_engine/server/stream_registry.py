@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ff_engine.errors import FFEngineError, Overloaded
+from ff_engine.errors import FFEngineError, Overloaded, RetryLater
 from ff_engine.server.frames import BlockRenderer, JpegEncoder, stream_blocks
 from ff_engine.serving.contract import StreamStatus, UnknownStream
 
@@ -34,15 +34,8 @@ STREAM_ID = re.compile(r"^vid_[0-9a-f]{32}$")
 FILE_WAIT_S = 30.0  # a finished stream's MP4 is closed and renamed well within this
 
 
-class KeyLimit(FFEngineError):
+class KeyLimit(RetryLater):
     """This key already holds its maximum of unfinished streams."""
-
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-    def __reduce__(self):  # crosses processes (a hub's answer to an ingress replica) with its retry_after
-        return type(self), (self.args[0], self.retry_after)
 
 
 def owner_of(key: str | None) -> str:
