@@ -12,7 +12,7 @@ from ff_engine.engine import Engine, SessionConfig
 from ff_engine.errors import BudgetError, ConfigError
 from ff_engine.policies import make_policy
 from ff_engine.serving import LocalService
-from ff_engine.serving.controls import merge_actions
+from ff_engine.serving.controls import Pause, merge_actions
 from model_adapters.world import EMBEDDED_V4
 
 PAGE = 16
@@ -190,3 +190,45 @@ def test_cancelling_a_parked_stream_ends_it(model):
         with pytest.raises(ConfigError, match="cancelled"):
             a.steer([0])
         no_leak(svc)
+
+
+@pytest.mark.parametrize("control", ["resume", "steer", "rollback"])
+def test_a_control_sent_while_its_park_is_in_flight_waits_for_the_park_and_resumes_the_stream(model, monkeypatch,
+                                                                                             control):
+    """The race behind a flaky server test: a Park is on its way to the worker (``record.parking``) when the user
+    un-pauses or steers; the control must follow the stream into the host snapshot and out again, not reach the
+    worker after the Park (where the stream is gone: "not running").  A slow ``_park`` holds the window open."""
+    from ff_engine.serving import controls
+
+    slow_park, entered = controls._park, []
+
+    def park(worker, p, report):
+        entered.append(p.session_id)
+        time.sleep(0.4)
+        return slow_park(worker, p, report)
+
+    monkeypatch.setitem(controls._APPLY, controls.Park, park)
+    right = model.cfg.actions.index("right")
+    c = cfg(model, "r", blocks=5)
+    with LocalService(model, num_pages=512, page_size=PAGE, backend="torch", park_after=0.0, undo_blocks=2) as svc:
+        a = svc.submit(c)
+        wait_blocks(a, 2)
+        paused = a.control(Pause(a.id, True))  # not waited for: its Park may ride the same worker call
+        t0 = time.monotonic()
+        while not entered:  # the worker is applying the Park now
+            assert time.monotonic() - t0 < 30, a.status()
+            time.sleep(0.005)
+        if control == "rollback":  # it reaches the stream, restored from its park: no undo history survives that
+            with pytest.raises(ConfigError, match="undo history"):
+                a.rollback(1)
+            a.resume()
+        else:
+            applied = a.resume() if control == "resume" else a.steer([right])
+            assert isinstance(applied, int) and applied >= 2
+        assert isinstance(paused.result(), int)
+        video = frames(a)
+        st = a.status()
+        assert st.state == "finished", st
+        assert svc.stats()["parked"] >= 1
+        no_leak(svc)
+    assert video.shape[0] == c.num_frames

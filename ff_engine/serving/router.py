@@ -245,7 +245,10 @@ class Router(Elastic):
                     s.cfg = record.cfg
                 return None if record.resumed else 0
             answer = cf.Future()
-            w.to_update.append((Update(stream_id, prompt, recache_frames), answer))
+            if record.parking:  # leaving its worker: it follows the stream (``_route``)
+                record.pending.append((Update(stream_id, prompt, recache_frames), answer))
+            else:
+                w.to_update.append((Update(stream_id, prompt, recache_frames), answer))
         self._kick()
         return answer.result()
 
@@ -263,15 +266,14 @@ class Router(Elastic):
             record = self._live(stream_id)
             if isinstance(ctrl, Pause):
                 record.paused_at = time.monotonic() if ctrl.paused else None
-            if record.state == "parked":
-                if isinstance(ctrl, Pause) and ctrl.paused:
-                    answer.set_result(record.blocks_done)  # already paused, and parked
-                    return answer
-                self._unpark(record)
-            self._enqueue(record, ctrl, answer)
+            if (record.state == "parked" or record.parking and record.moving is None) and (
+                    isinstance(ctrl, Pause) and ctrl.paused):
+                answer.set_result(record.blocks_done)  # already paused, and parked (or being parked)
+                return answer
+            self._route(record, ctrl, answer)
             if isinstance(ctrl, Steer) and record.paused_at is not None:  # an action resumes a paused stream
                 record.paused_at = None
-                self._enqueue(record, Pause(stream_id, False), cf.Future())
+                self._route(record, Pause(stream_id, False), cf.Future())
             self._place()
         self._kick()
         return answer
@@ -284,8 +286,9 @@ class Router(Elastic):
         fork_id = fork_id or new_session_id()
         with self._lock:
             record = self._live(stream_id)
-            if record.state != "running":
-                raise ConfigError(f"stream {stream_id!r} is {record.state}: only a running stream can be forked")
+            if record.state != "running" or record.parking:
+                state = "being parked or moved" if record.state == "running" else record.state
+                raise ConfigError(f"stream {stream_id!r} is {state}: only a running stream can be forked")
             w = self._worker(record.worker)
             if w.draining:
                 raise ConfigError(f"stream {stream_id!r} is on worker {w.name}, which is draining: fork it after it moved")
@@ -308,6 +311,18 @@ class Router(Elastic):
         if record.terminal:
             raise ConfigError(f"stream {stream_id!r} is {record.state}: only a queued or running stream is controlled")
         return record
+
+    def _route(self, record, ctrl, answer: cf.Future) -> None:
+        """Where a control for a live stream goes.  While a Park is on its way to the worker (``record.parking``:
+        idle parking or a move) the stream is leaving that worker, and a control queued behind the Park would
+        find it gone there ("not running"): it waits in ``record.pending`` and follows the stream -- ``_parked``
+        resumes a parked stream that has controls waiting, and a moving one takes them to its new worker."""
+        if record.parking:
+            record.pending.append((ctrl, answer))
+            return
+        if record.state == "parked":
+            self._unpark(record)
+        self._enqueue(record, ctrl, answer)
 
     def _enqueue(self, record, ctrl, answer: cf.Future) -> None:
         """On its worker's next call (after its start when that is not sent yet), or after its placement."""
@@ -618,6 +633,9 @@ class Router(Elastic):
             if isinstance(ctrl, Park) and record is not None:
                 record.parking = False
                 self._move_failed(record, f"the move was refused: {error}")
+                if record.worker is not None:  # still where it was: what waited for the Park goes there now
+                    self._worker(record.worker).to_update += record.pending
+                    record.pending = []
             return
         if isinstance(ctrl, Update):
             record.cfg = dataclasses.replace(record.cfg, prompt=ctrl.prompt)
@@ -644,6 +662,8 @@ class Router(Elastic):
             return
         record.set_state("parked", None)
         self.counts["parked"] += 1
+        if record.pending:  # controls sent while the Park was on its way (``_route``): they resume it
+            self._unpark(record)
         self._place()
 
     def _lose(self, w: WorkerState, exc: BaseException) -> None:
