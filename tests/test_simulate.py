@@ -85,3 +85,13 @@ def test_a_round_costs_the_sum_of_its_streams_block_costs():
     alone = Simulation(a, "most-free", park=False, profile=profile, trace=[(0.0, 2, 4, 1.0)])
     alone.run()
     assert (alone.streams[0].first_block_at, alone.streams[0].finished_at) == (0.5, 1.0)
+
+
+def test_a_trace_may_give_each_block_its_own_cost():
+    """An unbounded cache's blocks cost more as it grows: costs 1 then 3 units of a 0.5-s profile put the first
+    block at 0.5 s and the end at 2 s (a mean cost of 2 would say 1 s and 2 s)."""
+    a = parser().parse_args(["--replicas", "1", "--pages", "10", "--max-batch", "2"])
+    profile = {"block_s": 0.5, "batch_cost": (0.0, 1.0)}
+    sim = Simulation(a, "most-free", park=False, profile=profile, trace=[(0.0, 2, 4, [1.0, 3.0])])
+    sim.run()
+    assert (sim.streams[0].first_block_at, sim.streams[0].finished_at) == (0.5, 2.0)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ff_engine.argtypes import OneLineParser, int_arg
 from ff_engine.bench import RESULTS_DIR
+from ff_engine.engine.scheduler import round_robin
 from ff_engine.serving.placement import PLACEMENTS, best_worker, make_room, queue_admits
 from ff_engine.serving.scaling import decide
 
@@ -57,13 +58,19 @@ class Stream:
     blocks: int
     pages: int
     pauses: list  # (after block, seconds)
-    cost: float = 1.0  # one block's compute in units of the profile's block_s (a given trace may set it)
+    cost: float | list = 1.0  # one block's compute in units of the profile's block_s, or each block's (a trace's)
     done: int = 0
     first_block_at: float | None = None
     finished_at: float | None = None
     paused_until: float | None = None
     parked: bool = False
     moving: bool = False
+    replica: str | None = None  # where it was last placed
+    block_at: list = field(default_factory=list)
+
+    def block_cost(self) -> float:
+        """The cost of its next block (an unbounded cache's grow block by block)."""
+        return self.cost[min(self.done, len(self.cost) - 1)] if isinstance(self.cost, list) else self.cost
 
 
 @dataclass
@@ -85,7 +92,8 @@ class Replica:
 
 class Simulation:
     def __init__(self, a, placement: str, park: bool, trace=None, profile: dict | None = None):
-        """``trace``: (arrival s, blocks, pages) per stream instead of generated traffic; ``profile``: a block-time
+        """``trace``: (arrival s, blocks, pages[, cost]) per stream instead of generated traffic (cost: a block's, or a
+        list of each block's, in units of the profile's block time); ``profile``: a block-time
         profile (as ``PROFILES``' entries) instead of ``a.profile`` (``simulate_check`` measures one)."""
         self.a, self.placement, self.park, self.trace = a, placement, park, trace
         self.rng = random.Random(a.seed)
@@ -162,6 +170,8 @@ class Simulation:
             if sid not in r.placed:
                 continue
             s.done += 1
+            if self.trace is not None:  # a given trace is small: keep each block's time (``simulate_check``)
+                s.block_at.append(self.now)
             if s.first_block_at is None:
                 s.first_block_at = self.now
                 self.out["ttff"].append(self.now - s.arrival)
@@ -251,7 +261,7 @@ class Simulation:
                 self.try_make_room(s.pages)
                 break
             self.queue.popleft()
-            r.placed[s.id] = s.pages
+            r.placed[s.id], s.replica = s.pages, r.name
             self.dirty.add(r.name)
             if not s.parked:
                 self.out["admitted"] += 1
@@ -274,11 +284,9 @@ class Simulation:
                         and not self.streams[sid].moving]
             if not runnable:
                 continue
-            k = r.cursor % len(runnable)
-            batch = (runnable[k:] + runnable[:k])[: self.a.max_batch]
-            r.cursor += len(batch)
+            batch, r.cursor = round_robin(runnable, r.cursor, self.a.max_batch)  # the Scheduler's own rule
             r.busy = True
-            units = sum(self.streams[sid].cost for sid in batch)  # len(batch) unless a trace set costs
+            units = sum(self.streams[sid].block_cost() for sid in batch)  # len(batch) unless a trace set costs
             cost = self.block_s * (self.c0 + self.c1 * units)
             self.push(self.now + cost, "round", r.name, batch)
 

@@ -30,6 +30,14 @@ from ff_engine.engine.session import SessionConfig, new_session_id
 from ff_engine.errors import ConfigError, FFEngineError, Overloaded
 
 
+def round_robin(active: list, cursor: int, max_batch: int) -> tuple[list, int]:
+    """The next batch: up to ``max_batch`` of ``active`` (admission order) from ``cursor`` on, wrapping; and the
+    cursor after it.  ``bench simulate`` batches its replicas' streams with this same rule."""
+    start = cursor % len(active)
+    batch = (active[start:] + active[:start])[:max_batch]
+    return batch, start + len(batch)
+
+
 @dataclass
 class SchedulerStats:
     steps: int = 0
@@ -229,9 +237,7 @@ class Scheduler:
         active = [s for s in self.engine.sessions if s not in self.paused]
         if not active:
             return results
-        start = self._rr % len(active)
-        batch = (active[start:] + active[:start])[: self.max_batch]
-        self._rr = start + len(batch)
+        batch, self._rr = round_robin(active, self._rr, self.max_batch)
         t0 = time.perf_counter()
         out = self.engine.step(batch)
         dt = time.perf_counter() - t0

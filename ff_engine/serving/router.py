@@ -112,6 +112,10 @@ class WorkerState:
     persist_s: float = 0.0
     snapshot_s: float = 0.0
     snapshots: int = 0
+    call_s: float = 0.0  # wall time of the block-producing calls, send to report (busy_s plus the call's overhead)
+    gap_s: float = 0.0  # wall time from a block-producing call's report to the next call (the router's loop)
+    sent_at: float = 0.0
+    reported_at: float | None = None  # the last block-producing call's report, until the next call
 
     @property
     def name(self) -> str:
@@ -379,6 +383,8 @@ class Router(Elastic):
                         "blocks": w.blocks,
                         "steps": w.steps,
                         "busy_s": w.busy_s,
+                        "call_s": w.call_s,
+                        "gap_s": w.gap_s,
                         "busy_cpu_s": w.busy_cpu_s,
                         "persist_s": w.persist_s,
                         "snapshot_s": w.snapshot_s,
@@ -555,6 +561,10 @@ class Router(Elastic):
     def _send(self, w: WorkerState, now: float) -> None:
         cancel, start, w.updating = w.to_cancel, w.to_start, w.to_update
         w.to_cancel, w.to_start, w.to_update, w.last_call = [], [], [], now
+        w.sent_at = time.monotonic()
+        if w.reported_at is not None:
+            w.gap_s += w.sent_at - w.reported_at
+            w.reported_at = None
         try:
             w.inflight = w.endpoint.step(cancel, start, [u for u, _ in w.updating])
         except Exception as exc:  # noqa: BLE001 - an endpoint that cannot even take a call is lost
@@ -579,6 +589,8 @@ class Router(Elastic):
         if rep.batch:
             wall = rep.step_s + rep.persist_s + rep.snapshot_s
             w.step_ema = wall if not w.step_ema else 0.8 * w.step_ema + 0.2 * wall
+        if rep.batch:
+            w.call_s += time.monotonic() - w.sent_at
         w.blocks += rep.batch
         w.steps += rep.batch > 0
         w.busy_s += rep.step_s
@@ -614,6 +626,8 @@ class Router(Elastic):
             record = self.table.find(sid)
             if record is not None:
                 record.pages_held = held
+        if rep.batch and w.placed:  # streams still to step: the time to the next call is the loop's (gap_s)
+            w.reported_at = time.monotonic()
 
     def _applied(self, w: WorkerState, ctrl, block: int | None, error) -> None:
         """The router's books after a worker answered a control (what a restart after a death replays)."""
