@@ -289,3 +289,20 @@ def test_scroll_rollout_job_scores_an_engine_rollout(v4):
     assert {s["policy"] for s in summarise(rows)} == {"window", "ff-no-merge"}
     (diff,) = paired(rows, "ff-no-merge")
     assert diff["policy"] == "window" and diff["mse"] == pytest.approx(rows[0]["mse"] - rows[1]["mse"])
+
+
+def test_return_grid_shows_subject_returns_in_order_and_fills_up_with_returning_frames():
+    """``bench return_grid``'s columns: every subject return of the rollout window that fits, then frames with
+    the most returning content, sorted, inside the generated frames, never two within 8 frames of fill-ins."""
+    from ff_engine.bench.return_grid import return_frames
+    from ff_engine.evaluation.scroll import SEED_BASE, Job, job_clip
+    from model_adapters.world import scroll_metrics as SM
+
+    job = Job(SEED_BASE, "back-and-forth", "unbounded", None, 240, scroll.PREFIX_FRAMES)
+    clip = job_clip(job)
+    returns = sorted({t - job.prefix for t, _ in SM.return_events(clip, 24, start=job.prefix) if t - job.prefix < 240})
+    cols = return_frames(clip, job.prefix, 240, 24, columns=6)
+    assert cols == sorted(cols) and len(cols) == 6 and all(0 <= t < 240 for t in cols)
+    assert set(returns[:6]) <= set(cols) or set(cols) <= set(returns)
+    few = return_frames(clip, job.prefix, 240, 24, columns=len(returns) + 3)
+    assert set(returns) <= set(few) and len(few) == len(returns) + 3

@@ -14,7 +14,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 #: ``ff-engine bench`` names -> modules of this package (``kernels`` is the kernel benchmark's short name)
 BENCHMARKS = {name: name for name in (
     "attention", "cluster", "combine_probes", "device_check", "filmstrip", "load", "migration", "page_candidates",
-    "merge_analysis", "policy_overhead", "probe_picture", "quality", "scroll_quality", "simulate", "simulate_check",
+    "merge_analysis", "policy_overhead", "probe_picture", "quality", "return_grid", "scroll_quality", "simulate", "simulate_check",
     "throughput",
     "world_diagnostics",
     "world_v4")} | {"kernels": "kernel_bench"}

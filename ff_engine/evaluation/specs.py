@@ -18,6 +18,7 @@ def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
         "expected-attention-post-rope": ("expected-attention-post-rope", {}),  # the earlier stand-in
         "future-forcing": ("future-forcing", {}),
         "ff-no-merge": ("future-forcing", {"merge": "none"}),
+        "ff-sink3": ("future-forcing", {"sink_frames": 3}),  # the first latent frames never evicted (a block's)
         "ff-affine-merge": ("future-forcing", {"merge": "affine"}),
         "ff-no-covariance": ("future-forcing", {"covariance": False}),
         "ff-no-value-norm": ("future-forcing", {"value_norm": False}),
@@ -34,7 +35,7 @@ def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
     }
 
 
-EXPLORATORY = {"random", "key-norm", "ff-page-bound", "ff-moment", "ff-exact-form", "ff-max", "ff-nocov-max",
+EXPLORATORY = {"ff-sink3", "random", "key-norm", "ff-page-bound", "ff-moment", "ff-exact-form", "ff-max", "ff-nocov-max",
                "ff-importance-split"}  # settings studied once; run on request (--policies)
 
 
