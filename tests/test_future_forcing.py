@@ -341,7 +341,7 @@ def test_bound_ranking_keeps_a_lone_important_token_that_centroid_ranking_gives_
         c.add_session("s", 8)
         c.append("s", 0, k.contiguous(), torch.ones(32, 1, D), pos)
         pol = FutureForcing(page_candidates=True, page_rank=rank, candidate_oversample=1.0, merge="none",
-                            value_norm=False)
+                            sink_frames=0, value_norm=False)
         pol.proxy.update(0, q[None].expand(50, 1, D) + 0.01 * torch.randn(50, 1, D, generator=g))
         ctx = CompressContext(c.session_view("s", 0), budget_tokens=16, newest_frame=3, frames_per_block=1,
                               tokens_per_frame=1, token_grid=(1, 1), rope=None)

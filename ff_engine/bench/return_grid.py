@@ -22,7 +22,8 @@ from ff_engine.evaluation.scroll import POLICIES, SCRIPTS, SEED_BASE, Job, job_c
 from model_adapters.world import EMBEDDED_V4, scroll
 from model_adapters.world import scroll_metrics as SM
 
-DEFAULT_POLICIES = ["unbounded", "window", "sink-window", "expected-attention", "ff-no-merge", "ff-sink3", "forcing-kv"]
+DEFAULT_POLICIES = ["unbounded", "window", "sink-window", "h2o", "expected-attention", "ff-no-merge", "ff-sink3",
+                    "forcing-kv"]
 
 
 def return_frames(clip: scroll.ScrollClip, prefix: int, frames: int, min_gap: int, columns: int) -> list[int]:

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = list(resumable(Path(a.out).with_suffix(".rows.jsonl"), a.model, jobs, a.workers))
     out.update(rows=rows, summary=summarise(rows), seconds=time.perf_counter() - t0,
-               vs_future_forcing=paired(rows, "ff-no-merge"), vs_expected_attention=paired(rows, "expected-attention"))
+               vs_future_forcing=paired(rows, "ff-sink3"), vs_expected_attention=paired(rows, "expected-attention"))
     path = Path(a.out)
     path.write_text(json.dumps(out, indent=1))
     plot(rows, path.with_suffix(".png"))

@@ -43,11 +43,13 @@ POLICIES = {  # name -> (registered policy, params); the budget-dependent ones a
     "h2o": ("h2o", {"num_queries": 64}),
     "snapkv": ("snapkv", {"num_queries": 64}),
     "expected-attention": ("expected-attention", {}),
-    "ff-no-merge": ("future-forcing", {"merge": "none"}),  # = future-forcing's default since session 17
-    "ff-log-mass": ("future-forcing", {"merge": "log-mass"}),  # the default until session 17
-    "ff-merge-tight": ("future-forcing", {"merge": "log-mass", "merge_key_tol": 0.1, "merge_value_tol": 0.2}),
+    "ff-no-merge": ("future-forcing", {"merge": "none", "sink_frames": 0}),  # the default in session 17
+    "ff-log-mass": ("future-forcing", {"merge": "log-mass", "sink_frames": 0}),  # the default until session 17
+    "ff-merge-tight": ("future-forcing", {"merge": "log-mass", "merge_key_tol": 0.1, "merge_value_tol": 0.2,
+                                          "sink_frames": 0}),
     "ff-sink1": ("future-forcing", {"sink_frames": 1}),  # the first latent frame(s) always kept (attention sink)
-    "ff-sink3": ("future-forcing", {"sink_frames": 3}),
+    "ff-sink3": ("future-forcing", {"sink_frames": 3}),  # = future-forcing's default since session 18
+    "ff-no-value-norm": ("future-forcing", {"value_norm": False, "sink_frames": 0}),  # scores not value-weighted
     "forcing-kv": ("forcing-kv", {}),  # Ji et al. 2026's segment-similarity pruning, the reference's defaults
 }
 

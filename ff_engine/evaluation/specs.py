@@ -1,7 +1,8 @@
 """The policy settings the quality study compares, by name, and budgets as fractions of the unbounded cache.
 
 Shared by the quality benchmark, the memory probe and the free rollouts, so every section runs the same
-settings under the same names.
+settings under the same names.  The ``ff-*`` ablations keep ``sink_frames=0`` (what they were measured with before
+Future Forcing's sink default, session 18) unless they name a sink.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
         "snapkv": ("snapkv", {"num_queries": 64}),
         "expected-attention": ("expected-attention", {}),  # kvpress's, faithful
         "expected-attention-post-rope": ("expected-attention-post-rope", {}),  # the earlier stand-in
-        "future-forcing": ("future-forcing", {}),
-        "ff-no-merge": ("future-forcing", {"merge": "none"}),
+        "future-forcing": ("future-forcing", {}),  # the registered default (no merge, 3 sink frames since session 18)
+        "ff-no-merge": ("future-forcing", {"merge": "none", "sink_frames": 0}),
         "ff-sink3": ("future-forcing", {"sink_frames": 3}),  # the first latent frames never evicted (a block's)
-        "ff-affine-merge": ("future-forcing", {"merge": "affine"}),
-        "ff-no-covariance": ("future-forcing", {"covariance": False}),
-        "ff-no-value-norm": ("future-forcing", {"value_norm": False}),
-        "ff-horizon-1": ("future-forcing", {"horizon": 1}),
-        "ff-page-candidates": ("future-forcing", {"page_candidates": True}),
-        "ff-page-bound": ("future-forcing", {"page_candidates": True, "page_rank": "bound"}),
-        "ff-moment": ("future-forcing", {"form": "moment"}),
-        "ff-exact-form": ("future-forcing", {"form": "exact"}),
-        "ff-max": ("future-forcing", {"aggregation": "max"}),
-        "ff-nocov-max": ("future-forcing", {"covariance": False, "aggregation": "max"}),
-        "ff-importance-split": ("future-forcing", {"budget_split": "importance"}),
+        "ff-affine-merge": ("future-forcing", {"merge": "affine", "sink_frames": 0}),
+        "ff-no-covariance": ("future-forcing", {"covariance": False, "sink_frames": 0}),
+        "ff-no-value-norm": ("future-forcing", {"value_norm": False, "sink_frames": 0}),
+        "ff-horizon-1": ("future-forcing", {"horizon": 1, "sink_frames": 0}),
+        "ff-page-candidates": ("future-forcing", {"page_candidates": True, "sink_frames": 0}),
+        "ff-page-bound": ("future-forcing", {"page_candidates": True, "page_rank": "bound", "sink_frames": 0}),
+        "ff-moment": ("future-forcing", {"form": "moment", "sink_frames": 0}),
+        "ff-exact-form": ("future-forcing", {"form": "exact", "sink_frames": 0}),
+        "ff-max": ("future-forcing", {"aggregation": "max", "sink_frames": 0}),
+        "ff-nocov-max": ("future-forcing", {"covariance": False, "aggregation": "max", "sink_frames": 0}),
+        "ff-importance-split": ("future-forcing", {"budget_split": "importance", "sink_frames": 0}),
         "random": ("random", {}),
         "key-norm": ("key-norm", {}),
     }

@@ -148,6 +148,7 @@ class PostRopeExpectedAttention(FutureForcing):
     name = "expected-attention-post-rope"
     merge: str = "none"
     page_candidates: bool = False
+    sink_frames: int = 0  # as measured (Future Forcing's sink default came later)
 
     def _make_proxy(self) -> FutureQueryProxy:
         return FutureQueryProxy(1, self.decay, self.window, "cheap", 1, self.covariance, rotate=False)

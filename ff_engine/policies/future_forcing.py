@@ -23,6 +23,10 @@
    lost every measurement — it averages post-RoPE keys of different positions, which positional heads cannot
    read (docs/future_forcing.md, "Free rollouts on world model v4, the merge, and the default").
 6. Per-layer budgets: uniform, or by each layer's importance spread (``BudgetSplit``).
+7. The first ``sink_frames`` latent frames are never evicted (default 3: one Wan block, the frame sink LongLive
+   keeps; the budget must hold them).  The scorer alone keeps recent tokens, and a causal video model trained on
+   clips that start at frame 0 leans on the first frames: without them v4's free rollouts break down at small
+   budgets (docs/future_forcing.md, "The sink default").
 ``FutureForcing`` is the registered configuration: its parameters build the composition
 ``BudgetSplit(Merge(PageCandidates(FutureForcingScorer)))`` (``PageCandidates`` only with ``page_candidates``).
 Every choice is a named parameter; ``benchmarks/quality.py`` measures the ablations.
@@ -79,7 +83,9 @@ class FutureForcing(PolicyWrapper):
     cov_rank: int | None = param(16, **COV_RANK)
     value_norm: bool = param(True, **VALUE_NORM)
     aggregation: str = param("mean", **AGGREGATION)
-    sink_frames: int = param(0, **SINK_FRAMES)
+    # 3 latent frames (one Wan block: LongLive's frame sink) since session 18: without them v4's free rollouts
+    # break down at small budgets, with them the probe is unchanged (docs/future_forcing.md, "The sink default")
+    sink_frames: int = param(3, **SINK_FRAMES)
     merge: str = param("none", **MODE)
     merge_rank: int = param(4, **MERGE_RANK)
     merge_key_tol: float = param(0.5, **KEY_TOL)
