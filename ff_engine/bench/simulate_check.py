@@ -7,7 +7,7 @@ admission code.  The simulation gets the trace as the first real run submitted i
 stream's reservation from ``Engine.pages_that_fit``), each stream's block times run alone (``solo_block_s``, block
 by block), one contention factor (the workers' busy time in that run over those solo times) and the round overhead
 measured there (a call's wall time and the router's gap to the next call, minus the blocks': Ray, starts,
-persisting).  Both real runs warm each worker first (``warm_up``).
+persisting).  Every real run warms each worker first (``warm_up``).
 
 Compared per stream: admission order and rejections, time to first frame (submit to the first block as the
 router sees it) and time to finish.  The box's own noise is the per-stream difference between every pair of
@@ -148,9 +148,10 @@ def shared_round_s(engine, cfgs, blocks: int = 8) -> float:
 
 
 def simulated(real: dict, pages: dict[str, int], solo: dict[str, list], a, shared_s: float = 0.0) -> dict:
-    """The ``Simulation`` of the same trace (arrivals as ``real`` submitted them): stream i's block costs
-    ``k * solo[i]``, with the one factor ``k`` that makes the trace's total compute equal ``real``'s workers' busy
-    time (what running beside another worker and the driver on shared cores adds)."""
+    """The ``Simulation`` of the same trace (arrivals as ``real`` submitted them): block j of stream i costs
+    ``k * (solo[i][j] - shared_s)``, a round ``k * shared_s`` plus ``real``'s measured call overhead on top, with the
+    one factor ``k`` that makes the trace's total compute equal ``real``'s workers' busy time (what running beside
+    another worker and the driver on shared cores adds)."""
     from ff_engine.bench.simulate import Simulation, parser
 
     sim_args = parser().parse_args(["--replicas", "2", "--pages", str(a.pages), "--max-queue", str(a.max_queue),

@@ -19,7 +19,7 @@ def policy_specs(budget: int) -> dict[str, tuple[str, dict]]:
         "expected-attention-post-rope": ("expected-attention-post-rope", {}),  # the earlier stand-in
         "future-forcing": ("future-forcing", {}),  # the registered default (no merge, 3 sink frames since session 18)
         "ff-no-merge": ("future-forcing", {"merge": "none", "sink_frames": 0}),
-        "ff-sink3": ("future-forcing", {"sink_frames": 3}),  # the first latent frames never evicted (a block's)
+        "ff-sink3": ("future-forcing", {"sink_frames": 3}),  # = the default since session 18, by the name it was decided under
         "ff-affine-merge": ("future-forcing", {"merge": "affine", "sink_frames": 0}),
         "ff-no-covariance": ("future-forcing", {"covariance": False, "sink_frames": 0}),
         "ff-no-value-norm": ("future-forcing", {"value_norm": False, "sink_frames": 0}),

@@ -249,10 +249,7 @@ class Router(Elastic):
                     s.cfg = record.cfg
                 return None if record.resumed else 0
             answer = cf.Future()
-            if record.parking:  # leaving its worker: it follows the stream (``_route``)
-                record.pending.append((Update(stream_id, prompt, recache_frames), answer))
-            else:
-                w.to_update.append((Update(stream_id, prompt, recache_frames), answer))
+            self._route(record, Update(stream_id, prompt, recache_frames), answer)  # it is on worker w
         self._kick()
         return answer.result()
 
@@ -589,7 +586,6 @@ class Router(Elastic):
         if rep.batch:
             wall = rep.step_s + rep.persist_s + rep.snapshot_s
             w.step_ema = wall if not w.step_ema else 0.8 * w.step_ema + 0.2 * wall
-        if rep.batch:
             w.call_s += time.monotonic() - w.sent_at
         w.blocks += rep.batch
         w.steps += rep.batch > 0
